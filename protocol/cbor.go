@@ -1,0 +1,219 @@
+package protocol
+
+import (
+	"fmt"
+	"reflect"
+	"strings"
+
+	"github.com/fxamacker/cbor/v2"
+)
+
+// Payloads are encoded with fxamacker/cbor in the reference's shape (ciborium + serde derive):
+// struct fields in declaration order, definite lengths, shortest integer heads, nil slices as
+// empty arrays, None as null, byte strings for []byte. Hot data payloads and the envelope
+// itself use precomputed prefixes (see envelope.go); tests pin both to the golden frames.
+var (
+	encMode = func() cbor.EncMode {
+		em, err := cbor.EncOptions{
+			Sort:          cbor.SortNone,
+			NilContainers: cbor.NilContainerAsEmpty,
+			IndefLength:   cbor.IndefLengthForbidden,
+		}.EncMode()
+		if err != nil {
+			panic(err)
+		}
+		return em
+	}()
+
+	// decMode accepts what the reference's decoder accepts: definite or indefinite lengths,
+	// tags (skipped), unknown keys (ignored); it rejects duplicate keys as serde does.
+	decMode = func() cbor.DecMode {
+		dm, err := cbor.DecOptions{
+			DupMapKey:        cbor.DupMapKeyEnforcedAPF,
+			MaxNestedLevels:  256,
+			IndefLength:      cbor.IndefLengthAllowed,
+			TagsMd:           cbor.TagsAllowed,
+			DefaultMapType:   reflect.TypeOf(map[string]any(nil)),
+			UTF8:             cbor.UTF8RejectInvalid,
+			FieldNameMatching: cbor.FieldNameMatchingCaseSensitive,
+		}.DecMode()
+		if err != nil {
+			panic(err)
+		}
+		return dm
+	}()
+)
+
+// Marshal encodes a payload value the way the reference does.
+func Marshal(v any) ([]byte, error) { return encMode.Marshal(v) }
+
+// Unmarshal decodes one CBOR item from b into v, ignoring trailing bytes (as the reference
+// does), then checks that every field tagged `req:"1"` was present.
+func Unmarshal(b []byte, v any) error {
+	if len(b) == 0 {
+		return fmt.Errorf("empty payload")
+	}
+	if _, err := decMode.UnmarshalFirst(b, v); err != nil {
+		return err
+	}
+	return checkRequired(b, reflect.TypeOf(v).Elem())
+}
+
+// checkRequired reports the first field tagged `req:"1"` that is missing from the encoded map
+// b, recursing into struct, pointer-to-struct and slice-of-struct fields. Serde rejects a
+// missing non-Option field that has no default; so do we, with serde's wording.
+func checkRequired(b []byte, t reflect.Type) error {
+	if t.Kind() != reflect.Struct || !hasRequired(t) {
+		return nil
+	}
+	var m map[string]cbor.RawMessage
+	if _, err := decMode.UnmarshalFirst(b, &m); err != nil {
+		return nil // not a map of text keys (e.g. byte-string keys): the value decode already ran
+	}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name := fieldName(f)
+		if name == "" {
+			continue
+		}
+		raw, ok := m[name]
+		if !ok {
+			if f.Tag.Get("req") == "1" {
+				return fmt.Errorf("missing field `%s`", name)
+			}
+			continue
+		}
+		if err := checkRequiredValue(raw, f.Type); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func checkRequiredValue(raw []byte, t reflect.Type) error {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		return checkRequired(raw, t)
+	case reflect.Slice:
+		et := t.Elem()
+		if et.Kind() != reflect.Struct || !hasRequired(et) {
+			return nil
+		}
+		var items []cbor.RawMessage
+		if _, err := decMode.UnmarshalFirst(raw, &items); err != nil {
+			return nil
+		}
+		for i, it := range items {
+			if err := checkRequired(it, et); err != nil {
+				return fmt.Errorf("[%d]: %w", i, err)
+			}
+		}
+	}
+	return nil
+}
+
+func fieldName(f reflect.StructField) string {
+	tag := f.Tag.Get("cbor")
+	if tag == "-" || !f.IsExported() {
+		return ""
+	}
+	if name, _, _ := strings.Cut(tag, ","); name != "" {
+		return name
+	}
+	return f.Name
+}
+
+func hasRequired(t reflect.Type) bool {
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		if f.Tag.Get("req") == "1" {
+			return true
+		}
+		ft := f.Type
+		for ft.Kind() == reflect.Pointer || ft.Kind() == reflect.Slice {
+			ft = ft.Elem()
+		}
+		if ft.Kind() == reflect.Struct && ft != t && hasRequired(ft) {
+			return true
+		}
+	}
+	return false
+}
+
+// CBOR major types used by the hand-built prefixes.
+const (
+	majorUint  = 0
+	majorBytes = 2
+	majorText  = 3
+	majorMap   = 5
+)
+
+// appendHead appends a definite-length CBOR head with the shortest argument.
+func appendHead(dst []byte, major byte, n uint64) []byte {
+	m := major << 5
+	switch {
+	case n < 24:
+		return append(dst, m|byte(n))
+	case n <= 0xff:
+		return append(dst, m|24, byte(n))
+	case n <= 0xffff:
+		return append(dst, m|25, byte(n>>8), byte(n))
+	case n <= 0xffffffff:
+		return append(dst, m|26, byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
+	}
+	return append(dst, m|27, byte(n>>56), byte(n>>48), byte(n>>40), byte(n>>32),
+		byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
+}
+
+func headLen(n uint64) int {
+	switch {
+	case n < 24:
+		return 1
+	case n <= 0xff:
+		return 2
+	case n <= 0xffff:
+		return 3
+	case n <= 0xffffffff:
+		return 5
+	}
+	return 9
+}
+
+// readHead parses a definite-length head at the start of b. ok is false for anything else
+// (indefinite lengths, simple values, truncation); callers then take the general decoder.
+func readHead(b []byte) (major byte, arg uint64, n int, ok bool) {
+	if len(b) == 0 {
+		return 0, 0, 0, false
+	}
+	major, ai := b[0]>>5, b[0]&0x1f
+	switch {
+	case ai < 24:
+		return major, uint64(ai), 1, true
+	case ai == 24 && len(b) >= 2:
+		return major, uint64(b[1]), 2, true
+	case ai == 25 && len(b) >= 3:
+		return major, uint64(b[1])<<8 | uint64(b[2]), 3, true
+	case ai == 26 && len(b) >= 5:
+		return major, uint64(b[1])<<24 | uint64(b[2])<<16 | uint64(b[3])<<8 | uint64(b[4]), 5, true
+	case ai == 27 && len(b) >= 9:
+		var v uint64
+		for _, c := range b[1:9] {
+			v = v<<8 | uint64(c)
+		}
+		return major, v, 9, true
+	}
+	return 0, 0, 0, false
+}
+
+// readDefinite reads a definite text or byte string of the given major type at the start of
+// b, returning its content (aliasing b) and the bytes used.
+func readDefinite(b []byte, major byte) ([]byte, int, bool) {
+	m, l, n, ok := readHead(b)
+	if !ok || m != major || l > uint64(len(b)-n) {
+		return nil, 0, false
+	}
+	return b[n : n+int(l) : n+int(l)], n + int(l), true
+}

@@ -1,0 +1,212 @@
+package protocol
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"testing/iotest"
+)
+
+func mustHex(s string) []byte {
+	b, err := hex.DecodeString(strings.ReplaceAll(s, " ", ""))
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func TestParseFrame(t *testing.T) {
+	cases := []struct {
+		name    string
+		in      []byte
+		wantErr error
+		wantN   int
+	}{
+		{"empty", nil, io.ErrUnexpectedEOF, 0},
+		{"partial prefix", []byte{0, 0}, io.ErrUnexpectedEOF, 0},
+		{"prefix announces more", mustHex("0000000a"), io.ErrUnexpectedEOF, 0},
+		{"too large checked at prefix", mustHex("00400001"), ErrFrameTooLarge, 0},
+		{"too short once complete", mustHex("00000003 000000"), ErrFrameTooShort, 0},
+		{"too short incomplete waits", mustHex("00000003 00"), io.ErrUnexpectedEOF, 0},
+		{"minimal header only", mustHex("00000005 12345678 02"), nil, 9},
+		{"max size accepted", append(mustHex("00400000"), make([]byte, MaxFrameSize)...), nil, MaxWireFrame},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f, n, err := ParseFrame(c.in)
+			if !errors.Is(err, c.wantErr) {
+				t.Fatalf("err %v want %v", err, c.wantErr)
+			}
+			if n != c.wantN {
+				t.Fatalf("n %d want %d", n, c.wantN)
+			}
+			if c.name == "minimal header only" && (f.ID != 0x12345678 || f.Flags != 2 || len(f.Body) != 0) {
+				t.Fatalf("frame %+v", f)
+			}
+		})
+	}
+}
+
+func TestFrameReaderStream(t *testing.T) {
+	var stream []byte
+	for i := 0; i < 50; i++ {
+		data := bytes.Repeat([]byte{byte(i)}, i*5000)
+		stream, _ = AppendData(stream, uint32(i), TypeTCPData, data)
+	}
+	big := bytes.Repeat([]byte{7}, MaxDataChunk)
+	stream, _ = AppendData(stream, 99, TypeFsData, big)
+	for _, r := range []io.Reader{bytes.NewReader(stream), iotest.OneByteReader(bytes.NewReader(stream)), iotest.HalfReader(bytes.NewReader(stream))} {
+		fr := NewFrameReader(r)
+		for i := 0; i < 50; i++ {
+			f, err := fr.Next()
+			if err != nil {
+				t.Fatal(i, err)
+			}
+			m, err := DecodeMessage(f)
+			if err != nil || m.ID != uint32(i) || m.Type != TypeTCPData {
+				t.Fatalf("frame %d: %+v %v", i, m, err)
+			}
+			d, err := DecodeData(m.Payload)
+			if err != nil || len(d) != i*5000 || (i > 0 && d[0] != byte(i)) {
+				t.Fatalf("frame %d data len %d err %v", i, len(d), err)
+			}
+		}
+		f, err := fr.Next()
+		if err != nil || f.ID != 99 {
+			t.Fatal(err)
+		}
+		m, _ := DecodeMessage(f)
+		if d, _ := DecodeData(m.Payload); !bytes.Equal(d, big) {
+			t.Fatal("big frame corrupted")
+		}
+		if _, err := fr.Next(); err != io.EOF {
+			t.Fatalf("want EOF, got %v", err)
+		}
+	}
+	// Truncated inside a frame.
+	fr := NewFrameReader(bytes.NewReader(stream[:100]))
+	fr.Next()
+	if _, err := fr.Next(); err != io.ErrUnexpectedEOF {
+		t.Fatalf("want unexpected EOF, got %v", err)
+	}
+}
+
+func TestEncoderRefusesOversize(t *testing.T) {
+	if _, err := AppendData(nil, 1, TypeFsData, make([]byte, MaxFrameSize)); !errors.Is(err, ErrFrameTooLarge) {
+		t.Fatalf("got %v", err)
+	}
+	if _, err := AppendData(nil, 1, TypeFsData, make([]byte, MaxDataChunk)); err != nil {
+		t.Fatalf("MaxDataChunk must fit: %v", err)
+	}
+}
+
+// TestEnvelopeDecoding covers the tolerant slow path and every envelope error kind.
+func TestEnvelopeDecoding(t *testing.T) {
+	cases := []struct {
+		name     string
+		body     string
+		kind     string // "" = success
+		wantType Type
+		wantV    uint8
+	}{
+		{"canonical", "a3 6176 05 6174 6d636f72652e696e69742e61636b 6170 41a0", "", TypeInitAck, 5},
+		{"reordered keys", "a3 6174 6d636f72652e696e69742e61636b 6170 41a0 6176 05", "", TypeInitAck, 5},
+		{"indefinite map", "bf 6176 05 6174 6d636f72652e696e69742e61636b 6170 41a0 ff", "", TypeInitAck, 5},
+		{"chunked payload", "a3 6176 05 6174 6d636f72652e696e69742e61636b 6170 5f 41a0 ff", "", TypeInitAck, 5},
+		{"tagged v", "a3 6176 d9d9f7 05 6174 6d636f72652e696e69742e61636b 6170 41a0", "", TypeInitAck, 5},
+		{"extra key ignored", "a4 6176 05 6174 6d636f72652e696e69742e61636b 6170 41a0 6178 01", "", TypeInitAck, 5},
+		{"trailing bytes ignored", "a3 6176 05 6174 6d636f72652e696e69742e61636b 6170 41a0 ffff", "", TypeInitAck, 5},
+		{"unknown type", "a3 6176 05 6174 6c636f72652e756e6b6e6f776e 6170 41a0", KindUnsupportedMessageType, 0, 5},
+		{"empty body", "", KindMalformedMessage, 0, 0},
+		{"not a map", "83 05 05 05", KindMalformedMessage, 0, 0},
+		{"missing p", "a2 6176 05 6174 6d636f72652e696e69742e61636b", KindMalformedMessage, 0, 5},
+		{"missing v", "a2 6174 6d636f72652e696e69742e61636b 6170 41a0", KindMalformedMessage, 0, 0},
+		{"v too big", "a3 6176 190100 6174 6d636f72652e696e69742e61636b 6170 41a0", KindMalformedMessage, 0, 0},
+		{"t not text", "a3 6176 05 6174 05 6170 41a0", KindMalformedMessage, 0, 5},
+		{"duplicate key", "a4 6176 05 6176 05 6174 6d636f72652e696e69742e61636b 6170 41a0", KindMalformedMessage, 0, 0},
+		{"truncated", "a3 6176 05 6174 6d636f", KindMalformedMessage, 0, 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			m, err := DecodeMessage(Frame{ID: 1, Body: mustHex(c.body)})
+			if c.kind == "" {
+				if err != nil || m.Type != c.wantType || m.V != c.wantV {
+					t.Fatalf("got %+v %v", m, err)
+				}
+				if _, err := DecodePayload(m.Type, m.Payload); err != nil {
+					t.Fatalf("payload: %v", err)
+				}
+				return
+			}
+			var ee *EnvelopeError
+			if !errors.As(err, &ee) || ee.Kind != c.kind {
+				t.Fatalf("got %v, want kind %s", err, c.kind)
+			}
+			if c.kind == KindUnsupportedMessageType && ee.Wire != "core.unknown" {
+				t.Fatalf("wire %q", ee.Wire)
+			}
+		})
+	}
+}
+
+func TestPayloadDecoding(t *testing.T) {
+	cases := []struct {
+		name string
+		typ  Type
+		p    string
+		err  string // substring; "" = ok
+	}{
+		{"tcp connect", TypeTCPConnect, "a2 64686f7374 6161 64706f7274 1850", ""},
+		{"tcp connect missing host", TypeTCPConnect, "a1 64706f7274 1850", "missing field `host`"},
+		{"tcp connect port overflow", TypeTCPConnect, "a2 64686f7374 6161 64706f7274 1a00010000", "port"},
+		{"data as array of ints", TypeTCPData, "a1 6464617461 83 01 02 03", ""},
+		{"data missing", TypeTCPData, "a0", "missing field `data`"},
+		{"data wrong type", TypeTCPData, "a1 6464617461 63616263", "data"},
+		{"exec request defaults", TypeExecRequest, "a1 63636d64 6474727565", ""},
+		{"exec rlimit missing hard", TypeExecRequest, "a2 63636d64 6474727565 67726c696d697473 81 a2 687265736f75726365 636e6f66 64736f6674 01", "missing field `hard`"},
+		{"fs unknown variant", TypeFsRequest, "a1 626f70 a1 63466f6f a0", "unknown variant"},
+		{"fs open missing flag", TypeFsRequest, "a1 626f70 a1 684f70656e46696c65 a2 6470617468 612f 676f7074696f6e73 a1 6472656164 f5", "missing field `write`"},
+		{"payload not cbor", TypeExecSignal, "ff", "cbor"},
+		{"empty payload", TypeExecSignal, "", "empty payload"},
+		{"credit", TypeFlowCredit, "a1 656279746573 1a00010000", ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			v, err := DecodePayload(c.typ, mustHex(c.p))
+			if c.err == "" {
+				if err != nil {
+					t.Fatalf("unexpected %v", err)
+				}
+				if r, ok := v.(*ExecRequest); ok && (r.Rows != 24 || r.Cols != 80 || r.Cmd != "true") {
+					t.Fatalf("defaults not applied: %+v", r)
+				}
+				if d, ok := v.(*Data); ok && c.name == "data as array of ints" && !bytes.Equal(d.Data, []byte{1, 2, 3}) {
+					t.Fatalf("data %v", d.Data)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), c.err) {
+				t.Fatalf("got %v, want error containing %q", err, c.err)
+			}
+		})
+	}
+}
+
+func TestDataHotPathAllocs(t *testing.T) {
+	chunk := make([]byte, 64<<10)
+	buf := make([]byte, 0, 70<<10)
+	allocs := testing.AllocsPerRun(100, func() {
+		out, _ := AppendData(buf[:0], 7, TypeTCPData, chunk)
+		f, _, _ := ParseFrame(out)
+		m, _ := DecodeMessage(f)
+		if d, _ := DecodeData(m.Payload); len(d) != len(chunk) {
+			panic("short")
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocs per encode+decode of a data frame, want 0", allocs)
+	}
+}
