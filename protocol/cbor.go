@@ -29,12 +29,12 @@ var (
 	// tags (skipped), unknown keys (ignored); it rejects duplicate keys as serde does.
 	decMode = func() cbor.DecMode {
 		dm, err := cbor.DecOptions{
-			DupMapKey:        cbor.DupMapKeyEnforcedAPF,
-			MaxNestedLevels:  256,
-			IndefLength:      cbor.IndefLengthAllowed,
-			TagsMd:           cbor.TagsAllowed,
-			DefaultMapType:   reflect.TypeOf(map[string]any(nil)),
-			UTF8:             cbor.UTF8RejectInvalid,
+			DupMapKey:         cbor.DupMapKeyEnforcedAPF,
+			MaxNestedLevels:   256,
+			IndefLength:       cbor.IndefLengthAllowed,
+			TagsMd:            cbor.TagsAllowed,
+			DefaultMapType:    reflect.TypeOf(map[string]any(nil)),
+			UTF8:              cbor.UTF8RejectInvalid,
 			FieldNameMatching: cbor.FieldNameMatchingCaseSensitive,
 		}.DecMode()
 		if err != nil {

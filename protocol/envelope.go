@@ -26,12 +26,12 @@ func (m *Message) Name() string {
 
 // Error kinds of core.error (snake_case, as on the wire).
 const (
-	KindMalformedMessage         = "malformed_message"
-	KindUnsupportedMessageType   = "unsupported_message_type"
-	KindUnsupportedGeneration    = "unsupported_protocol_generation"
-	KindInvalidFlags             = "invalid_flags"
-	KindInvalidPayload           = "invalid_payload"
-	KindInvalidSession           = "invalid_session"
+	KindMalformedMessage       = "malformed_message"
+	KindUnsupportedMessageType = "unsupported_message_type"
+	KindUnsupportedGeneration  = "unsupported_protocol_generation"
+	KindInvalidFlags           = "invalid_flags"
+	KindInvalidPayload         = "invalid_payload"
+	KindInvalidSession         = "invalid_session"
 )
 
 // EnvelopeError is a body that is not a valid envelope. Kind is the core.error kind that

@@ -1,0 +1,437 @@
+// Package agent is agentd's loop: the init handshake on the channel, then one reader that
+// decodes host frames and dispatches them by type and id to sessions, and the mux writer that
+// sends their output fairly. Bad input is answered with core.error and the loop goes on; only
+// a frame-level desync (a length prefix over the cap) ends it.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/relay"
+)
+
+// ErrShutdown is returned by Serve when the host sent core.shutdown.
+var ErrShutdown = errors.New("shutdown requested by host")
+
+// Config configures the agent. Zero fields take sensible defaults.
+type Config struct {
+	Port io.ReadWriteCloser
+	Log  *slog.Logger
+
+	// DefaultUser is reported in core.init.resolved.
+	DefaultUser protocol.UserIDs
+	// InitAckTimeout bounds the wait for core.init.ack (the reference's 60 s).
+	InitAckTimeout time.Duration
+	// ClockSync lets core.clock.sync step CLOCK_REALTIME when it drifts by more than
+	// ClockTolerance. Off for a standalone agent on a developer's machine.
+	ClockSync bool
+	// BootTimeNs is CLOCK_BOOTTIME when the process started; InitTimeNs the time spent in
+	// init (both reported in core.ready).
+	BootTimeNs, InitTimeNs uint64
+	// Features are the extensions this agent offers; a host gets those it asks for.
+	Features []string
+
+	Relay relay.Options
+	Mux   mux.Options
+}
+
+// DefaultInitAckTimeout is the reference's INIT_ACK_TIMEOUT_SECS.
+const DefaultInitAckTimeout = 60 * time.Second
+
+// ClockTolerance is the drift core.clock.sync tolerates (strictly greater steps the clock).
+const ClockTolerance = 100 * time.Millisecond
+
+// Agent is one agent loop on one channel.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	fr      *protocol.FrameReader
+	out     *mux.Writer
+	hostGen uint8
+	enabled []string // features negotiated with the host
+
+	mu  sync.Mutex
+	tcp map[uint32]*relay.Session
+	all sync.WaitGroup
+}
+
+// New prepares an agent on cfg.Port.
+func New(cfg Config) *Agent {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.InitAckTimeout <= 0 {
+		cfg.InitAckTimeout = DefaultInitAckTimeout
+	}
+	if cfg.Features == nil {
+		cfg.Features = []string{protocol.FeatureFlow}
+	}
+	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port), tcp: map[uint32]*relay.Session{}}
+}
+
+// Handshake sends core.init.resolved and waits for core.init.ack, as the reference does
+// during init. Any other first frame, a timeout or EOF is an error.
+func (a *Agent) Handshake() error {
+	frame, err := protocol.EncodeFrame(0, protocol.TypeInitResolved, protocol.InitResolved{DefaultUser: a.cfg.DefaultUser})
+	if err != nil {
+		return err
+	}
+	if _, err := a.cfg.Port.Write(frame); err != nil {
+		return fmt.Errorf("send core.init.resolved: %w", err)
+	}
+	start := time.Now()
+	stop := a.deadline(a.cfg.InitAckTimeout)
+	f, err := a.fr.Next()
+	stop()
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) >= a.cfg.InitAckTimeout {
+			return fmt.Errorf("wait for core.init.ack: no reply within %s", a.cfg.InitAckTimeout)
+		}
+		return fmt.Errorf("wait for core.init.ack: %w", err)
+	}
+	m, err := protocol.DecodeMessage(f)
+	if err != nil {
+		return fmt.Errorf("wait for core.init.ack: %w", err)
+	}
+	if m.Type != protocol.TypeInitAck {
+		return fmt.Errorf("wait for core.init.ack: got %s", m.Name())
+	}
+	var ack protocol.InitAck
+	if err := protocol.Unmarshal(m.Payload, &ack); err != nil {
+		return fmt.Errorf("decode core.init.ack: %w", err)
+	}
+	a.hostGen = m.V
+	for _, f := range ack.Features {
+		if protocol.HasFeature(a.cfg.Features, f) {
+			a.enabled = append(a.enabled, f)
+		}
+	}
+	a.log.Info("host acknowledged init", "host_generation", m.V, "features", a.enabled)
+	return nil
+}
+
+// deadline arranges for a blocked read to end after d and returns a func that cancels it.
+// Ports with deadlines (sockets, ttys, pipes) use them; anything else is closed, which ends
+// the read for good.
+func (a *Agent) deadline(d time.Duration) func() {
+	type deadliner interface{ SetReadDeadline(time.Time) error }
+	if dl, ok := a.cfg.Port.(deadliner); ok && dl.SetReadDeadline(time.Now().Add(d)) == nil {
+		return func() { dl.SetReadDeadline(time.Time{}) }
+	}
+	t := time.AfterFunc(d, func() { a.cfg.Port.Close() })
+	return func() { t.Stop() }
+}
+
+// Serve sends core.ready and runs the loop until the host closes the channel (nil), sends
+// core.shutdown (ErrShutdown) or the channel fails. Every session is ended before it returns.
+func (a *Agent) Serve(ctx context.Context) error {
+	a.out = mux.NewWriter(a.cfg.Port, a.cfg.Mux)
+	defer func() {
+		a.abortAll()
+		a.all.Wait()
+		a.out.Close()
+	}()
+	ready := protocol.Ready{
+		BootTimeNs:   a.cfg.BootTimeNs,
+		InitTimeNs:   a.cfg.InitTimeNs,
+		ReadyTimeNs:  BootTimeNs(),
+		AgentVersion: protocol.AgentVersion,
+		Features:     a.enabled,
+	}
+	if err := a.out.ControlMsg(ctx, 0, protocol.TypeReady, ready); err != nil {
+		return err
+	}
+	readErr := make(chan error, 1)
+	go func() { readErr <- a.readLoop(ctx) }()
+	select {
+	case err := <-readErr:
+		if errors.Is(err, ErrShutdown) {
+			a.abortAll()
+			fctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			a.out.Flush(fctx)
+			cancel()
+		}
+		return err
+	case <-a.out.Done():
+		a.cfg.Port.Close() // unblock the reader
+		<-readErr
+		return fmt.Errorf("write channel: %w", a.out.Err())
+	case <-ctx.Done():
+		a.cfg.Port.Close()
+		<-readErr
+		return ctx.Err()
+	}
+}
+
+func (a *Agent) readLoop(ctx context.Context) error {
+	for {
+		f, err := a.fr.Next()
+		if err != nil {
+			if err == io.EOF {
+				a.log.Info("host closed the channel")
+				return nil
+			}
+			var fe *protocol.FrameError
+			if errors.As(err, &fe) {
+				a.log.Error("channel desynchronized; closing it", "error", err)
+				return fmt.Errorf("read channel: %w", err)
+			}
+			return fmt.Errorf("read channel: %w", err)
+		}
+		if err := a.handle(ctx, f); err != nil {
+			return err
+		}
+	}
+}
+
+// handle processes one frame. It returns an error only to end the loop (shutdown, or the
+// writer is gone); everything the host got wrong is answered on the frame's id.
+func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
+	m, err := protocol.DecodeMessage(f)
+	if err != nil {
+		var ee *protocol.EnvelopeError
+		errors.As(err, &ee)
+		v := ee.V
+		if v == 0 {
+			v = a.hostGen
+		}
+		return a.reject(ctx, f.ID, v, ee.Kind, err.Error(), ee.Wire)
+	}
+	if want := m.Type.Flags(); m.Flags != want {
+		return a.reject(ctx, m.ID, m.V, protocol.KindInvalidFlags,
+			fmt.Sprintf("invalid flags for %s: got %d, expected %d", m.Type, m.Flags, want), m.Type.String())
+	}
+	switch m.Type {
+	case protocol.TypeShutdown:
+		a.log.Info("shutdown requested by host")
+		return ErrShutdown
+	case protocol.TypeRelayClientDisconnected:
+		var p protocol.RelayClientDisconnected
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		a.closeRange(p.IDStart, p.IDEndExclusive)
+	case protocol.TypeClockSync:
+		var p protocol.ClockSync
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if a.cfg.ClockSync {
+			syncClock(a.log, p.UnixTimeNanos)
+		}
+	case protocol.TypeTCPConnect:
+		var p protocol.TCPConnect
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if !protocol.HasFeature(a.enabled, protocol.FeatureFlow) {
+			p.Window = 0 // flow control only for a host that negotiated it
+		}
+		a.startTCP(m.ID, p)
+	case protocol.TypeTCPData:
+		data, err := protocol.DecodeData(m.Payload)
+		if err != nil {
+			return a.badPayload(ctx, &m, err)
+		}
+		s := a.lookupTCP(m.ID)
+		if s == nil {
+			return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed,
+				protocol.TCPFailed{Error: fmt.Sprintf("unknown TCP session: %d", m.ID)})
+		}
+		if err := s.Write(data); err != nil {
+			s.Abort()
+			return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed, protocol.TCPFailed{Error: err.Error()})
+		}
+	case protocol.TypeTCPEOF, protocol.TypeTCPClose:
+		var p protocol.Empty
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s := a.lookupTCP(m.ID); s != nil {
+			if m.Type == protocol.TypeTCPClose {
+				s.Abort()
+			} else if err := s.CloseWrite(); err != nil {
+				return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed, protocol.TCPFailed{Error: err.Error()})
+			}
+		}
+	case protocol.TypeFlowCredit:
+		var p protocol.FlowCredit
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s := a.lookupTCP(m.ID); s != nil {
+			s.Credit(p.Bytes)
+		}
+	case protocol.TypeExecRequest:
+		if _, err := protocol.DecodeExecRequest(m.Payload); err != nil {
+			return a.badPayload(ctx, &m, err)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeExecFailed, protocol.ExecFailed{
+			Kind: protocol.ExecOther, Message: "exec sessions are not available in this agentd build"})
+	case protocol.TypeExecStdin, protocol.TypeExecResize, protocol.TypeExecSignal:
+		if _, err := protocol.DecodePayload(m.Type, m.Payload); err != nil {
+			return a.badPayload(ctx, &m, err)
+		}
+		// No exec session can exist: ignored, as the reference ignores unknown ids.
+	case protocol.TypeFsRequest:
+		var p protocol.FsRequest
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		msg := "filesystem operations are not available in this agentd build"
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+	case protocol.TypeFsData:
+		if _, err := protocol.DecodeData(m.Payload); err != nil {
+			return a.badPayload(ctx, &m, err)
+		}
+		msg := fmt.Sprintf("unknown write session: %d", m.ID)
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+	default:
+		// Guest -> host types (and init.ack after init) are ignored, as by the reference.
+	}
+	return nil
+}
+
+// errBadInput marks a frame that was answered with core.error; the loop goes on.
+var errBadInput = errors.New("bad input answered")
+
+func ignoreBad(err error) error {
+	if errors.Is(err, errBadInput) {
+		return nil
+	}
+	return err
+}
+
+func (a *Agent) decode(ctx context.Context, m *protocol.Message, v any) error {
+	if err := protocol.Unmarshal(m.Payload, v); err != nil {
+		if rerr := a.badPayload(ctx, m, err); rerr != nil {
+			return rerr
+		}
+		return errBadInput
+	}
+	return nil
+}
+
+func (a *Agent) badPayload(ctx context.Context, m *protocol.Message, err error) error {
+	return a.reject(ctx, m.ID, m.V, protocol.KindInvalidPayload,
+		fmt.Sprintf("decode payload for %s: %v", m.Type, err), m.Type.String())
+}
+
+// reject answers a bad frame with core.error. A peer older than generation 5 cannot receive
+// core.error; unlike the reference (which exits), the frame is then logged and dropped.
+func (a *Agent) reject(ctx context.Context, id uint32, v uint8, kind, msg, offending string) error {
+	if !protocol.TypeError.AvailableAt(v) {
+		a.log.Warn("dropped bad frame from a pre-generation-5 host", "id", id, "kind", kind, "error", msg)
+		return nil
+	}
+	a.log.Debug("rejected frame", "id", id, "kind", kind, "error", msg)
+	return a.out.ControlMsg(ctx, id, protocol.TypeError, protocol.CoreError{Kind: kind, Message: msg, OffendingType: offending})
+}
+
+func (a *Agent) startTCP(id uint32, p protocol.TCPConnect) {
+	a.mu.Lock()
+	old := a.tcp[id]
+	a.mu.Unlock()
+	if old != nil { // a duplicate id replaces the old session, as in the reference
+		old.Abort()
+	}
+	a.all.Add(1)
+	s := relay.Start(id, p, a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
+		a.mu.Lock()
+		if a.tcp[s.ID()] == s {
+			delete(a.tcp, s.ID())
+		}
+		a.mu.Unlock()
+	})
+	a.mu.Lock()
+	a.tcp[id] = s
+	a.mu.Unlock()
+	go func() { <-s.Finished(); a.all.Done() }()
+}
+
+func (a *Agent) lookupTCP(id uint32) *relay.Session {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.tcp[id]
+}
+
+// closeRange ends every session owned by a disconnected relay client, without frames.
+func (a *Agent) closeRange(start, end uint32) {
+	a.mu.Lock()
+	var victims []*relay.Session
+	for id, s := range a.tcp {
+		if id >= start && id < end {
+			victims = append(victims, s)
+		}
+	}
+	a.mu.Unlock()
+	for _, s := range victims {
+		s.Abort()
+	}
+	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims))
+}
+
+func (a *Agent) abortAll() {
+	a.mu.Lock()
+	var all []*relay.Session
+	for _, s := range a.tcp {
+		all = append(all, s)
+	}
+	a.mu.Unlock()
+	for _, s := range all {
+		s.Abort()
+	}
+}
+
+// Sessions returns the number of live TCP sessions (for tests and the heartbeat).
+func (a *Agent) Sessions() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.tcp)
+}
+
+// BootTimeNs reads CLOCK_BOOTTIME in nanoseconds.
+func BootTimeNs() uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0
+	}
+	return uint64(ts.Nano())
+}
+
+// syncClock steps CLOCK_REALTIME to the host's time when the drift exceeds ClockTolerance.
+func syncClock(log *slog.Logger, hostNs uint64) {
+	now := time.Now().UnixNano()
+	if !ClockDriftExceeds(now, int64(hostNs)) {
+		return
+	}
+	ts := unix.NsecToTimespec(int64(hostNs))
+	if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
+		log.Warn("clock sync failed", "error", err)
+		return
+	}
+	log.Info("clock stepped to host time", "drift_ns", int64(hostNs)-now)
+}
+
+// ClockDriftExceeds reports whether |guest - host| is strictly greater than ClockTolerance.
+func ClockDriftExceeds(guestNs, hostNs int64) bool {
+	d := guestNs - hostNs
+	if d < 0 {
+		d = -d
+	}
+	return d > int64(ClockTolerance)
+}
+
+// SetInitTime records the init duration reported in core.ready (known only after Handshake).
+func (a *Agent) SetInitTime(ns uint64) { a.cfg.InitTimeNs = ns }

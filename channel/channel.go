@@ -1,0 +1,104 @@
+// Package channel opens the byte stream that carries agent frames: the virtio-serial port
+// named "agent", any path opened read-write (a /dev/vport, a pty, a FIFO), or a unix socket.
+package channel
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// PortName is the virtio-serial port name the host gives the agent channel.
+const PortName = "agent"
+
+// VirtioPortsDir is where the kernel lists virtio-serial ports.
+const VirtioPortsDir = "/sys/class/virtio-ports"
+
+// Discover finds the device of the virtio port whose sysfs name is PortName.
+func Discover(sysDir string) (string, error) {
+	entries, err := os.ReadDir(sysDir)
+	if err != nil {
+		return "", fmt.Errorf("serial port not found: read %s: %w", sysDir, err)
+	}
+	for _, e := range entries {
+		name, err := os.ReadFile(filepath.Join(sysDir, e.Name(), "name"))
+		if err != nil {
+			continue
+		}
+		if strings.TrimSpace(string(name)) == PortName {
+			return "/dev/" + e.Name(), nil
+		}
+	}
+	return "", fmt.Errorf("serial port not found: no port named %q in %s", PortName, sysDir)
+}
+
+// Open opens a channel spec:
+//
+//	unix:PATH         connect to a unix stream socket (e.g. a qemu chardev in server mode)
+//	unix-listen:PATH  listen on PATH and accept one connection
+//	PATH              open the file read-write; a tty is switched to raw mode
+//	""                discover the virtio port named "agent"
+func Open(spec string) (io.ReadWriteCloser, error) {
+	switch {
+	case strings.HasPrefix(spec, "unix:"):
+		path := strings.TrimPrefix(spec, "unix:")
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			return nil, fmt.Errorf("open channel %s: %w", spec, err)
+		}
+		return c, nil
+	case strings.HasPrefix(spec, "unix-listen:"):
+		return acceptOne(strings.TrimPrefix(spec, "unix-listen:"))
+	case spec == "":
+		dev, err := Discover(VirtioPortsDir)
+		if err != nil {
+			return nil, err
+		}
+		spec = dev
+	}
+	f, err := os.OpenFile(spec, os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open channel %s: %w", spec, err)
+	}
+	if err := MakeRaw(int(f.Fd())); err != nil && err != unix.ENOTTY {
+		f.Close()
+		return nil, fmt.Errorf("open channel %s: raw mode: %w", spec, err)
+	}
+	return f, nil
+}
+
+func acceptOne(path string) (io.ReadWriteCloser, error) {
+	os.Remove(path)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	defer l.Close()
+	c, err := l.Accept()
+	if err != nil {
+		return nil, fmt.Errorf("accept on %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// MakeRaw puts a terminal into raw mode (no echo, no line editing, no byte translation), so a
+// pty carries frames byte for byte. It returns ENOTTY for anything that is not a terminal.
+func MakeRaw(fd int) error {
+	t, err := unix.IoctlGetTermios(fd, unix.TCGETS)
+	if err != nil {
+		return err
+	}
+	t.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
+	t.Oflag &^= unix.OPOST
+	t.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.ISIG | unix.IEXTEN
+	t.Cflag &^= unix.CSIZE | unix.PARENB
+	t.Cflag |= unix.CS8
+	t.Cc[unix.VMIN] = 1
+	t.Cc[unix.VTIME] = 0
+	return unix.IoctlSetTermios(fd, unix.TCSETS, t)
+}

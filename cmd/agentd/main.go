@@ -1,0 +1,159 @@
+// Command agentd is the guest agent of a microVM sandbox: its PID 1 init and the agent the
+// host talks to over the virtio-serial port named "agent". With --standalone it runs the agent
+// loop as an ordinary process (no mounts, no power-off), for development and tests.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/agentd/agentd/agent"
+	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/relay"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+type options struct {
+	standalone   bool
+	port         string
+	logLevel     string
+	clockSync    bool
+	noFlow       bool
+	initAck      time.Duration
+	chunk        int
+	highWater    int
+	lowWater     int
+	inboundLimit int
+	connectTO    time.Duration
+}
+
+func parseFlags(args []string) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("agentd", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: agentd [--standalone] [--port SPEC] [options]\n\n"+
+			"agentd speaks microsandbox's agent protocol (generation 5) on a channel.\n"+
+			"SPEC is a path opened read-write (virtio port, pty, FIFO), unix:PATH to connect to a\n"+
+			"unix socket, or unix-listen:PATH to accept one connection. By default agentd finds the\n"+
+			"virtio-serial port named \"agent\".\n\noptions:\n")
+		fs.PrintDefaults()
+	}
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	fs.BoolVar(&o.standalone, "standalone", false, "run as an ordinary process: no init duties, no power-off")
+	fs.StringVar(&o.port, "port", "", "channel `SPEC` (default: the virtio port named \"agent\")")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&o.clockSync, "clock-sync", false, "let core.clock.sync step the system clock (always on as PID 1)")
+	fs.BoolVar(&o.noFlow, "no-flow-control", false, "do not offer the per-stream flow-control extension to hosts")
+	fs.DurationVar(&o.initAck, "init-ack-timeout", agent.DefaultInitAckTimeout, "how long to wait for core.init.ack")
+	fs.IntVar(&o.chunk, "tcp-chunk", relay.DefaultOptions.ChunkSize, "largest core.tcp.data chunk sent to the host, in `bytes` (max 65536)")
+	fs.IntVar(&o.highWater, "tcp-high-water", relay.DefaultOptions.HighWater, "`bytes` queued toward the host before a stream stops reading its destination")
+	fs.IntVar(&o.lowWater, "tcp-low-water", relay.DefaultOptions.LowWater, "`bytes` at which a paused stream resumes reading")
+	fs.IntVar(&o.inboundLimit, "tcp-inbound-limit", relay.DefaultOptions.InboundLimit, "host-to-destination `bytes` buffered per stream (the flow-control window)")
+	fs.DurationVar(&o.connectTO, "tcp-connect-timeout", relay.DefaultOptions.ConnectTimeout, "timeout of one destination dial")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if *showVersion {
+		fmt.Printf("agentd %s (protocol generation %d, compatible with microsandbox-agentd %s)\n", version, protocol.Version, protocol.AgentVersion)
+		os.Exit(0)
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	switch {
+	case o.chunk <= 0 || o.chunk > 64<<10:
+		return o, fmt.Errorf("--tcp-chunk %d: must be between 1 and 65536", o.chunk)
+	case o.lowWater <= 0 || o.highWater < o.lowWater:
+		return o, fmt.Errorf("--tcp-low-water %d / --tcp-high-water %d: need 0 < low <= high", o.lowWater, o.highWater)
+	case o.inboundLimit < 64<<10:
+		return o, fmt.Errorf("--tcp-inbound-limit %d: must be at least 65536", o.inboundLimit)
+	case o.initAck <= 0:
+		return o, fmt.Errorf("--init-ack-timeout %s: must be positive", o.initAck)
+	}
+	return o, nil
+}
+
+func newLogger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(strings.ToUpper(level))); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})).With("component", "agentd"), nil
+}
+
+func main() {
+	boot := agent.BootTimeNs()
+	o, err := parseFlags(os.Args[1:])
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
+		os.Exit(2)
+	}
+	log, err := newLogger(o.logLevel)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
+		os.Exit(2)
+	}
+	if !o.standalone && os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "agentd: not PID 1; use --standalone to run the agent loop as an ordinary process")
+		os.Exit(2)
+	}
+	if err := run(o, log, boot); err != nil {
+		log.Error("agentd failed", "error", err)
+		os.Exit(1)
+	}
+}
+
+func run(o options, log *slog.Logger, boot uint64) error {
+	initStart := agent.BootTimeNs()
+	port, err := channel.Open(o.port)
+	if err != nil {
+		return err
+	}
+	defer port.Close()
+	cfg := agent.Config{
+		Port:           port,
+		Log:            log,
+		InitAckTimeout: o.initAck,
+		ClockSync:      o.clockSync || !o.standalone,
+		BootTimeNs:     boot,
+		Relay: relay.Options{
+			ChunkSize: o.chunk, HighWater: o.highWater, LowWater: o.lowWater,
+			InboundLimit: o.inboundLimit, ConnectTimeout: o.connectTO,
+		},
+	}
+	if o.noFlow {
+		cfg.Features = []string{}
+	}
+	a := agent.New(cfg)
+	if err := a.Handshake(); err != nil {
+		return fmt.Errorf("init: %w", err)
+	}
+	cfg.InitTimeNs = agent.BootTimeNs() - initStart
+	a.SetInitTime(cfg.InitTimeNs)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	err = a.Serve(ctx)
+	switch {
+	case errors.Is(err, agent.ErrShutdown):
+		log.Info("shut down")
+		return nil
+	case errors.Is(err, context.Canceled):
+		log.Info("stopped by signal")
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,396 @@
+// Package mux schedules outgoing frames onto the agent channel: one bounded queue per session,
+// a small priority queue for control replies, and one writer that takes frames round-robin
+// from the sessions that have output, so a bulk stream cannot starve another session's frames
+// and a session that produces faster than the channel drains blocks only itself.
+package mux
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+
+	"github.com/agentd/agentd/protocol"
+)
+
+// ErrClosed is returned when pushing to a closed queue or writer.
+var ErrClosed = errors.New("mux: closed")
+
+// Options are the writer's limits.
+type Options struct {
+	// BatchBytes is how many encoded bytes the writer gathers into one port write. Larger
+	// batches mean fewer syscalls; the cap bounds how long one batch delays a fresh frame.
+	BatchBytes int
+	// ControlItems bounds the control queue (replies that belong to no live session). A host
+	// that sends requests but never reads the replies fills it, and then its requests wait.
+	ControlItems int
+}
+
+// DefaultOptions are tuned for a virtio-serial port or a unix socket.
+var DefaultOptions = Options{BatchBytes: 256 << 10, ControlItems: 1024}
+
+// Item is one outgoing frame: either Data for a data message (written without re-encoding)
+// or Payload, an encoded payload for any other type.
+type Item struct {
+	ID      uint32
+	Type    protocol.Type
+	Data    []byte
+	Payload []byte
+	buf     *[]byte       // pooled buffer backing Data, returned once written
+	flush   chan struct{} // a Flush marker, not a frame
+}
+
+func (it *Item) size() int { return len(it.Data) + len(it.Payload) + 64 }
+
+// Writer owns the write side of the channel.
+type Writer struct {
+	w    io.Writer
+	opts Options
+
+	mu      sync.Mutex
+	control []Item
+	ready   []*Queue // queues with pending items, in round-robin order
+	closed  bool
+	err     error
+	wake    chan struct{}
+	ctlFree chan struct{}
+	done    chan struct{}
+}
+
+// NewWriter starts a writer on w. Stop it with Close; Err reports a write failure.
+func NewWriter(w io.Writer, opts Options) *Writer {
+	if opts.BatchBytes <= 0 {
+		opts.BatchBytes = DefaultOptions.BatchBytes
+	}
+	if opts.ControlItems <= 0 {
+		opts.ControlItems = DefaultOptions.ControlItems
+	}
+	mw := &Writer{w: w, opts: opts, wake: make(chan struct{}, 1), ctlFree: make(chan struct{}, 1), done: make(chan struct{})}
+	go mw.loop()
+	return mw
+}
+
+// Done is closed when the writer stops (Close or a write error).
+func (w *Writer) Done() <-chan struct{} { return w.done }
+
+// Err returns the write error that stopped the writer, if any.
+func (w *Writer) Err() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
+}
+
+// Close stops the writer after the batch in progress; pending items are dropped.
+func (w *Writer) Close() {
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+	w.signal()
+	<-w.done
+}
+
+// Flush waits until every item queued before the call has been written (or the writer stops).
+func (w *Writer) Flush(ctx context.Context) error {
+	done := make(chan struct{})
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return ErrClosed
+	}
+	w.control = append(w.control, Item{flush: done})
+	w.mu.Unlock()
+	w.signal()
+	select {
+	case <-done:
+		return nil
+	case <-w.done:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (w *Writer) signal() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Control queues a frame ahead of session output. It blocks while the control queue is full.
+func (w *Writer) Control(ctx context.Context, id uint32, t protocol.Type, payload []byte) error {
+	for {
+		w.mu.Lock()
+		if w.closed {
+			w.mu.Unlock()
+			return ErrClosed
+		}
+		if len(w.control) < w.opts.ControlItems {
+			w.control = append(w.control, Item{ID: id, Type: t, Payload: payload})
+			w.mu.Unlock()
+			w.signal()
+			return nil
+		}
+		w.mu.Unlock()
+		select {
+		case <-w.ctlFree:
+		case <-w.done:
+			return ErrClosed
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// ControlMsg marshals v and queues it as a control frame.
+func (w *Writer) ControlMsg(ctx context.Context, id uint32, t protocol.Type, v any) error {
+	p, err := protocol.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return w.Control(ctx, id, t, p)
+}
+
+// next takes the next item: control first, then one item from the queue at the head of the
+// round-robin list, which goes to the back if it still has output.
+func (w *Writer) next() (Item, *Queue, bool) {
+	if len(w.control) > 0 {
+		it := w.control[0]
+		w.control[0] = Item{}
+		w.control = w.control[1:]
+		select {
+		case w.ctlFree <- struct{}{}:
+		default:
+		}
+		return it, nil, true
+	}
+	for len(w.ready) > 0 {
+		q := w.ready[0]
+		copy(w.ready, w.ready[1:])
+		w.ready[len(w.ready)-1] = nil
+		w.ready = w.ready[:len(w.ready)-1]
+		it, ok := q.pop()
+		if !ok {
+			q.inReady = false
+			continue
+		}
+		if q.n > 0 {
+			w.ready = append(w.ready, q)
+		} else {
+			q.inReady = false
+		}
+		return it, q, true
+	}
+	return Item{}, nil, false
+}
+
+func (w *Writer) loop() {
+	defer close(w.done)
+	buf := make([]byte, 0, w.opts.BatchBytes+protocol.MaxWireFrame/16)
+	var flushes []chan struct{}
+	for {
+		buf = buf[:0]
+		flushes = flushes[:0]
+		w.mu.Lock()
+		for len(buf) < w.opts.BatchBytes {
+			it, q, ok := w.next()
+			if !ok {
+				break
+			}
+			if it.flush != nil {
+				flushes = append(flushes, it.flush)
+				continue
+			}
+			var err error
+			if it.Type.Valid() && it.Payload == nil && isData(it.Type) {
+				buf, err = protocol.AppendData(buf, it.ID, it.Type, it.Data)
+			} else {
+				buf, err = protocol.AppendMessage(buf, it.ID, it.Type, it.Payload)
+			}
+			if it.buf != nil {
+				PutBuf(it.buf)
+			}
+			if q != nil {
+				q.wrote(it.size())
+			}
+			if err != nil { // an encoding bug; drop the frame rather than desync the stream
+				continue
+			}
+		}
+		closed := w.closed
+		w.mu.Unlock()
+		if len(buf) > 0 {
+			if _, err := w.w.Write(buf); err != nil {
+				w.mu.Lock()
+				w.err, w.closed = err, true
+				w.mu.Unlock()
+				return
+			}
+		}
+		for _, f := range flushes {
+			close(f)
+		}
+		if len(buf) > 0 || len(flushes) > 0 {
+			continue
+		}
+		if closed {
+			return
+		}
+		<-w.wake
+	}
+}
+
+func isData(t protocol.Type) bool {
+	switch t {
+	case protocol.TypeTCPData, protocol.TypeExecStdout, protocol.TypeExecStderr, protocol.TypeExecStdin, protocol.TypeFsData:
+		return true
+	}
+	return false
+}
+
+// Queue is one session's bounded output queue. Push blocks while the queued bytes are at or
+// above the high watermark and resumes once the writer drains them below the low watermark.
+type Queue struct {
+	w         *Writer
+	high, low int
+
+	// guarded by w.mu
+	items   []Item
+	n       int // items pending
+	bytes   int
+	inReady bool
+	closed  bool
+	space   chan struct{}
+}
+
+// NewQueue makes a session queue with the given byte watermarks.
+func (w *Writer) NewQueue(high, low int) *Queue {
+	if low > high {
+		low = high
+	}
+	return &Queue{w: w, high: high, low: low, space: make(chan struct{}, 1)}
+}
+
+// Push queues an item, blocking while the queue is over its high watermark. It returns
+// ErrClosed once the queue or writer is closed (the item's buffer is then released).
+func (q *Queue) Push(ctx context.Context, it Item) error {
+	for {
+		q.w.mu.Lock()
+		if q.closed || q.w.closed {
+			q.w.mu.Unlock()
+			if it.buf != nil {
+				PutBuf(it.buf)
+			}
+			return ErrClosed
+		}
+		if q.bytes < q.high {
+			q.items = append(q.items, it)
+			q.n++
+			q.bytes += it.size()
+			if !q.inReady {
+				q.inReady = true
+				q.w.ready = append(q.w.ready, q)
+			}
+			q.w.mu.Unlock()
+			q.w.signal()
+			return nil
+		}
+		q.w.mu.Unlock()
+		select {
+		case <-q.space:
+		case <-q.w.done:
+		case <-ctx.Done():
+			if it.buf != nil {
+				PutBuf(it.buf)
+			}
+			return ctx.Err()
+		}
+	}
+}
+
+// PushMsg marshals v and pushes it.
+func (q *Queue) PushMsg(ctx context.Context, id uint32, t protocol.Type, v any) error {
+	p, err := protocol.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return q.Push(ctx, Item{ID: id, Type: t, Payload: p})
+}
+
+// PushData pushes a data frame whose bytes live in a pooled buffer (from GetBuf); the buffer
+// goes back to the pool once written or dropped.
+func (q *Queue) PushData(ctx context.Context, id uint32, t protocol.Type, buf *[]byte, n int) error {
+	return q.Push(ctx, Item{ID: id, Type: t, Data: (*buf)[:n], buf: buf})
+}
+
+// Close drops the queue's pending items; later pushes fail with ErrClosed.
+func (q *Queue) Close() {
+	q.w.mu.Lock()
+	q.closed = true
+	for i := range q.items[len(q.items)-q.n:] {
+		it := &q.items[len(q.items)-q.n+i]
+		if it.buf != nil {
+			PutBuf(it.buf)
+		}
+		*it = Item{}
+	}
+	q.items, q.n, q.bytes = nil, 0, 0
+	q.w.mu.Unlock()
+	select {
+	case q.space <- struct{}{}:
+	default:
+	}
+}
+
+// Pending returns the bytes queued (for tests and accounting).
+func (q *Queue) Pending() int {
+	q.w.mu.Lock()
+	defer q.w.mu.Unlock()
+	return q.bytes
+}
+
+// pop removes the oldest item (w.mu held).
+func (q *Queue) pop() (Item, bool) {
+	if q.n == 0 || q.closed {
+		return Item{}, false
+	}
+	i := len(q.items) - q.n
+	it := q.items[i]
+	q.items[i] = Item{}
+	q.n--
+	if q.n == 0 {
+		q.items = q.items[:0]
+	} else if i > 64 && i > q.n { // compact so the slice does not creep
+		copy(q.items, q.items[i+1:])
+		q.items = q.items[:q.n]
+	}
+	return it, true
+}
+
+// wrote accounts a written item (w.mu held) and wakes a blocked pusher at the low watermark.
+func (q *Queue) wrote(size int) {
+	q.bytes -= size
+	if q.bytes <= q.low {
+		select {
+		case q.space <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Data buffers are pooled so a relayed chunk costs no allocation in steady state.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, ChunkSize); return &b }}
+
+// ChunkSize is the size of pooled data buffers: the largest tcp.data chunk the reference sends.
+const ChunkSize = 64 << 10
+
+// GetBuf returns a pooled ChunkSize buffer.
+func GetBuf() *[]byte { return bufPool.Get().(*[]byte) }
+
+// PutBuf returns a buffer to the pool.
+func PutBuf(b *[]byte) {
+	if cap(*b) >= ChunkSize {
+		*b = (*b)[:ChunkSize]
+		bufPool.Put(b)
+	}
+}

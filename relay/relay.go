@@ -1,0 +1,426 @@
+// Package relay implements core.tcp.* sessions: it dials a destination through a Dialer and
+// moves bytes between that stream and the agent channel with bounded buffers in both
+// directions. It does not know where the stream comes from (kernel socket, netstack).
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/protocol"
+)
+
+// Dialer opens the destination stream of a session. The kernel dialer is net.Dialer; the
+// netstack provides another.
+type Dialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// Options are the per-session limits. Zero fields take DefaultOptions' values.
+type Options struct {
+	// ChunkSize is the most destination bytes read into one core.tcp.data frame (the
+	// reference's 64 KiB; at most mux.ChunkSize).
+	ChunkSize int
+	// HighWater and LowWater bound the bytes queued toward the host: at HighWater the session
+	// stops reading its destination (TCP backpressure reaches the sender) until the writer
+	// drains the queue to LowWater.
+	HighWater, LowWater int
+	// InboundLimit bounds host -> destination bytes queued per session. With flow control it
+	// is also the window granted to the host, so a well-behaved host never exceeds it; a
+	// stock host that does waits for room (the reference's backpressure).
+	InboundLimit int
+	// ConnectTimeout bounds one dial (the reference's 30 s).
+	ConnectTimeout time.Duration
+	// Dialer opens destinations (default: kernel sockets).
+	Dialer Dialer
+}
+
+// DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 1 MiB inbound.
+var DefaultOptions = Options{
+	ChunkSize:      64 << 10,
+	HighWater:      256 << 10,
+	LowWater:       64 << 10,
+	InboundLimit:   1 << 20,
+	ConnectTimeout: 30 * time.Second,
+	Dialer:         &net.Dialer{},
+}
+
+func (o Options) withDefaults() Options {
+	d := DefaultOptions
+	if o.ChunkSize <= 0 || o.ChunkSize > mux.ChunkSize {
+		o.ChunkSize = d.ChunkSize
+	}
+	if o.HighWater <= 0 {
+		o.HighWater = d.HighWater
+	}
+	if o.LowWater <= 0 || o.LowWater > o.HighWater {
+		o.LowWater = min(d.LowWater, o.HighWater)
+	}
+	if o.InboundLimit <= 0 {
+		o.InboundLimit = d.InboundLimit
+	}
+	if o.ConnectTimeout <= 0 {
+		o.ConnectTimeout = d.ConnectTimeout
+	}
+	if o.Dialer == nil {
+		o.Dialer = d.Dialer
+	}
+	return o
+}
+
+// Session is one core.tcp stream.
+type Session struct {
+	id   uint32
+	opts Options
+	out  *mux.Writer
+	q    *mux.Queue
+	log  *slog.Logger
+	done func(*Session) // called once when the session ends, to drop it from the table
+	flow bool
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu       sync.Mutex
+	conn     net.Conn
+	inbound  []*[]byte // host -> destination chunks: pooled buffers sliced to their length
+	inBytes  int
+	inEOF    bool
+	credit   int64 // flow: bytes we may still send to the host
+	ended    bool
+	inWake   chan struct{} // wakes the destination writer
+	inSpace  chan struct{} // wakes a host writer waiting for inbound room
+	crWake   chan struct{} // wakes the destination reader waiting for credit
+	finished chan struct{}
+}
+
+// Start creates the session for a core.tcp.connect and dials in the background: the caller's
+// loop never waits for the connect. The session reports connected or a terminal failed.
+// done is called once, when the session ends for any reason.
+func Start(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
+	opts = opts.withDefaults()
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Session{
+		id: id, opts: opts, out: out, log: log, done: done,
+		q:        out.NewQueue(opts.HighWater, opts.LowWater),
+		flow:     req.Window > 0,
+		credit:   int64(req.Window),
+		ctx:      ctx,
+		cancel:   cancel,
+		inWake:   make(chan struct{}, 1),
+		inSpace:  make(chan struct{}, 1),
+		crWake:   make(chan struct{}, 1),
+		finished: make(chan struct{}),
+	}
+	go s.run(req.Host, req.Port)
+	return s
+}
+
+// ID returns the session id.
+func (s *Session) ID() uint32 { return s.id }
+
+// Finished is closed when all of the session's goroutines have returned.
+func (s *Session) Finished() <-chan struct{} { return s.finished }
+
+func poke(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Session) run(host string, port uint16) {
+	defer close(s.finished)
+	addr := net.JoinHostPort(host, strconv.Itoa(int(port)))
+	dctx, dcancel := context.WithTimeout(s.ctx, s.opts.ConnectTimeout)
+	conn, err := s.opts.Dialer.DialContext(dctx, "tcp", addr)
+	dcancel()
+	if err != nil {
+		if s.ctx.Err() != nil { // aborted while dialing: no frame is owed
+			s.end()
+			return
+		}
+		msg := fmt.Sprintf("connect %s:%d: %s", host, port, describe(err))
+		if errors.Is(err, context.DeadlineExceeded) {
+			msg = fmt.Sprintf("connect %s:%d timed out", host, port)
+		}
+		s.fail(msg)
+		return
+	}
+	s.mu.Lock()
+	if s.ended {
+		s.mu.Unlock()
+		conn.Close()
+		return
+	}
+	s.conn = conn
+	s.mu.Unlock()
+	var grant uint32
+	if s.flow {
+		grant = uint32(s.opts.InboundLimit)
+	}
+	if err := s.q.PushMsg(s.ctx, s.id, protocol.TypeTCPConnected, protocol.TCPConnected{Window: grant}); err != nil {
+		s.end()
+		return
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); s.toDestination(conn) }()
+	s.toHost(conn)
+	wg.Wait()
+}
+
+// describe renders an error the way the reference's messages read: the OS error text.
+func describe(err error) string {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Err != nil {
+		return oe.Err.Error()
+	}
+	return err.Error()
+}
+
+// toHost reads the destination and queues core.tcp.data. The queue's high watermark (and,
+// with flow control, the host's credit) stops the reads, so the destination feels TCP
+// backpressure instead of agentd buffering without bound.
+func (s *Session) toHost(conn net.Conn) {
+	for {
+		n := s.opts.ChunkSize
+		if s.flow {
+			c, ok := s.waitCredit()
+			if !ok {
+				return
+			}
+			n = int(min(int64(n), c))
+		}
+		buf := mux.GetBuf()
+		m, err := conn.Read((*buf)[:n])
+		if m > 0 {
+			if s.flow {
+				s.mu.Lock()
+				s.credit -= int64(m)
+				s.mu.Unlock()
+			}
+			if perr := s.q.PushData(s.ctx, s.id, protocol.TypeTCPData, buf, m); perr != nil {
+				return
+			}
+		} else {
+			mux.PutBuf(buf)
+		}
+		if err == io.EOF {
+			s.q.PushMsg(s.ctx, s.id, protocol.TypeTCPEOF, protocol.Empty{})
+			return // the session stays open for host writes
+		}
+		if err != nil {
+			if s.ctx.Err() == nil {
+				s.fail("read TCP stream: " + describe(err))
+			}
+			return
+		}
+	}
+}
+
+func (s *Session) waitCredit() (int64, bool) {
+	for {
+		s.mu.Lock()
+		c := s.credit
+		s.mu.Unlock()
+		if c > 0 {
+			return c, true
+		}
+		select {
+		case <-s.crWake:
+		case <-s.ctx.Done():
+			return 0, false
+		}
+	}
+}
+
+// toDestination writes host data to the destination in order, then shuts the write half
+// down at the host's EOF. With flow control it grants the host credit as bytes leave.
+func (s *Session) toDestination(conn net.Conn) {
+	var written int
+	grantAt := max(s.opts.InboundLimit/4, 1)
+	for {
+		s.mu.Lock()
+		for len(s.inbound) == 0 && !s.inEOF && !s.ended {
+			s.mu.Unlock()
+			select {
+			case <-s.inWake:
+			case <-s.ctx.Done():
+				return
+			}
+			s.mu.Lock()
+		}
+		if s.ended {
+			s.mu.Unlock()
+			return
+		}
+		if len(s.inbound) == 0 { // EOF and everything before it written
+			s.mu.Unlock()
+			if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+				if err := cw.CloseWrite(); err != nil && s.ctx.Err() == nil {
+					s.fail("shutdown TCP stream: " + describe(err))
+				}
+			}
+			return
+		}
+		chunk := s.inbound[0]
+		s.inbound[0] = nil
+		s.inbound = s.inbound[1:]
+		s.mu.Unlock()
+
+		_, err := conn.Write(*chunk)
+		n := len(*chunk)
+		mux.PutBuf(chunk)
+		s.mu.Lock()
+		s.inBytes -= n
+		s.mu.Unlock()
+		poke(s.inSpace)
+		if err != nil {
+			if s.ctx.Err() == nil {
+				s.fail("write TCP stream: " + describe(err))
+			}
+			return
+		}
+		if s.flow {
+			written += n
+			s.mu.Lock()
+			idle := len(s.inbound) == 0
+			s.mu.Unlock()
+			if written >= grantAt || idle {
+				s.out.ControlMsg(s.ctx, s.id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(written)})
+				written = 0
+			}
+		}
+	}
+}
+
+// Write queues host data for the destination. It copies data (which aliases the channel's
+// read buffer). It waits while the session's inbound bytes are at their limit, which only a
+// host without flow control can cause. It returns an error when the session is over.
+func (s *Session) Write(data []byte) error {
+	for len(data) > 0 {
+		n := min(len(data), mux.ChunkSize)
+		if err := s.waitRoom(n); err != nil {
+			return err
+		}
+		c := mux.GetBuf()
+		*c = (*c)[:n]
+		copy(*c, data[:n])
+		s.mu.Lock()
+		if s.ended || s.inEOF {
+			s.mu.Unlock()
+			mux.PutBuf(c)
+			if s.ended {
+				return errSessionClosed
+			}
+			return nil // data after the host's EOF is dropped, as by the reference
+		}
+		s.inbound = append(s.inbound, c)
+		s.inBytes += n
+		s.mu.Unlock()
+		poke(s.inWake)
+		data = data[n:]
+	}
+	return nil
+}
+
+var errSessionClosed = errors.New("TCP session is closed")
+
+func (s *Session) waitRoom(n int) error {
+	for {
+		s.mu.Lock()
+		ended, used := s.ended, s.inBytes
+		s.mu.Unlock()
+		if ended {
+			return errSessionClosed
+		}
+		if used == 0 || used+n <= s.opts.InboundLimit {
+			return nil
+		}
+		select {
+		case <-s.inSpace:
+		case <-s.ctx.Done():
+			return errSessionClosed
+		}
+	}
+}
+
+// CloseWrite queues the host's EOF after all queued data.
+func (s *Session) CloseWrite() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended {
+		return errSessionClosed
+	}
+	s.inEOF = true
+	poke(s.inWake)
+	return nil
+}
+
+// Credit adds flow-control credit granted by the host.
+func (s *Session) Credit(n uint32) {
+	s.mu.Lock()
+	s.credit += int64(n)
+	s.mu.Unlock()
+	poke(s.crWake)
+}
+
+// Abort tears the session down at once without a frame (core.tcp.close, relay client
+// disconnect, shutdown): queued data in both directions is dropped.
+func (s *Session) Abort() { s.end() }
+
+// fail sends the terminal core.tcp.failed and ends the session.
+func (s *Session) fail(msg string) {
+	s.mu.Lock()
+	if s.ended {
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	// The failure goes behind any data already queued, so the host sees it last.
+	s.q.PushMsg(context.Background(), s.id, protocol.TypeTCPFailed, protocol.TCPFailed{Error: msg})
+	s.log.Debug("tcp session failed", "id", s.id, "error", msg)
+	s.endKeepQueue()
+}
+
+func (s *Session) end() {
+	if s.endKeepQueue() {
+		s.q.Close()
+	}
+}
+
+// endKeepQueue marks the session ended, closes the destination and releases buffers; the
+// output queue stays open so a terminal frame already queued still goes out.
+func (s *Session) endKeepQueue() bool {
+	s.mu.Lock()
+	if s.ended {
+		s.mu.Unlock()
+		return false
+	}
+	s.ended = true
+	conn := s.conn
+	for _, c := range s.inbound {
+		mux.PutBuf(c)
+	}
+	s.inbound, s.inBytes = nil, 0
+	s.mu.Unlock()
+	s.cancel()
+	if conn != nil {
+		conn.Close()
+	}
+	poke(s.inWake)
+	poke(s.inSpace)
+	if s.done != nil {
+		s.done(s)
+	}
+	return true
+}
