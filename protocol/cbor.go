@@ -53,6 +53,9 @@ func Unmarshal(b []byte, v any) error {
 	if len(b) == 0 {
 		return fmt.Errorf("empty payload")
 	}
+	if (b[0] == 0xf6 || b[0] == 0xf7) && reflect.TypeOf(v).Elem().Kind() == reflect.Struct {
+		return fmt.Errorf("invalid type: null, expected a map")
+	}
 	if _, err := decMode.UnmarshalFirst(b, v); err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
 )
@@ -179,13 +180,7 @@ func (s *Session) run(host string, port uint16) {
 }
 
 // describe renders an error the way the reference's messages read: the OS error text.
-func describe(err error) string {
-	var oe *net.OpError
-	if errors.As(err, &oe) && oe.Err != nil {
-		return oe.Err.Error()
-	}
-	return err.Error()
-}
+func describe(err error) string { return oserr.Text(err) }
 
 // toHost reads the destination and queues core.tcp.data. The queue's high watermark (and,
 // with flow control, the host's credit) stops the reads, so the destination feels TCP

@@ -1,0 +1,464 @@
+// Package host is the host side of the agent protocol: a client that talks to agentd either
+// directly over the channel (doing the init handshake itself) or through a relay's unix
+// socket (microsandbox's client handshake), and the relay server itself.
+//
+// The client reads the channel in its own goroutine, independently of writing: a pty or a
+// virtio port buffers only a few KiB per direction, so a host that blocks on a write while not
+// reading would deadlock against the agent.
+package host
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/agentd/agentd/protocol"
+)
+
+// ErrClosed is returned once the client's connection is gone.
+var ErrClosed = errors.New("agent connection closed")
+
+// RemoteError is a core.error reply.
+type RemoteError = protocol.CoreError
+
+// UnsupportedError is returned, without sending anything, for a type the peer's generation
+// does not know.
+type UnsupportedError struct {
+	Type    protocol.Type
+	Needs   uint8
+	PeerGen uint8
+}
+
+func (e *UnsupportedError) Error() string {
+	return fmt.Sprintf("%s needs protocol generation %d; the agent speaks %d", e.Type, e.Needs, e.PeerGen)
+}
+
+// Options configure a client.
+type Options struct {
+	// Features are the extensions requested in core.init.ack (direct mode only; behind a relay
+	// the relay negotiates). Default: flow control.
+	Features []string
+	// StreamQueue bounds frames queued per stream that has no flow control (exec output, fs
+	// data). A full queue stalls the reader for every stream, as in microsandbox's client.
+	StreamQueue int
+	// Window is the receive window granted per flow-controlled TCP stream.
+	Window int
+	// HandshakeTimeout bounds the wait for init.resolved/ready (direct) or the relay greeting.
+	HandshakeTimeout time.Duration
+	Log              *slog.Logger
+
+	handshakeOnly bool // the relay takes over the channel after the handshake
+}
+
+// DefaultOptions for a client.
+var DefaultOptions = Options{
+	Features:         []string{protocol.FeatureFlow},
+	StreamQueue:      1024,
+	Window:           1 << 20,
+	HandshakeTimeout: 60 * time.Second,
+}
+
+func (o Options) withDefaults() Options {
+	d := DefaultOptions
+	if o.Features == nil {
+		o.Features = d.Features
+	}
+	if o.StreamQueue <= 0 {
+		o.StreamQueue = d.StreamQueue
+	}
+	if o.Window <= 0 {
+		o.Window = d.Window
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = d.HandshakeTimeout
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	return o
+}
+
+// Client is one connection to an agent.
+type Client struct {
+	conn io.ReadWriteCloser
+	opts Options
+	fr   *protocol.FrameReader
+
+	idMin, idEnd uint32 // ids this client may use: [idMin, idEnd)
+	Ready        protocol.Ready
+	ReadyV       uint8
+	ReadyFrame   []byte // the raw core.ready frame (a relay hands it to its clients)
+	Resolved     protocol.InitResolved
+
+	wmu     sync.Mutex // serializes writes of whole frames
+	mu      sync.Mutex
+	next    uint32
+	streams map[uint32]*Stream
+	closed  bool
+	err     error
+	done    chan struct{}
+}
+
+// Direct performs the host side of the init handshake on a raw agent channel: it waits for
+// core.init.resolved (dropping anything else), acknowledges it with the requested features
+// and waits for core.ready. The client then owns the whole id space.
+func Direct(conn io.ReadWriteCloser, opts Options) (*Client, error) {
+	opts = opts.withDefaults()
+	c := newClient(conn, opts, 1, 1<<32-1)
+	stop := watchdog(conn, opts.HandshakeTimeout)
+	defer stop()
+	for {
+		m, raw, err := c.readMessage()
+		if err != nil {
+			return nil, fmt.Errorf("handshake: %w", err)
+		}
+		switch m.Type {
+		case protocol.TypeInitResolved:
+			if err := protocol.Unmarshal(m.Payload, &c.Resolved); err != nil {
+				return nil, fmt.Errorf("handshake: decode core.init.resolved: %w", err)
+			}
+			ack, _ := protocol.EncodeFrame(0, protocol.TypeInitAck, protocol.InitAck{Features: opts.Features})
+			if _, err := conn.Write(ack); err != nil {
+				return nil, fmt.Errorf("handshake: send core.init.ack: %w", err)
+			}
+		case protocol.TypeReady:
+			if err := c.setReady(m, raw); err != nil {
+				return nil, err
+			}
+			if !opts.handshakeOnly {
+				go c.readLoop()
+			}
+			return c, nil
+		default:
+			opts.Log.Debug("dropped pre-ready frame", "type", m.Name())
+		}
+	}
+}
+
+// Connect dials a relay's unix socket and performs microsandbox's client handshake:
+// [id_start u32 BE][id_end_exclusive u32 BE][core.ready frame].
+func Connect(path string, opts Options) (*Client, error) {
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("connect to relay %s: %w", path, err)
+	}
+	c, err := FromRelay(conn, opts)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// FromRelay performs the relay client handshake on an established connection.
+func FromRelay(conn io.ReadWriteCloser, opts Options) (*Client, error) {
+	opts = opts.withDefaults()
+	stop := watchdog(conn, opts.HandshakeTimeout)
+	defer stop()
+	var hdr [8]byte
+	if _, err := io.ReadFull(conn, hdr[:]); err != nil {
+		return nil, fmt.Errorf("relay handshake: read id range: %w", err)
+	}
+	start, end := binary.BigEndian.Uint32(hdr[:]), binary.BigEndian.Uint32(hdr[4:])
+	if start == 0 || end <= start {
+		return nil, fmt.Errorf("relay handshake: bad id range [%d, %d)", start, end)
+	}
+	c := newClient(conn, opts, start, end)
+	m, raw, err := c.readMessage()
+	if err != nil {
+		return nil, fmt.Errorf("relay handshake: read core.ready: %w", err)
+	}
+	if m.Type != protocol.TypeReady {
+		return nil, fmt.Errorf("relay handshake: expected core.ready, got %s", m.Name())
+	}
+	if err := c.setReady(m, raw); err != nil {
+		return nil, err
+	}
+	go c.readLoop()
+	return c, nil
+}
+
+// watchdog closes conn if the handshake takes longer than d.
+func watchdog(conn io.Closer, d time.Duration) func() {
+	t := time.AfterFunc(d, func() { conn.Close() })
+	return func() { t.Stop() }
+}
+
+func newClient(conn io.ReadWriteCloser, opts Options, start, end uint32) *Client {
+	return &Client{conn: conn, opts: opts, fr: protocol.NewFrameReader(conn), idMin: start, idEnd: end,
+		next: start, streams: map[uint32]*Stream{}, done: make(chan struct{})}
+}
+
+func (c *Client) readMessage() (protocol.Message, []byte, error) {
+	f, err := c.fr.Next()
+	if err != nil {
+		return protocol.Message{}, nil, err
+	}
+	m, err := protocol.DecodeMessage(f)
+	if err != nil {
+		return m, nil, err
+	}
+	raw, _ := protocol.AppendRawFrame(nil, f.ID, f.Flags, f.Body)
+	m.Payload = append([]byte(nil), m.Payload...)
+	return m, raw, nil
+}
+
+func (c *Client) setReady(m protocol.Message, raw []byte) error {
+	if err := protocol.Unmarshal(m.Payload, &c.Ready); err != nil {
+		return fmt.Errorf("handshake: decode core.ready: %w", err)
+	}
+	c.ReadyV, c.ReadyFrame = m.V, raw
+	return nil
+}
+
+// Generation is the negotiated generation: min(ours, the agent's).
+func (c *Client) Generation() uint8 { return min(protocol.Version, c.ReadyV) }
+
+// HasFeature reports whether the agent enabled an extension for this host.
+func (c *Client) HasFeature(name string) bool { return protocol.HasFeature(c.Ready.Features, name) }
+
+// IDRange returns the ids this client may use.
+func (c *Client) IDRange() (start, end uint32) { return c.idMin, c.idEnd }
+
+// Done is closed when the connection ends; Err then says why.
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Err returns the error that ended the connection.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Close closes the connection; every stream sees ErrClosed.
+func (c *Client) Close() error {
+	err := c.conn.Close()
+	<-c.done
+	return err
+}
+
+// Send writes one frame with a raw payload. Frames are written whole, in call order.
+func (c *Client) Send(id uint32, t protocol.Type, payload []byte) error {
+	if !t.Info().Extension && !t.AvailableAt(c.Generation()) {
+		return &UnsupportedError{t, t.Info().Generation, c.Generation()}
+	}
+	frame, err := protocol.AppendMessage(nil, id, t, payload)
+	if err != nil {
+		return err
+	}
+	return c.WriteFrame(frame)
+}
+
+// SendMsg marshals v and sends it.
+func (c *Client) SendMsg(id uint32, t protocol.Type, v any) error {
+	p, err := protocol.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return c.Send(id, t, p)
+}
+
+// WriteFrame writes an already encoded frame (raw tier; used by tests and relays).
+func (c *Client) WriteFrame(frame []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	select {
+	case <-c.done:
+		return ErrClosed
+	default:
+	}
+	if _, err := c.conn.Write(frame); err != nil {
+		return fmt.Errorf("write frame: %w", err)
+	}
+	return nil
+}
+
+// sendData writes a {"data": ...} frame without an intermediate payload encode.
+func (c *Client) sendData(id uint32, t protocol.Type, data []byte) error {
+	frame, err := protocol.AppendData(make([]byte, 0, len(data)+64), id, t, data)
+	if err != nil {
+		return err
+	}
+	return c.WriteFrame(frame)
+}
+
+// Shutdown sends core.shutdown (id 0, payload null).
+func (c *Client) Shutdown() error {
+	return c.Send(0, protocol.TypeShutdown, []byte{0xf6})
+}
+
+// Stream is every frame of one id.
+type Stream struct {
+	c    *Client
+	ID   uint32
+	ch   chan protocol.Message // non-flow streams: bounded; the reader waits when full
+	tcp  *TCPConn              // set for flow-controlled TCP streams
+	done chan struct{}
+	once sync.Once
+}
+
+// Open allocates an id and registers a stream for it, without sending anything.
+func (c *Client) Open() (*Stream, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrClosed
+	}
+	span := c.idEnd - c.idMin
+	for i := uint32(0); i < span; i++ {
+		id := c.next
+		c.next++
+		if c.next >= c.idEnd {
+			c.next = c.idMin
+		}
+		if _, busy := c.streams[id]; !busy {
+			s := &Stream{c: c, ID: id, ch: make(chan protocol.Message, c.opts.StreamQueue), done: make(chan struct{})}
+			c.streams[id] = s
+			return s, nil
+		}
+	}
+	return nil, errors.New("id range exhausted")
+}
+
+// Start opens a stream and sends its first (session-start) message.
+func (c *Client) Start(t protocol.Type, v any) (*Stream, error) {
+	s, err := c.Open()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.SendMsg(s.ID, t, v); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Recv returns the stream's next message. After the terminal message it returns io.EOF.
+func (s *Stream) Recv(ctx context.Context) (protocol.Message, error) {
+	select {
+	case m, ok := <-s.ch:
+		if !ok {
+			return m, io.EOF
+		}
+		return m, nil
+	case <-ctx.Done():
+		return protocol.Message{}, ctx.Err()
+	case <-s.c.done:
+		select { // drain what arrived before the connection closed
+		case m, ok := <-s.ch:
+			if ok {
+				return m, nil
+			}
+			return m, io.EOF
+		default:
+		}
+		return protocol.Message{}, ErrClosed
+	}
+}
+
+// Close unregisters the stream (no frame is sent).
+func (s *Stream) Close() {
+	s.once.Do(func() {
+		s.c.mu.Lock()
+		if s.c.streams[s.ID] == s {
+			delete(s.c.streams, s.ID)
+		}
+		s.c.mu.Unlock()
+		close(s.done)
+	})
+}
+
+// Request sends a session-start message and waits for its terminal reply. A core.error reply
+// is returned as *RemoteError.
+func (c *Client) Request(ctx context.Context, t protocol.Type, v any) (protocol.Message, error) {
+	s, err := c.Start(t, v)
+	if err != nil {
+		return protocol.Message{}, err
+	}
+	defer s.Close()
+	for {
+		m, err := s.Recv(ctx)
+		if err != nil {
+			return m, err
+		}
+		if m.Flags&protocol.FlagTerminal != 0 {
+			return m, AsError(m)
+		}
+	}
+}
+
+// AsError returns a *RemoteError for a core.error message, else nil.
+func AsError(m protocol.Message) error {
+	if m.Type != protocol.TypeError {
+		return nil
+	}
+	var e protocol.CoreError
+	if err := protocol.Unmarshal(m.Payload, &e); err != nil {
+		return fmt.Errorf("undecodable core.error: %w", err)
+	}
+	return &e
+}
+
+func (c *Client) readLoop() {
+	var err error
+	defer func() {
+		c.mu.Lock()
+		c.closed, c.err = true, err
+		streams := c.streams
+		c.streams = map[uint32]*Stream{}
+		c.mu.Unlock()
+		close(c.done)
+		for _, s := range streams {
+			if s.tcp != nil {
+				s.tcp.fail(ErrClosed)
+			}
+		}
+	}()
+	for {
+		var f protocol.Frame
+		f, err = c.fr.Next()
+		if err != nil {
+			if err == io.EOF {
+				err = ErrClosed
+			}
+			return
+		}
+		m, derr := protocol.DecodeMessage(f)
+		if derr != nil {
+			c.opts.Log.Warn("dropped undecodable frame from agent", "id", f.ID, "error", derr)
+			continue
+		}
+		c.mu.Lock()
+		s := c.streams[m.ID]
+		var tc *TCPConn
+		if s != nil {
+			tc = s.tcp
+		}
+		c.mu.Unlock()
+		if s == nil {
+			continue // no pending id: dropped, as microsandbox's client does
+		}
+		if tc != nil && tc.deliver(m) {
+			continue
+		}
+		m.Payload = append([]byte(nil), m.Payload...)
+		select {
+		case s.ch <- m:
+		case <-s.done:
+		}
+		if m.Flags&protocol.FlagTerminal != 0 {
+			c.mu.Lock()
+			if c.streams[m.ID] == s {
+				delete(c.streams, m.ID)
+			}
+			c.mu.Unlock()
+			close(s.ch)
+		}
+	}
+}

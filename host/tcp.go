@@ -1,0 +1,304 @@
+package host
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/agentd/agentd/protocol"
+)
+
+// TCPConn is a core.tcp session seen from the host: a byte stream to a destination the agent
+// dialed. With the "flow" extension, receiving is bounded by the window this side grants and
+// sending by the agent's grants, so one slow stream never stalls the others.
+type TCPConn struct {
+	c    *Client
+	s    *Stream
+	flow bool
+	win  int
+
+	mu        sync.Mutex
+	rbuf      [][]byte
+	rbytes    int
+	rEOF      bool
+	err       error // terminal failure or local close
+	consumed  int   // bytes read since the last credit sent
+	credit    int64 // bytes we may still send (flow)
+	connected bool
+	terminal  bool
+	// One wake channel per kind of waiter, so a token taken by one never strands another.
+	rwake, wwake, swake chan struct{} // reader (and dialer), writer, deliverer waiting for room
+}
+
+// DialTCP asks the agent to connect to host:port and returns the stream once the agent reports
+// core.tcp.connected. A core.tcp.failed reply is returned as an error with the agent's text.
+func (c *Client) DialTCP(ctx context.Context, host string, port uint16) (*TCPConn, error) {
+	s, err := c.Open()
+	if err != nil {
+		return nil, err
+	}
+	t := &TCPConn{c: c, s: s, win: c.opts.Window, flow: c.HasFeature(protocol.FeatureFlow),
+		rwake: make(chan struct{}, 1), wwake: make(chan struct{}, 1), swake: make(chan struct{}, 1)}
+	c.mu.Lock()
+	s.tcp = t
+	c.mu.Unlock()
+	req := protocol.TCPConnect{Host: host, Port: port}
+	if t.flow {
+		req.Window = uint32(t.win)
+	}
+	if err := c.SendMsg(s.ID, protocol.TypeTCPConnect, req); err != nil {
+		s.Close()
+		return nil, err
+	}
+	for {
+		t.mu.Lock()
+		connected, err := t.connected, t.err
+		t.mu.Unlock()
+		if connected {
+			return t, nil
+		}
+		if err != nil {
+			s.Close()
+			return nil, err
+		}
+		select {
+		case <-t.rwake:
+		case <-ctx.Done():
+			c.SendMsg(s.ID, protocol.TypeTCPClose, protocol.Empty{})
+			s.Close()
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// ID returns the session id.
+func (t *TCPConn) ID() uint32 { return t.s.ID }
+
+func (t *TCPConn) signal() {
+	for _, c := range [...]chan struct{}{t.rwake, t.wwake, t.swake} {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// TCPError is a core.tcp.failed from the agent.
+type TCPError struct{ Msg string }
+
+func (e *TCPError) Error() string { return "agent: " + e.Msg }
+
+// deliver takes one frame for this session from the client's reader. Without flow control it
+// waits while the receive buffer is over the window (backpressure for every stream, as in a
+// stock client); with it the agent never sends beyond the window.
+func (t *TCPConn) deliver(m protocol.Message) bool {
+	switch m.Type {
+	case protocol.TypeTCPData:
+		d, err := protocol.DecodeData(m.Payload)
+		if err != nil {
+			t.fail(fmt.Errorf("bad core.tcp.data: %w", err))
+			return true
+		}
+		for !t.flow {
+			t.mu.Lock()
+			full := t.rbytes >= t.win && t.err == nil
+			t.mu.Unlock()
+			if !full {
+				break
+			}
+			select {
+			case <-t.swake:
+			case <-t.s.done:
+				return true
+			}
+		}
+		t.mu.Lock()
+		if t.err == nil {
+			t.rbuf = append(t.rbuf, append([]byte(nil), d...))
+			t.rbytes += len(d)
+		}
+		t.mu.Unlock()
+	case protocol.TypeTCPConnected:
+		var p protocol.TCPConnected
+		protocol.Unmarshal(m.Payload, &p)
+		t.mu.Lock()
+		t.connected = true
+		if t.flow {
+			t.credit = int64(p.Window)
+			if p.Window == 0 { // an agent that ignored our window: no flow control
+				t.flow = false
+			}
+		}
+		t.mu.Unlock()
+	case protocol.TypeTCPEOF:
+		t.mu.Lock()
+		t.rEOF = true
+		t.mu.Unlock()
+	case protocol.TypeFlowCredit:
+		var p protocol.FlowCredit
+		if protocol.Unmarshal(m.Payload, &p) == nil {
+			t.mu.Lock()
+			t.credit += int64(p.Bytes)
+			t.mu.Unlock()
+		}
+	case protocol.TypeTCPFailed:
+		var p protocol.TCPFailed
+		protocol.Unmarshal(m.Payload, &p)
+		t.end(&TCPError{p.Error})
+	case protocol.TypeTCPClosed:
+		t.mu.Lock()
+		t.rEOF = true
+		t.mu.Unlock()
+		t.end(nil)
+	case protocol.TypeError:
+		t.end(AsError(m))
+	default:
+		return true
+	}
+	t.signal()
+	return true
+}
+
+// end marks the session finished by the agent (a terminal frame).
+func (t *TCPConn) end(err error) {
+	t.mu.Lock()
+	t.terminal = true
+	if t.err == nil && err != nil {
+		t.err = err
+	}
+	t.mu.Unlock()
+	t.s.Close()
+	t.signal()
+}
+
+func (t *TCPConn) fail(err error) {
+	t.mu.Lock()
+	if t.err == nil {
+		t.err = err
+	}
+	t.mu.Unlock()
+	t.signal()
+}
+
+// Read reads destination bytes. It returns io.EOF after the destination's FIN.
+func (t *TCPConn) Read(p []byte) (int, error) {
+	for {
+		t.mu.Lock()
+		if len(t.rbuf) > 0 {
+			n := copy(p, t.rbuf[0])
+			if n == len(t.rbuf[0]) {
+				t.rbuf[0] = nil
+				t.rbuf = t.rbuf[1:]
+			} else {
+				t.rbuf[0] = t.rbuf[0][n:]
+			}
+			t.rbytes -= n
+			t.consumed += n
+			var grant int
+			if t.flow && t.consumed >= t.win/4 && !t.terminal {
+				grant, t.consumed = t.consumed, 0
+			}
+			t.mu.Unlock()
+			t.signal() // a reader blocked on a full buffer may go on
+			if grant > 0 {
+				t.c.SendMsg(t.s.ID, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(grant)})
+			}
+			return n, nil
+		}
+		eof, err := t.rEOF, t.err
+		t.mu.Unlock()
+		if eof {
+			return 0, io.EOF
+		}
+		if err != nil {
+			return 0, err
+		}
+		select {
+		case <-t.rwake:
+		case <-t.c.done:
+			t.fail(ErrClosed)
+		}
+	}
+}
+
+// Write sends bytes to the destination, in frames of at most 64 KiB, within the agent's grant.
+func (t *TCPConn) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		n := min(len(p), 64<<10)
+		if t.flow {
+			c, err := t.waitCredit()
+			if err != nil {
+				return written, err
+			}
+			n = int(min(int64(n), c))
+		} else {
+			t.mu.Lock()
+			err := t.err
+			t.mu.Unlock()
+			if err != nil {
+				return written, err
+			}
+		}
+		if err := t.c.sendData(t.s.ID, protocol.TypeTCPData, p[:n]); err != nil {
+			return written, err
+		}
+		if t.flow {
+			t.mu.Lock()
+			t.credit -= int64(n)
+			t.mu.Unlock()
+		}
+		written += n
+		p = p[n:]
+	}
+	return written, nil
+}
+
+func (t *TCPConn) waitCredit() (int64, error) {
+	for {
+		t.mu.Lock()
+		c, err := t.credit, t.err
+		t.mu.Unlock()
+		if err != nil {
+			return 0, err
+		}
+		if c > 0 {
+			return c, nil
+		}
+		select {
+		case <-t.wwake:
+		case <-t.c.done:
+			return 0, ErrClosed
+		}
+	}
+}
+
+// CloseWrite sends core.tcp.eof: the destination sees FIN after all data written before.
+func (t *TCPConn) CloseWrite() error {
+	return t.c.SendMsg(t.s.ID, protocol.TypeTCPEOF, protocol.Empty{})
+}
+
+// Close sends core.tcp.close (unless the agent already ended the session) and forgets it.
+func (t *TCPConn) Close() error {
+	t.mu.Lock()
+	already := t.terminal
+	if t.err == nil {
+		t.err = errStreamClosed
+	}
+	t.mu.Unlock()
+	t.s.Close()
+	t.signal()
+	if already {
+		return nil
+	}
+	err := t.c.SendMsg(t.s.ID, protocol.TypeTCPClose, protocol.Empty{})
+	if errors.Is(err, ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// errStreamClosed is what a closed TCPConn's Read and Write return.
+var errStreamClosed = errors.New("use of closed agent TCP stream")
