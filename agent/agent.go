@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -166,7 +167,11 @@ func (a *Agent) Serve(ctx context.Context) error {
 	case <-a.out.Done():
 		a.cfg.Port.Close() // unblock the reader
 		<-readErr
-		return fmt.Errorf("write channel: %w", a.out.Err())
+		if err := a.out.Err(); !hungUp(err) {
+			return fmt.Errorf("write channel: %w", err)
+		}
+		a.log.Info("host closed the channel", "error", a.out.Err())
+		return nil
 	case <-ctx.Done():
 		a.cfg.Port.Close()
 		<-readErr
@@ -178,8 +183,8 @@ func (a *Agent) readLoop(ctx context.Context) error {
 	for {
 		f, err := a.fr.Next()
 		if err != nil {
-			if err == io.EOF {
-				a.log.Info("host closed the channel")
+			if hungUp(err) {
+				a.log.Info("host closed the channel", "error", err)
 				return nil
 			}
 			var fe *protocol.FrameError
@@ -193,6 +198,12 @@ func (a *Agent) readLoop(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// hungUp reports whether a channel error means the host went away: EOF on a socket or
+// virtio port, EIO on a pty whose master closed, or a reset/broken pipe on a socket.
+func hungUp(err error) bool {
+	return err == io.EOF || errors.Is(err, syscall.EIO) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // handle processes one frame. It returns an error only to end the loop (shutdown, or the

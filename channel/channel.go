@@ -102,3 +102,20 @@ func MakeRaw(fd int) error {
 	t.Cc[unix.VTIME] = 0
 	return unix.IoctlSetTermios(fd, unix.TCSETS, t)
 }
+
+// Pollable returns a copy of f that uses Go's poller (non-blocking, with deadlines and a Close
+// that interrupts blocked reads) and closes f. A pty master from pty.Open, for example, is a
+// blocking fd whose reads a Close cannot interrupt.
+func Pollable(f *os.File) (*os.File, error) {
+	fd, err := unix.Dup(int(f.Fd()))
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("dup %s: %w", f.Name(), err)
+	}
+	unix.CloseOnExec(fd)
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("set %s non-blocking: %w", f.Name(), err)
+	}
+	return os.NewFile(uintptr(fd), f.Name()), nil
+}

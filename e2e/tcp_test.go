@@ -1,0 +1,311 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/protocol"
+)
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+// TestEchoChannels relays through the real binary on both kinds of channel, in both flow
+// modes, and checks that agentd's fd count returns to where it was.
+func TestEchoChannels(t *testing.T) {
+	srv := testutil.Serve(t, testutil.Echo)
+	for _, kind := range []string{"socket", "pty"} {
+		for _, features := range [][]string{{protocol.FeatureFlow}, {}} {
+			t.Run(fmt.Sprintf("%s/features=%v", kind, features), func(t *testing.T) {
+				a := startAgentd(t, kind, host.Options{Features: features})
+				fd0 := fds(t, a.pid())
+				for i := 0; i < 20; i++ {
+					conn, err := a.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+					if err != nil {
+						t.Fatal(err)
+					}
+					msg := bytes.Repeat([]byte{byte(i)}, 300_000+i)
+					go func() { conn.Write(msg); conn.CloseWrite() }()
+					got, err := io.ReadAll(conn)
+					if err != nil || !bytes.Equal(got, msg) {
+						t.Fatalf("echo %d: %d bytes, %v", i, len(got), err)
+					}
+					conn.Close()
+				}
+				waitFD(t, a.pid(), fd0)
+			})
+		}
+	}
+}
+
+// waitFD waits (bounded polling of /proc; there is no event for it) until a process is back
+// to n open fds.
+func waitFD(t *testing.T, pid, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for fds(t, pid) > n {
+		if time.Now().After(deadline) {
+			t.Fatalf("agentd fd leak: %d open, want %d (%s)", fds(t, pid), n, procSummary(pid))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// pinger measures 100-byte round trips on its own session.
+type pinger struct {
+	conn *host.TCPConn
+	rtts []time.Duration
+}
+
+func newPinger(t *testing.T, c *host.Client, port int) *pinger {
+	conn, err := c.DialTCP(ctx(t), "127.0.0.1", uint16(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &pinger{conn: conn}
+}
+
+func (p *pinger) run(t *testing.T, n int) {
+	msg := bytes.Repeat([]byte("p"), 100)
+	buf := make([]byte, 100)
+	for i := 0; i < n; i++ {
+		start := time.Now()
+		if _, err := p.conn.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(p.conn, buf); err != nil {
+			t.Fatal(err)
+		}
+		p.rtts = append(p.rtts, time.Since(start))
+	}
+	sort.Slice(p.rtts, func(i, j int) bool { return p.rtts[i] < p.rtts[j] })
+}
+
+func (p *pinger) p99() time.Duration { return testutil.Percentile(p.rtts, 99) }
+
+const (
+	rssBudget  = 32 << 20
+	p99Budget  = 50 * time.Millisecond
+	stallBytes = 512 << 20
+)
+
+// TestStalledDestination: a destination that never reads while the host pushes 512 MiB.
+// With flow control agentd's RSS stays within budget and another session keeps echoing fast;
+// a stock host (no flow control) gets the reference's backpressure with the same memory bound.
+func TestStalledDestination(t *testing.T) {
+	stalled := make(chan *net.TCPConn, 1)
+	sink := testutil.Serve(t, func(c *net.TCPConn) { stalled <- c }) // accepts, never reads
+	echo := testutil.Serve(t, testutil.Echo)
+	for _, mode := range []struct {
+		name     string
+		features []string
+	}{{"flow", []string{protocol.FeatureFlow}}, {"stock-host", []string{}}} {
+		t.Run(mode.name, func(t *testing.T) {
+			a := startAgentd(t, "socket", host.Options{Features: mode.features})
+			var p *pinger
+			if mode.name == "flow" {
+				p = newPinger(t, a.c, echo.Addr.Port)
+				p.run(t, 20) // warm up
+			}
+			rss0 := testutil.RSS(t, a.pid())
+			conn, err := a.c.DialTCP(ctx(t), "127.0.0.1", uint16(sink.Addr.Port))
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst := <-stalled
+			defer dst.Close()
+			var pushed atomic.Int64
+			go func() {
+				chunk := make([]byte, 64<<10)
+				for pushed.Load() < stallBytes {
+					if _, err := conn.Write(chunk); err != nil {
+						return
+					}
+					pushed.Add(int64(len(chunk)))
+				}
+			}()
+			if p != nil {
+				p.rtts = nil
+				p.run(t, 300)
+			} else {
+				waitStable(&pushed)
+			}
+			rss := testutil.RSS(t, a.pid())
+			t.Logf("pushed %d MiB before backpressure; agentd RSS %d -> %d MiB (+%d KiB)", pushed.Load()>>20, rss0>>20, rss>>20, (rss-rss0)>>10)
+			if rss-rss0 > rssBudget {
+				t.Errorf("RSS grew by %d MiB, budget %d MiB", (rss-rss0)>>20, rssBudget>>20)
+			}
+			if pushed.Load() >= stallBytes {
+				t.Errorf("all %d MiB accepted: nothing held the host back", stallBytes>>20)
+			}
+			if p != nil {
+				t.Logf("echo p50 %v p99 %v over %d pings", testutil.Percentile(p.rtts, 50), p.p99(), len(p.rtts))
+				if p.p99() > p99Budget {
+					t.Errorf("echo p99 %v while another stream is stalled; budget %v", p.p99(), p99Budget)
+				}
+			}
+			dst.Close() // unstick the stream so the test can end
+			conn.Close()
+		})
+	}
+}
+
+// waitStable waits until a counter stops moving for 300 ms (the sender is blocked).
+func waitStable(n *atomic.Int64) {
+	last := n.Load()
+	for {
+		time.Sleep(300 * time.Millisecond) // sampling a counter owned by a blocked writer
+		if cur := n.Load(); cur == last {
+			return
+		} else {
+			last = cur
+		}
+	}
+}
+
+// TestStalledHost: a destination sends without end while the host never reads that stream.
+func TestStalledHost(t *testing.T) {
+	var sent atomic.Int64
+	fire := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		chunk := make([]byte, 64<<10)
+		for {
+			n, err := c.Write(chunk)
+			sent.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	})
+	echo := testutil.Serve(t, testutil.Echo)
+	a := startAgentd(t, "socket", host.Options{})
+	p := newPinger(t, a.c, echo.Addr.Port)
+	p.run(t, 20)
+	rss0 := testutil.RSS(t, a.pid())
+	conn, err := a.c.DialTCP(ctx(t), "127.0.0.1", uint16(fire.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.rtts = nil
+	p.run(t, 300)
+	waitStable(&sent)
+	rss := testutil.RSS(t, a.pid())
+	t.Logf("destination got %d MiB out before backpressure; agentd RSS +%d KiB; echo p50 %v p99 %v",
+		sent.Load()>>20, (rss-rss0)>>10, testutil.Percentile(p.rtts, 50), p.p99())
+	if rss-rss0 > rssBudget {
+		t.Errorf("RSS grew by %d MiB, budget %d MiB", (rss-rss0)>>20, rssBudget>>20)
+	}
+	if p.p99() > p99Budget {
+		t.Errorf("echo p99 %v while the host stalls another stream; budget %v", p.p99(), p99Budget)
+	}
+	conn.Close()
+}
+
+// TestForwardHalfClose runs agentctl serve (the relay) and agentctl forward against the real
+// agentd and checks half-close in both directions through the forward.
+func TestForwardHalfClose(t *testing.T) {
+	dir := t.TempDir()
+	chanSock, relaySock := filepath.Join(dir, "chan.sock"), filepath.Join(dir, "relay.sock")
+	serveLog, agentLog, fwdLog := &logBuffer{}, &logBuffer{}, &logBuffer{}
+	serve := exec.Command(filepath.Join(binDir, "agentctl"), "serve", "--port", "unix-listen:"+chanSock, "--listen", relaySock, "--log-level", "debug")
+	serve.Stderr = serveLog
+	startProc(t, serve, serveLog)
+	waitPath(t, chanSock)
+	ad := exec.Command(filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:"+chanSock)
+	ad.Stderr = agentLog
+	startProc(t, ad, agentLog)
+	waitLog(t, serveLog, "serving clients")
+
+	got := make(chan string, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		b, _ := io.ReadAll(c) // until the forward passes the client's FIN on
+		got <- string(b)
+		fmt.Fprintf(c, "you sent %d bytes", len(b))
+	})
+	port := testutil.ClosedPort(t)
+	local := "127.0.0.1:" + strconv.Itoa(port)
+	fwd := exec.Command(filepath.Join(binDir, "agentctl"), "forward", "--connect", relaySock, local, srv.Addr.String())
+	fwd.Stderr = fwdLog
+	startProc(t, fwd, fwdLog)
+	waitLog(t, fwdLog, "forwarding")
+
+	c, err := net.Dial("tcp", local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("hello guest"))
+	c.(*net.TCPConn).CloseWrite()
+	if s := <-got; s != "hello guest" {
+		t.Fatalf("guest server got %q", s)
+	}
+	reply, err := io.ReadAll(c)
+	if err != nil || string(reply) != "you sent 11 bytes" {
+		t.Fatalf("reply %q %v", reply, err)
+	}
+}
+
+func startProc(t *testing.T, cmd *exec.Cmd, log *logBuffer) {
+	t.Helper()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+		if t.Failed() {
+			t.Logf("%s log:\n%s", filepath.Base(cmd.Path), tail(log.String(), 3000))
+		}
+	})
+}
+
+// waitPath and waitLog poll for another process's side effects (no event crosses processes).
+func waitPath(t *testing.T, path string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never appeared", path)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func waitLog(t *testing.T, log *logBuffer, s string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !bytes.Contains([]byte(log.String()), []byte(s)) {
+		if time.Now().After(deadline) {
+			t.Fatalf("log never said %q:\n%s", s, log.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -1,0 +1,195 @@
+package host_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/agentd/agentd/agent"
+	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/protocol"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// startRelay runs an in-process agent behind a relay and returns the relay's socket path.
+func startRelay(t *testing.T) (string, *agent.Agent) {
+	t.Helper()
+	agentEnd, hostEnd := testutil.SocketPair(t)
+	a := agent.New(agent.Config{Port: agentEnd, Log: quiet})
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		if a.Handshake() == nil {
+			a.Serve(context.Background())
+		}
+		agentEnd.Close()
+	}()
+	r, err := host.NewRelay(hostEnd, host.RelayOptions{Log: quiet, ClockSyncEvery: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "relay.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.Serve(l)
+	t.Cleanup(func() {
+		r.Close()
+		<-served
+	})
+	return sock, a
+}
+
+func TestRelayClientRanges(t *testing.T) {
+	sock, _ := startRelay(t)
+	for slot := 0; slot < 3; slot++ {
+		c, err := host.Connect(sock, host.Options{Log: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		start, end := c.IDRange()
+		ws, we := protocol.RelaySlotRange(slot)
+		if start != ws || end != we {
+			t.Fatalf("client %d got [%d,%d), want [%d,%d)", slot, start, end, ws, we)
+		}
+		if c.Ready.AgentVersion != protocol.AgentVersion || !c.HasFeature(protocol.FeatureFlow) {
+			t.Fatalf("ready %+v", c.Ready)
+		}
+	}
+}
+
+// TestRelayHandshakeBytes checks microsandbox's client greeting byte for byte.
+func TestRelayHandshakeBytes(t *testing.T) {
+	sock, _ := startRelay(t)
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var hdr [8]byte
+	io.ReadFull(conn, hdr[:])
+	if binary.BigEndian.Uint32(hdr[:]) != 1 || binary.BigEndian.Uint32(hdr[4:]) != protocol.RelayIDRangeStep {
+		t.Fatalf("greeting %x", hdr)
+	}
+	f, err := protocol.NewFrameReader(conn).Next()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := protocol.DecodeMessage(f)
+	if m.Type != protocol.TypeReady || m.ID != 0 || m.V != protocol.Version {
+		t.Fatalf("got %s id %d v %d", m.Name(), m.ID, m.V)
+	}
+}
+
+// TestRelayClientDisconnect: when a client leaves, the agent closes exactly the sessions in
+// that client's range; another client's sessions keep working.
+func TestRelayClientDisconnect(t *testing.T) {
+	closed := make(chan string, 10)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		var name [1]byte
+		if _, err := io.ReadFull(c, name[:]); err != nil {
+			return
+		}
+		c.Write(name[:])
+		io.Copy(struct{ io.Writer }{c}, struct{ io.Reader }{c}) // until the agent closes it
+		closed <- string(name[:])
+	})
+	sock, a := startRelay(t)
+	ca, err := host.Connect(sock, host.Options{Log: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb, err := host.Connect(sock, host.Options{Log: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cb.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	open := func(c *host.Client, name string) *host.TCPConn {
+		conn, err := c.DialTCP(ctx, "127.0.0.1", uint16(srv.Addr.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Write([]byte(name))
+		var b [1]byte
+		if _, err := io.ReadFull(conn, b[:]); err != nil || string(b[:]) != name {
+			t.Fatalf("session %s: %q %v", name, b, err)
+		}
+		return conn
+	}
+	open(ca, "a")
+	open(ca, "A")
+	kept := open(cb, "b")
+	ca.Close() // the relay tells the agent: core.relay.client.disconnected for A's range
+	got := map[string]bool{<-closed: true, <-closed: true}
+	if !got["a"] || !got["A"] {
+		t.Fatalf("closed %v, want a and A", got)
+	}
+	kept.Write([]byte("still here"))
+	buf := make([]byte, 10)
+	if _, err := io.ReadFull(kept, buf); err != nil || string(buf) != "still here" {
+		t.Fatalf("b after a left: %q %v", buf, err)
+	}
+	if n := a.Sessions(); n != 1 {
+		t.Fatalf("%d sessions, want 1", n)
+	}
+	select {
+	case name := <-closed:
+		t.Fatalf("session %s closed too", name)
+	default:
+	}
+	kept.Close()
+}
+
+// TestRelayRejectsForeignIDs: a client that uses an id outside its range is disconnected.
+func TestRelayRejectsForeignIDs(t *testing.T) {
+	sock, _ := startRelay(t)
+	c, err := host.Connect(sock, host.Options{Log: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, end := c.IDRange()
+	c.SendMsg(end, protocol.TypeTCPConnect, protocol.TCPConnect{Host: "127.0.0.1", Port: 1})
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("relay kept a client that used a foreign id")
+	}
+}
+
+// TestStockClientThroughRelay: a client that does not use flow control (a microsandbox SDK)
+// works through a relay that negotiated it.
+func TestStockClientThroughRelay(t *testing.T) {
+	srv := testutil.Serve(t, testutil.Echo)
+	sock, _ := startRelay(t)
+	c, err := host.Connect(sock, host.Options{Log: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Ready.Features = nil // behave as a stock client: no window in connect
+	conn, err := c.DialTCP(context.Background(), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := bytes.Repeat([]byte{1, 2, 3}, 1<<20)
+	go func() { conn.Write(msg); conn.CloseWrite() }()
+	got, err := io.ReadAll(conn)
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("%d bytes %v", len(got), err)
+	}
+	conn.Close()
+}
