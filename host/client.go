@@ -279,13 +279,31 @@ func (c *Client) WriteFrame(frame []byte) error {
 	return nil
 }
 
-// sendData writes a {"data": ...} frame without an intermediate payload encode.
+// sendData writes a {"data": ...} frame straight from the caller's buffer: the header is
+// built in a small array and both go out in one writev on sockets (no copy, no allocation).
 func (c *Client) sendData(id uint32, t protocol.Type, data []byte) error {
-	frame, err := protocol.AppendData(make([]byte, 0, len(data)+64), id, t, data)
+	var hdr [64]byte
+	h, err := protocol.AppendDataHeader(hdr[:0], id, t, len(data))
 	if err != nil {
 		return err
 	}
-	return c.WriteFrame(frame)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	select {
+	case <-c.done:
+		return ErrClosed
+	default:
+	}
+	if _, ok := c.conn.(net.Conn); ok {
+		bufs := net.Buffers{h, data}
+		_, err = bufs.WriteTo(c.conn)
+	} else if _, err = c.conn.Write(h); err == nil {
+		_, err = c.conn.Write(data)
+	}
+	if err != nil {
+		return fmt.Errorf("write frame: %w", err)
+	}
+	return nil
 }
 
 // Shutdown sends core.shutdown (id 0, payload null).

@@ -20,7 +20,7 @@ type TCPConn struct {
 	win  int
 
 	mu        sync.Mutex
-	rbuf      [][]byte
+	rbuf      []rchunk
 	rbytes    int
 	rEOF      bool
 	err       error // terminal failure or local close
@@ -114,10 +114,13 @@ func (t *TCPConn) deliver(m protocol.Message) bool {
 				return true
 			}
 		}
+		rc := newChunk(d)
 		t.mu.Lock()
 		if t.err == nil {
-			t.rbuf = append(t.rbuf, append([]byte(nil), d...))
+			t.rbuf = append(t.rbuf, rc)
 			t.rbytes += len(d)
+		} else {
+			rc.release()
 		}
 		t.mu.Unlock()
 	case protocol.TypeTCPConnected:
@@ -187,12 +190,14 @@ func (t *TCPConn) Read(p []byte) (int, error) {
 	for {
 		t.mu.Lock()
 		if len(t.rbuf) > 0 {
-			n := copy(p, t.rbuf[0])
-			if n == len(t.rbuf[0]) {
-				t.rbuf[0] = nil
+			head := &t.rbuf[0]
+			n := copy(p, head.b)
+			if n == len(head.b) {
+				head.release()
+				t.rbuf[0] = rchunk{}
 				t.rbuf = t.rbuf[1:]
 			} else {
-				t.rbuf[0] = t.rbuf[0][n:]
+				head.b = head.b[n:]
 			}
 			t.rbytes -= n
 			t.consumed += n
@@ -287,6 +292,10 @@ func (t *TCPConn) Close() error {
 	if t.err == nil {
 		t.err = errStreamClosed
 	}
+	for i := range t.rbuf {
+		t.rbuf[i].release()
+	}
+	t.rbuf, t.rbytes = nil, 0
 	t.mu.Unlock()
 	t.s.Close()
 	t.signal()
@@ -302,3 +311,27 @@ func (t *TCPConn) Close() error {
 
 // errStreamClosed is what a closed TCPConn's Read and Write return.
 var errStreamClosed = errors.New("use of closed agent TCP stream")
+
+// rchunk is received data in a pooled buffer (frames of up to 64 KiB, the agent's chunk size)
+// or, for larger frames, a buffer of its own.
+type rchunk struct {
+	b    []byte
+	pool *[]byte
+}
+
+var rpool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+
+func newChunk(d []byte) rchunk {
+	if len(d) > 64<<10 {
+		return rchunk{b: append([]byte(nil), d...)}
+	}
+	p := rpool.Get().(*[]byte)
+	return rchunk{b: (*p)[:copy(*p, d)], pool: p}
+}
+
+func (r *rchunk) release() {
+	if r.pool != nil {
+		rpool.Put(r.pool)
+		r.pool = nil
+	}
+}

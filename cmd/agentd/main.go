@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -36,6 +37,7 @@ type options struct {
 	lowWater     int
 	inboundLimit int
 	connectTO    time.Duration
+	cpuProfile   string
 }
 
 func parseFlags(args []string) (options, error) {
@@ -61,6 +63,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.lowWater, "tcp-low-water", relay.DefaultOptions.LowWater, "`bytes` at which a paused stream resumes reading")
 	fs.IntVar(&o.inboundLimit, "tcp-inbound-limit", relay.DefaultOptions.InboundLimit, "host-to-destination `bytes` buffered per stream (the flow-control window)")
 	fs.DurationVar(&o.connectTO, "tcp-connect-timeout", relay.DefaultOptions.ConnectTimeout, "timeout of one destination dial")
+	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile to `FILE` (for benchmarks)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -111,8 +114,18 @@ func main() {
 		fmt.Fprintln(os.Stderr, "agentd: not PID 1; use --standalone to run the agent loop as an ordinary process")
 		os.Exit(2)
 	}
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "agentd: --cpu-profile: %v\n", err)
+			os.Exit(2)
+		}
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
 	if err := run(o, log, boot); err != nil {
 		log.Error("agentd failed", "error", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }

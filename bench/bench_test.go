@@ -1,0 +1,369 @@
+// Package bench measures agentd's core.tcp relay against the limit of its channel, in one run
+// on one machine (shared machines are noisy, so every figure comes with its baseline):
+//
+//	go test ./bench -run TestReport -v -args -report
+package bench
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/agentd/agentd/agent"
+	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/protocol"
+)
+
+var (
+	report      = flag.Bool("report", false, "run the benchmark and print the report")
+	size        = flag.Int64("bytes", 1<<30, "bytes moved per throughput measurement")
+	pings       = flag.Int("pings", 2000, "round trips for the latency measurement")
+	profile     = flag.String("agentd-profile", "", "write agentd's CPU profile to this file")
+	flowOn      = flag.Bool("flow", true, "negotiate per-stream flow control")
+	window      = flag.Int("window", 0, "host receive window (0: client default)")
+	hostProfile = flag.String("host-profile", "", "write the host side's CPU profile to this file")
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+const chunk = 64 << 10
+
+// TestMain doubles as the plain-copy relay: with AGENTD_BENCH_COPIER="UNIXSOCK TCPADDR" the
+// test binary connects the channel socket to the destination and copies bytes both ways,
+// which is what agentd does minus the protocol.
+func TestMain(m *testing.M) {
+	if spec := os.Getenv("AGENTD_BENCH_COPIER"); spec != "" {
+		var sock, dst string
+		fmt.Sscan(spec, &sock, &dst)
+		ch, err := net.Dial("unix", sock)
+		if err != nil {
+			os.Exit(1)
+		}
+		d, err := net.Dial("tcp", dst)
+		if err != nil {
+			os.Exit(1)
+		}
+		done := make(chan struct{})
+		go func() {
+			io.CopyBuffer(struct{ io.Writer }{ch}, struct{ io.Reader }{d}, make([]byte, chunk))
+			ch.(*net.UnixConn).CloseWrite()
+			close(done)
+		}()
+		io.CopyBuffer(struct{ io.Writer }{d}, struct{ io.Reader }{ch}, make([]byte, chunk))
+		d.(*net.TCPConn).CloseWrite()
+		<-done
+		os.Exit(0)
+	}
+	flag.Parse()
+	os.Exit(m.Run())
+}
+
+// copierRelay measures the plain-copy relay over the same kind of channel to the same kind
+// of destination, in both directions.
+func copierRelay(t *testing.T, n int64) (up, down float64) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := func(toDest bool) float64 {
+		sock := filepath.Join(t.TempDir(), "copier.sock")
+		l, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		got := make(chan int64, 1)
+		dst := testutil.Serve(t, func(conn *net.TCPConn) {
+			defer conn.Close()
+			if toDest {
+				m, _ := io.CopyBuffer(io.Discard, struct{ io.Reader }{conn}, make([]byte, 256<<10))
+				got <- m
+				return
+			}
+			buf := make([]byte, 256<<10)
+			for sent := int64(0); sent < n; sent += int64(len(buf)) {
+				conn.Write(buf)
+			}
+		})
+		cmd := exec.Command(self)
+		cmd.Env = append(os.Environ(), "AGENTD_BENCH_COPIER="+sock+" "+dst.Addr.String())
+		start := time.Now()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer cmd.Wait()
+		ch, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ch.Close()
+		if toDest {
+			buf := make([]byte, 256<<10)
+			for sent := int64(0); sent < n; sent += int64(len(buf)) {
+				ch.Write(buf)
+			}
+			ch.(*net.UnixConn).CloseWrite()
+			if m := <-got; m != n {
+				t.Fatalf("copier delivered %d of %d", m, n)
+			}
+		} else if m, _ := io.CopyBuffer(io.Discard, struct{ io.Reader }{ch}, make([]byte, 256<<10)); m != n {
+			t.Fatalf("copier delivered %d of %d", m, n)
+		}
+		return mbps(n, time.Since(start))
+	}
+	return run(true), run(false)
+}
+
+func TestReport(t *testing.T) {
+	if !*report {
+		t.Skip("run with -args -report (make bench)")
+	}
+	bin := filepath.Join(t.TempDir(), "agentd")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/agentd").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	fmt.Printf("agentd relay benchmark: %d MiB per direction, unix-socket channel, GOMAXPROCS %d\n\n", *size>>20, runtime.GOMAXPROCS(0))
+
+	raw := rawChannel(t, *size)
+	copyUp, copyDown := copierRelay(t, *size)
+	if *hostProfile != "" {
+		f, _ := os.Create(*hostProfile)
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
+	a := startBinary(t, bin)
+	up := toGuest(t, a, *size)
+	down := toHost(t, a, *size)
+	p50, p99 := latency(t, a, *pings)
+	hostAllocs, guestAllocs := allocsPerFrame(t)
+
+	fmt.Printf("%-52s %8s %14s %14s\n", "measurement", "MB/s", "vs channel", "vs plain relay")
+	fmt.Printf("%-52s %8.0f %14s %14s\n", "channel alone: byte copy through the unix socket", raw, "1.00", "")
+	fmt.Printf("%-52s %8.0f %14.2f %14s\n", "plain-copy relay, host -> destination (the limit)", copyUp, copyUp/raw, "1.00")
+	fmt.Printf("%-52s %8.0f %14.2f %14s\n", "plain-copy relay, destination -> host (the limit)", copyDown, copyDown/raw, "1.00")
+	fmt.Printf("%-52s %8.0f %14.2f %14.2f\n", "agentd core.tcp, host -> destination", up, up/raw, up/copyUp)
+	fmt.Printf("%-52s %8.0f %14.2f %14.2f\n", "agentd core.tcp, destination -> host", down, down/raw, down/copyDown)
+	fmt.Printf("\n100-byte round trip through agentd: p50 %v  p99 %v  (%d pings)\n", p50, p99, *pings)
+	fmt.Printf("agentd allocations per relayed 64 KiB frame: host->destination %.2f, destination->host %.2f\n", hostAllocs, guestAllocs)
+	fmt.Printf("\ntargets: ratio >= 0.80 each way; <= 2 allocations per frame\n")
+}
+
+// rawChannel is the channel's limit: one process writes 64 KiB chunks into a unix stream
+// socket, another goroutine reads and discards them.
+func rawChannel(t *testing.T, n int64) float64 {
+	a, b := testutil.SocketPair(t)
+	defer a.Close()
+	defer b.Close()
+	buf := make([]byte, chunk)
+	start := time.Now()
+	go func() {
+		for sent := int64(0); sent < n; sent += chunk {
+			a.Write(buf)
+		}
+		a.Close()
+	}()
+	got, _ := io.CopyBuffer(io.Discard, struct{ io.Reader }{b}, make([]byte, 256<<10))
+	if got < n {
+		t.Fatalf("raw channel moved %d of %d bytes", got, n)
+	}
+	return mbps(n, time.Since(start))
+}
+
+func mbps(n int64, d time.Duration) float64 { return float64(n) / d.Seconds() / 1e6 }
+
+// startBinary runs agentd --standalone on a unix socket and connects a client to it.
+func startBinary(t *testing.T, bin string) *host.Client {
+	sock := filepath.Join(t.TempDir(), "chan.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	args := []string{"--standalone", "--port", "unix:" + sock, "--log-level", "warn"}
+	if *profile != "" {
+		args = append(args, "--cpu-profile", *profile)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
+	conn, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := host.Options{Log: quiet, Window: *window}
+	if !*flowOn {
+		opts.Features = []string{}
+	}
+	c, err := host.Direct(conn, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// toGuest pushes n bytes through one stream to a sink and times it until the sink sees EOF.
+func toGuest(t *testing.T, c *host.Client, n int64) float64 {
+	got := make(chan int64, 1)
+	sink := testutil.Serve(t, func(conn *net.TCPConn) {
+		m, _ := io.CopyBuffer(io.Discard, struct{ io.Reader }{conn}, make([]byte, 256<<10))
+		got <- m
+		conn.Close()
+	})
+	conn, err := c.DialTCP(context.Background(), "127.0.0.1", uint16(sink.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	buf := make([]byte, 256<<10)
+	start := time.Now()
+	for sent := int64(0); sent < n; sent += int64(len(buf)) {
+		if _, err := conn.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn.CloseWrite()
+	if m := <-got; m != n {
+		t.Fatalf("sink got %d of %d bytes", m, n)
+	}
+	return mbps(n, time.Since(start))
+}
+
+// toHost has a source send n bytes and times the host reading them to EOF.
+func toHost(t *testing.T, c *host.Client, n int64) float64 {
+	src := testutil.Serve(t, func(conn *net.TCPConn) {
+		buf := make([]byte, 256<<10)
+		for sent := int64(0); sent < n; sent += int64(len(buf)) {
+			if _, err := conn.Write(buf); err != nil {
+				break
+			}
+		}
+		conn.Close()
+	})
+	start := time.Now()
+	conn, err := c.DialTCP(context.Background(), "127.0.0.1", uint16(src.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	m, err := io.CopyBuffer(io.Discard, conn, make([]byte, 256<<10))
+	if err != nil || m != n {
+		t.Fatalf("host got %d of %d bytes: %v", m, n, err)
+	}
+	return mbps(n, time.Since(start))
+}
+
+func latency(t *testing.T, c *host.Client, n int) (time.Duration, time.Duration) {
+	echo := testutil.Serve(t, testutil.Echo)
+	conn, err := c.DialTCP(context.Background(), "127.0.0.1", uint16(echo.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	msg, buf := make([]byte, 100), make([]byte, 100)
+	rtts := make([]time.Duration, 0, n)
+	for i := 0; i < n; i++ {
+		start := time.Now()
+		conn.Write(msg)
+		if _, err := io.ReadFull(conn, buf); err != nil {
+			t.Fatal(err)
+		}
+		rtts = append(rtts, time.Since(start))
+	}
+	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
+	return testutil.Percentile(rtts, 50), testutil.Percentile(rtts, 99)
+}
+
+// allocsPerFrame runs agentd in this process and drives it with pre-encoded frames and a
+// zero-allocation frame reader, so the process's allocation count is agentd's own.
+func allocsPerFrame(t *testing.T) (float64, float64) {
+	agentEnd, hostEnd := testutil.SocketPair(t)
+	a := agent.New(agent.Config{Port: agentEnd, Log: quiet, Features: []string{}})
+	go func() {
+		if a.Handshake() == nil {
+			a.Serve(context.Background())
+		}
+	}()
+	fr := protocol.NewFrameReader(hostEnd)
+	fr.Next() // init.resolved
+	ack, _ := protocol.EncodeFrame(0, protocol.TypeInitAck, protocol.InitAck{})
+	hostEnd.Write(ack)
+	fr.Next() // ready
+	defer hostEnd.Close()
+
+	const frames = 4096
+	// host -> destination
+	done := make(chan struct{})
+	sink := testutil.Serve(t, func(conn *net.TCPConn) {
+		io.CopyBuffer(io.Discard, struct{ io.Reader }{conn}, make([]byte, 256<<10))
+		close(done)
+	})
+	connect, _ := protocol.EncodeFrame(1, protocol.TypeTCPConnect, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(sink.Addr.Port)})
+	hostEnd.Write(connect)
+	fr.Next() // connected
+	data, _ := protocol.AppendData(nil, 1, protocol.TypeTCPData, make([]byte, chunk))
+	var batch []byte
+	for i := 0; i < 16; i++ {
+		batch = append(batch, data...)
+	}
+	eof, _ := protocol.EncodeFrame(1, protocol.TypeTCPEOF, protocol.Empty{})
+	hostEnd.Write(batch) // warm the pools
+	var m0, m1 runtime.MemStats
+	runtime.ReadMemStats(&m0)
+	for i := 0; i < frames/16; i++ {
+		hostEnd.Write(batch)
+	}
+	hostEnd.Write(eof)
+	<-done
+	runtime.ReadMemStats(&m1)
+	up := float64(m1.Mallocs-m0.Mallocs) / frames
+
+	// destination -> host
+	src := testutil.Serve(t, func(conn *net.TCPConn) {
+		buf := make([]byte, chunk)
+		for i := 0; i < frames+16; i++ {
+			conn.Write(buf)
+		}
+		conn.Close()
+	})
+	connect, _ = protocol.EncodeFrame(2, protocol.TypeTCPConnect, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(src.Addr.Port)})
+	hostEnd.Write(connect)
+	var bytes int64
+	var count int
+	for bytes < (frames+16)*chunk {
+		f, err := fr.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.ID != 2 {
+			continue
+		}
+		m, _ := protocol.DecodeMessage(f)
+		if m.Type == protocol.TypeTCPData {
+			d, _ := protocol.DecodeData(m.Payload)
+			bytes += int64(len(d))
+			count++
+			if count == 16 {
+				runtime.ReadMemStats(&m0)
+			}
+		}
+	}
+	runtime.ReadMemStats(&m1)
+	down := float64(m1.Mallocs-m0.Mallocs) / float64(count-16)
+	return up, down
+}
