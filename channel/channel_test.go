@@ -1,0 +1,110 @@
+package channel
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/creack/pty"
+)
+
+func TestDiscover(t *testing.T) {
+	dir := t.TempDir()
+	for name, port := range map[string]string{"vport0p0": "console\n", "vport0p1": " agent \n", "vport1p1": "other"} {
+		os.MkdirAll(filepath.Join(dir, name), 0o755)
+		os.WriteFile(filepath.Join(dir, name, "name"), []byte(port), 0o644)
+	}
+	os.MkdirAll(filepath.Join(dir, "vport2p0"), 0o755) // no name file: skipped
+	dev, err := Discover(dir)
+	if err != nil || dev != "/dev/vport0p1" {
+		t.Fatalf("got %q %v", dev, err)
+	}
+	os.WriteFile(filepath.Join(dir, "vport0p1", "name"), []byte("x"), 0o644)
+	if _, err := Discover(dir); err == nil || !strings.Contains(err.Error(), "serial port not found") {
+		t.Fatalf("got %v", err)
+	}
+	if _, err := Discover(filepath.Join(dir, "missing")); err == nil || !strings.Contains(err.Error(), "serial port not found") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestOpenUnix(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s")
+	accepted := make(chan io.ReadWriteCloser, 1)
+	go func() {
+		c, err := Open("unix-listen:" + sock)
+		if err != nil {
+			t.Error(err)
+		}
+		accepted <- c
+	}()
+	var c io.ReadWriteCloser
+	var err error
+	for i := 0; ; i++ { // the listener appears asynchronously
+		if c, err = Open("unix:" + sock); err == nil || i > 500 {
+			break
+		}
+		if _, serr := os.Stat(sock); serr != nil {
+			continue
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-accepted
+	defer c.Close()
+	defer s.Close()
+	c.Write([]byte("ping"))
+	buf := make([]byte, 4)
+	io.ReadFull(s, buf)
+	if string(buf) != "ping" {
+		t.Fatalf("got %q", buf)
+	}
+	if _, err := Open("unix:" + filepath.Join(t.TempDir(), "none")); err == nil {
+		t.Fatal("connecting to a missing socket succeeded")
+	}
+}
+
+// TestOpenPTYIsRaw: every byte value crosses a pty opened as a channel unchanged (no CR/LF
+// translation, no echo, no control characters interpreted).
+func TestOpenPTYIsRaw(t *testing.T) {
+	master, slave, err := pty.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slave.Close()
+	m, err := Pollable(master)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ch, err := Open(slave.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	all := make([]byte, 0, 512)
+	for i := 0; i < 512; i++ {
+		all = append(all, byte(i))
+	}
+	go m.Write(all)
+	got := make([]byte, len(all))
+	if _, err := io.ReadFull(ch, got); err != nil || !bytes.Equal(got, all) {
+		t.Fatalf("host->agent bytes changed: %v", err)
+	}
+	go ch.Write(all)
+	if _, err := io.ReadFull(m, got); err != nil || !bytes.Equal(got, all) {
+		t.Fatalf("agent->host bytes changed: %v", err)
+	}
+}
+
+func TestOpenErrors(t *testing.T) {
+	if _, err := Open(filepath.Join(t.TempDir(), "missing")); err == nil || !strings.Contains(err.Error(), "open channel") {
+		t.Fatalf("got %v", err)
+	}
+	var _ net.Conn // unix channels are net.Conns
+}

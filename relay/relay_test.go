@@ -1,0 +1,164 @@
+package relay
+
+import (
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/protocol"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// harness runs sessions on a mux writer whose channel end the test reads frame by frame.
+type harness struct {
+	t    *testing.T
+	out  *mux.Writer
+	fr   *protocol.FrameReader
+	ends chan *Session
+}
+
+func newHarness(t *testing.T) *harness {
+	a, b := testutil.SocketPair(t)
+	w := mux.NewWriter(a, mux.Options{})
+	t.Cleanup(func() { w.Close(); a.Close(); b.Close() })
+	return &harness{t: t, out: w, fr: protocol.NewFrameReader(b), ends: make(chan *Session, 16)}
+}
+
+func (h *harness) start(id uint32, req protocol.TCPConnect, opts Options) *Session {
+	return Start(id, req, h.out, opts, quiet, func(s *Session) { h.ends <- s })
+}
+
+func (h *harness) next() protocol.Message {
+	h.t.Helper()
+	f, err := h.fr.Next()
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	m, err := protocol.DecodeMessage(f)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	m.Payload = append([]byte(nil), m.Payload...)
+	return m
+}
+
+func TestConnectFailureIsTerminal(t *testing.T) {
+	testutil.Leaks(t)
+	h := newHarness(t)
+	s := h.start(7, protocol.TCPConnect{Host: "127.0.0.1", Port: 0}, Options{})
+	m := h.next()
+	var f protocol.TCPFailed
+	protocol.Unmarshal(m.Payload, &f)
+	if m.Type != protocol.TypeTCPFailed || m.Flags != protocol.FlagTerminal || m.ID != 7 || !strings.Contains(f.Error, "connect 127.0.0.1:0") {
+		t.Fatalf("got %s flags %d id %d %q", m.Name(), m.Flags, m.ID, f.Error)
+	}
+	<-h.ends
+	<-s.Finished()
+}
+
+func TestAbortFinishesSession(t *testing.T) {
+	testutil.Leaks(t)
+	srv := testutil.Serve(t, testutil.Echo)
+	h := newHarness(t)
+	s := h.start(1, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)}, Options{})
+	if m := h.next(); m.Type != protocol.TypeTCPConnected {
+		t.Fatalf("got %s", m.Name())
+	}
+	s.Abort()
+	select {
+	case <-s.Finished():
+	case <-time.After(time.Second):
+		t.Fatal("session still running 1 s after abort")
+	}
+	if s.Write([]byte("x")) == nil {
+		t.Fatal("write to an aborted session succeeded")
+	}
+}
+
+func TestDestinationEOFKeepsSessionOpen(t *testing.T) {
+	testutil.Leaks(t)
+	got := make(chan string, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		c.CloseWrite()
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+		c.Close()
+	})
+	h := newHarness(t)
+	s := h.start(3, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)}, Options{})
+	h.next() // connected
+	if m := h.next(); m.Type != protocol.TypeTCPEOF || m.Flags != 0 {
+		t.Fatalf("got %s flags %d", m.Name(), m.Flags)
+	}
+	s.Write([]byte("late data"))
+	s.CloseWrite()
+	if g := <-got; g != "late data" {
+		t.Fatalf("destination got %q", g)
+	}
+	s.Abort()
+	<-s.Finished()
+}
+
+// TestCreditBoundsOutput: with flow control a session sends exactly its credit, then waits
+// for more, however much the destination has to say.
+func TestCreditBoundsOutput(t *testing.T) {
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		c.Write(make([]byte, 1<<20))
+		c.Close()
+	})
+	h := newHarness(t)
+	s := h.start(5, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port), Window: 100_000}, Options{})
+	m := h.next()
+	var conn protocol.TCPConnected
+	protocol.Unmarshal(m.Payload, &conn)
+	if m.Type != protocol.TypeTCPConnected || conn.Window != uint32(DefaultOptions.InboundLimit) {
+		t.Fatalf("got %s window %d", m.Name(), conn.Window)
+	}
+	received := 0
+	for received < 100_000 {
+		m := h.next()
+		d, _ := protocol.DecodeData(m.Payload)
+		received += len(d)
+	}
+	if received != 100_000 {
+		t.Fatalf("sent %d bytes on a credit of 100000", received)
+	}
+	// Nothing more until credit arrives: grant some and the next frame is exactly that size.
+	s.Credit(1234)
+	m = h.next()
+	if d, _ := protocol.DecodeData(m.Payload); m.Type != protocol.TypeTCPData || len(d) != 1234 {
+		t.Fatalf("after a 1234-byte grant got %s of %d bytes", m.Name(), len(d))
+	}
+	s.Abort()
+	<-s.Finished()
+}
+
+// TestInboundGrantsCredit: host data written to the destination is granted back as credit.
+func TestInboundGrantsCredit(t *testing.T) {
+	srv := testutil.Serve(t, func(c *net.TCPConn) { io.Copy(io.Discard, struct{ io.Reader }{c}); c.Close() })
+	h := newHarness(t)
+	s := h.start(9, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port), Window: 1}, Options{InboundLimit: 256 << 10})
+	h.next() // connected
+	s.Write(make([]byte, 256<<10))
+	granted := 0
+	for granted < 256<<10 {
+		m := h.next()
+		if m.Type != protocol.TypeFlowCredit {
+			continue
+		}
+		var c protocol.FlowCredit
+		protocol.Unmarshal(m.Payload, &c)
+		granted += int(c.Bytes)
+	}
+	if granted != 256<<10 {
+		t.Fatalf("granted %d for %d bytes written", granted, 256<<10)
+	}
+	s.Abort()
+	<-s.Finished()
+}
