@@ -1,0 +1,52 @@
+# agentd: build, test, benchmark, fuzz.
+GO      ?= go
+BUILD   ?= build
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X main.version=$(VERSION)
+FUZZTIME ?= 5s
+# Every fuzz target: package and name.
+FUZZ_TARGETS := \
+	./protocol:FuzzFrameEnvelope \
+	./protocol:FuzzCorePayload \
+	./protocol:FuzzExecPayload \
+	./protocol:FuzzFsPayload \
+	./protocol:FuzzTCPPayload
+
+.PHONY: all build test unit fuzz-smoke fuzz bench lint run clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/agentd ./cmd/agentd
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/agentctl ./cmd/agentctl
+
+# The full suite, as CI runs it: lint, race-enabled tests, then a short run of every fuzzer.
+test: lint unit fuzz-smoke
+
+unit:
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+fuzz-smoke:
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$name ($(FUZZTIME))"; \
+		$(GO) test $$pkg -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) >/dev/null || exit 1; \
+	done
+
+# A long fuzzing session of the frame+envelope decoder: make fuzz FUZZTIME=10m
+fuzz:
+	$(GO) test ./protocol -run '^$$' -fuzz '^FuzzFrameEnvelope$$' -fuzztime $(FUZZTIME)
+
+bench:
+	$(GO) test ./bench -run TestReport -count=1 -v -args -report
+
+lint:
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Run the agent and a relay on this machine, with a forward through them (see README).
+run: build
+	scripts/run-local.sh
+
+clean:
+	rm -rf $(BUILD)
