@@ -20,8 +20,8 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/agentd ./cmd/agentd
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/agentctl ./cmd/agentctl
 
-# The full suite, as CI runs it: lint, race-enabled tests, then a short run of every fuzzer.
-test: lint unit fuzz-smoke
+# The full suite, as CI runs it: lint, a short run of every fuzzer, then the race-enabled tests.
+test: lint fuzz-smoke unit
 
 unit:
 	$(GO) test -race -count=1 -timeout 20m ./...

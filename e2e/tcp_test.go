@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/scenario"
 	"github.com/agentd/agentd/internal/testutil"
 	"github.com/agentd/agentd/protocol"
 )
@@ -308,4 +309,17 @@ func waitLog(t *testing.T, log *logBuffer, s string) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// TestScenarios runs the shared core.tcp behaviour tests against the real agentd binary on a
+// unix socket; after each, the process must be back to its starting fd count.
+func TestScenarios(t *testing.T) {
+	scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
+		a := startAgentd(t, "socket", host.Options{Features: features})
+		fd0 := fds(t, a.pid())
+		return scenario.Agent{
+			Client: a.c,
+			Idle:   func(t *testing.T) { waitFD(t, a.pid(), fd0) },
+		}
+	})
 }

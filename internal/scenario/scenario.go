@@ -1,0 +1,333 @@
+// Package scenario holds the core.tcp behaviour tests that run against every way of hosting the
+// agent: in-process (agent package tests, with goroutine leak checks) and the real agentd
+// binary (e2e tests, with fd leak checks of the process).
+package scenario
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/protocol"
+)
+
+// Agent is one agent under test.
+type Agent struct {
+	Client *host.Client
+	// Sessions reports the agent's live TCP sessions, where the back-end can see them (-1 if
+	// not); Idle waits until the agent holds no session resources any more.
+	Sessions func() int
+	Idle     func(t *testing.T)
+}
+
+// Start makes a fresh agent with a client that requested the given features.
+type Start func(t *testing.T, features []string) Agent
+
+// Run runs every scenario against agents made by start.
+func Run(t *testing.T, start Start) {
+	t.Run("Echo", func(t *testing.T) { Echo(t, start) })
+	t.Run("ConnectRefused", func(t *testing.T) { ConnectRefused(t, start(t, nil)) })
+	t.Run("DestinationHalfClose", func(t *testing.T) { DestinationHalfClose(t, start(t, nil)) })
+	t.Run("HostHalfClose", func(t *testing.T) { HostHalfClose(t, start(t, nil)) })
+	t.Run("CloseSendsNothing", func(t *testing.T) { CloseSendsNothing(t, start(t, nil)) })
+	t.Run("UnknownSession", func(t *testing.T) { UnknownSession(t, start(t, nil)) })
+	t.Run("ManySessions", func(t *testing.T) { ManySessions(t, start(t, nil), 1000) })
+	t.Run("MalformedFrames", func(t *testing.T) { MalformedFrames(t, start(t, nil)) })
+}
+
+// Ctx is a test-bounded context.
+func Ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+// Echo relays a multi-chunk message through an echo server, with and without flow control.
+func Echo(t *testing.T, start Start) {
+	for _, features := range [][]string{{protocol.FeatureFlow}, {}} {
+		t.Run(fmt.Sprintf("features=%v", features), func(t *testing.T) {
+			srv := testutil.Serve(t, testutil.Echo)
+			a := start(t, features)
+			conn, err := a.Client.DialTCP(Ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+			if err != nil {
+				t.Fatal(err)
+			}
+			msg := bytes.Repeat([]byte("agentd "), 100000) // several chunks and credits
+			go func() { conn.Write(msg); conn.CloseWrite() }()
+			got, err := io.ReadAll(conn)
+			if err != nil || !bytes.Equal(got, msg) {
+				t.Fatalf("echo: %d bytes, err %v", len(got), err)
+			}
+			conn.Close()
+			a.Idle(t)
+		})
+	}
+}
+
+// ConnectRefused: a refused connect is one terminal core.tcp.failed with the reference's text.
+func ConnectRefused(t *testing.T, a Agent) {
+	port := testutil.ClosedPort(t)
+	_, err := a.Client.DialTCP(Ctx(t), "127.0.0.1", uint16(port))
+	var te *host.TCPError
+	if !errors.As(err, &te) {
+		t.Fatalf("want a core.tcp.failed, got %v", err)
+	}
+	if want := fmt.Sprintf("connect 127.0.0.1:%d: Connection refused (os error 111)", port); te.Msg != want {
+		t.Fatalf("error %q, want %q", te.Msg, want)
+	}
+	a.Idle(t)
+}
+
+// DestinationHalfClose: the destination's FIN reaches the host as a non-terminal eof and the
+// session stays open for host writes, which still reach the destination.
+func DestinationHalfClose(t *testing.T, a Agent) {
+	got := make(chan string, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		c.Write([]byte("bye"))
+		c.CloseWrite()
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+	})
+	conn, err := a.Client.DialTCP(Ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(conn)
+	if err != nil || string(b) != "bye" {
+		t.Fatalf("read %q %v", b, err)
+	}
+	if _, err := conn.Write([]byte("after your eof")); err != nil {
+		t.Fatal(err)
+	}
+	conn.CloseWrite()
+	if s := <-got; s != "after your eof" {
+		t.Fatalf("destination got %q", s)
+	}
+	conn.Close()
+	a.Idle(t)
+}
+
+// HostHalfClose: the host's eof becomes a write shutdown after all queued data; the
+// destination can still answer.
+func HostHalfClose(t *testing.T, a Agent) {
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		b, _ := io.ReadAll(c)
+		fmt.Fprintf(c, "got %d bytes", len(b))
+	})
+	conn, err := a.Client.DialTCP(Ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Write(make([]byte, 3<<20))
+	conn.CloseWrite()
+	b, err := io.ReadAll(conn)
+	if err != nil || string(b) != fmt.Sprintf("got %d bytes", 3<<20) {
+		t.Fatalf("read %q %v", b, err)
+	}
+	conn.Close()
+	a.Idle(t)
+}
+
+// raw drives the agent with hand-built frames on one id, to check exact replies.
+type raw struct {
+	t *testing.T
+	c *host.Client
+	s *host.Stream
+}
+
+func openRaw(t *testing.T, c *host.Client) *raw {
+	s, err := c.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return &raw{t, c, s}
+}
+
+func (r *raw) send(typ protocol.Type, v any) {
+	if err := r.c.SendMsg(r.s.ID, typ, v); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+func (r *raw) recv() protocol.Message {
+	m, err := r.s.Recv(Ctx(r.t))
+	if err != nil {
+		r.t.Fatalf("recv on %d: %v", r.s.ID, err)
+	}
+	return m
+}
+
+// CloseSendsNothing: core.tcp.close aborts at once with no reply; the id is then unknown.
+func CloseSendsNothing(t *testing.T, a Agent) {
+	closed := make(chan struct{})
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		io.Copy(io.Discard, struct{ io.Reader }{c})
+		close(closed)
+		c.Close()
+	})
+	r := openRaw(t, a.Client)
+	r.send(protocol.TypeTCPConnect, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)})
+	if m := r.recv(); m.Type != protocol.TypeTCPConnected || !bytes.Equal(m.Payload, []byte{0xa0}) {
+		t.Fatalf("got %s %x", m.Name(), m.Payload)
+	}
+	r.send(protocol.TypeTCPClose, protocol.Empty{})
+	<-closed // the destination saw the socket close
+	// The next frame on this id answers a probe: nothing was sent for the close.
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("x")})
+	m := r.recv()
+	var f protocol.TCPFailed
+	protocol.Unmarshal(m.Payload, &f)
+	if m.Type != protocol.TypeTCPFailed || f.Error != fmt.Sprintf("unknown TCP session: %d", r.s.ID) {
+		t.Fatalf("got %s %+v", m.Name(), f)
+	}
+	a.Idle(t)
+}
+
+// UnknownSession: eof, close and credit for an unknown id are ignored; data gets failed.
+func UnknownSession(t *testing.T, a Agent) {
+	r := openRaw(t, a.Client)
+	r.send(protocol.TypeTCPEOF, protocol.Empty{})
+	r.send(protocol.TypeTCPClose, protocol.Empty{})
+	r.send(protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: 1})
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("x")})
+	m := r.recv()
+	if m.Type != protocol.TypeTCPFailed || m.Flags != protocol.FlagTerminal {
+		t.Fatalf("got %s flags %d", m.Name(), m.Flags)
+	}
+}
+
+// ManySessions runs n concurrent sessions, then checks that all of them end.
+func ManySessions(t *testing.T, a Agent, n int) {
+	srv := testutil.Serve(t, testutil.Echo)
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	conns := make(chan *host.TCPConn, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			conn, err := a.Client.DialTCP(Ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+			if err != nil {
+				errs <- err
+				return
+			}
+			conns <- conn
+			msg := []byte(fmt.Sprintf("session %d", i))
+			conn.Write(msg)
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(conn, buf); err != nil || !bytes.Equal(buf, msg) {
+				errs <- fmt.Errorf("session %d: %q %v", i, buf, err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	close(conns)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if a.Sessions != nil {
+		if got := a.Sessions(); got >= 0 && got != n {
+			t.Fatalf("%d live sessions, want %d", got, n)
+		}
+	}
+	for c := range conns {
+		c.Close()
+	}
+	a.Idle(t)
+}
+
+// MalformedFrames sends every kind of bad frame; each gets the right core.error on its id (or,
+// for a pre-generation-5 sender, nothing), and the agent keeps serving.
+func MalformedFrames(t *testing.T, a Agent) {
+	srv := testutil.Serve(t, testutil.Echo)
+	c := a.Client
+	env := func(v uint8, typ string, p string) []byte {
+		b := []byte{0xa3, 0x61, 'v', v, 0x61, 't', 0x60 + byte(len(typ))}
+		b = append(b, typ...)
+		pb, _ := hex.DecodeString(p)
+		b = append(b, 0x61, 'p', 0x40+byte(len(pb)))
+		return append(b, pb...)
+	}
+	cases := []struct {
+		name      string
+		flags     byte
+		body      []byte
+		kind      string // "" = no reply expected
+		offending string
+	}{
+		{"not cbor", 0, []byte{0xff, 0x00}, protocol.KindMalformedMessage, ""},
+		{"empty body", 0, nil, protocol.KindMalformedMessage, ""},
+		{"not a map", 0, []byte{0x83, 1, 2, 3}, protocol.KindMalformedMessage, ""},
+		{"unknown type", 0, env(5, "core.bogus", "a0"), protocol.KindUnsupportedMessageType, "core.bogus"},
+		{"bad flags", 0x80, env(5, "core.tcp.eof", "a0"), protocol.KindInvalidFlags, "core.tcp.eof"},
+		{"session start missing", 0, env(5, "core.tcp.connect", "a0"), protocol.KindInvalidFlags, "core.tcp.connect"},
+		{"payload not a map", 2, env(5, "core.tcp.connect", "05"), protocol.KindInvalidPayload, "core.tcp.connect"},
+		{"missing field", 2, env(5, "core.tcp.connect", "a164706f72741850"), protocol.KindInvalidPayload, "core.tcp.connect"},
+		{"bad data", 0, env(5, "core.tcp.data", "a164646174610a"), protocol.KindInvalidPayload, "core.tcp.data"},
+		{"bad exec request", 2, env(5, "core.exec.request", "a0"), protocol.KindInvalidPayload, "core.exec.request"},
+		{"bad fs request", 2, env(5, "core.fs.request", "a1626f70a163466f6fa0"), protocol.KindInvalidPayload, "core.fs.request"},
+		{"bad clock sync", 0, env(5, "core.clock.sync", "a0"), protocol.KindInvalidPayload, "core.clock.sync"},
+		{"pre-gen5 bad flags: dropped", 0x80, env(4, "core.tcp.eof", "a0"), "", ""},
+	}
+	for _, cs := range cases {
+		t.Run(cs.name, func(t *testing.T) {
+			s, _ := c.Open()
+			defer s.Close()
+			frame, _ := protocol.AppendRawFrame(nil, s.ID, cs.flags, cs.body)
+			if err := c.WriteFrame(frame); err != nil {
+				t.Fatal(err)
+			}
+			// A probe on the same id: tcp.data for no session answers with tcp.failed, so
+			// whatever arrives first tells whether the bad frame got a reply.
+			c.SendMsg(s.ID, protocol.TypeTCPData, protocol.Data{Data: []byte("probe")})
+			m, err := s.Recv(Ctx(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cs.kind == "" {
+				if m.Type != protocol.TypeTCPFailed {
+					t.Fatalf("expected no reply, got %s", m.Name())
+				}
+				return
+			}
+			if m.Type != protocol.TypeError || m.Flags != protocol.FlagTerminal {
+				t.Fatalf("got %s flags %d", m.Name(), m.Flags)
+			}
+			var e protocol.CoreError
+			if err := protocol.Unmarshal(m.Payload, &e); err != nil {
+				t.Fatal(err)
+			}
+			if e.Kind != cs.kind || e.OffendingType != cs.offending || e.Message == "" {
+				t.Fatalf("got %+v", e)
+			}
+			if cs.kind == protocol.KindInvalidFlags && !strings.HasPrefix(e.Message, "invalid flags for ") {
+				t.Fatalf("message %q", e.Message)
+			}
+		})
+	}
+	// Still serving.
+	conn, err := c.DialTCP(Ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Write([]byte("alive"))
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != "alive" {
+		t.Fatalf("agent not responsive after bad frames: %q %v", buf, err)
+	}
+	conn.Close()
+}
