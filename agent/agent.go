@@ -43,9 +43,21 @@ type Config struct {
 	// Features are the extensions this agent offers; a host gets those it asks for.
 	Features []string
 
+	// MaxTCPSessions caps concurrent core.tcp sessions; a connect beyond it gets tcp.failed.
+	MaxTCPSessions int
+	// TCPBufferBudget caps the bytes buffered by all TCP sessions together, per direction, on
+	// top of the per-session limits in Relay: many sessions cannot add up to unbounded memory.
+	TCPBufferBudget int64
+
 	Relay relay.Options
 	Mux   mux.Options
 }
+
+// Defaults for the session cap and the shared buffer budget.
+const (
+	DefaultMaxTCPSessions  = 4096
+	DefaultTCPBufferBudget = 64 << 20
+)
 
 // DefaultInitAckTimeout is the reference's INIT_ACK_TIMEOUT_SECS.
 const DefaultInitAckTimeout = 60 * time.Second
@@ -78,6 +90,14 @@ func New(cfg Config) *Agent {
 	if cfg.Features == nil {
 		cfg.Features = []string{protocol.FeatureFlow}
 	}
+	if cfg.MaxTCPSessions <= 0 {
+		cfg.MaxTCPSessions = DefaultMaxTCPSessions
+	}
+	if cfg.TCPBufferBudget <= 0 {
+		cfg.TCPBufferBudget = DefaultTCPBufferBudget
+	}
+	cfg.Relay.Inbound = relay.NewBudget(cfg.TCPBufferBudget)
+	cfg.Relay.Outbound = relay.NewBudget(cfg.TCPBufferBudget)
 	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port), tcp: map[uint32]*relay.Session{}}
 }
 
@@ -249,7 +269,7 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if !protocol.HasFeature(a.enabled, protocol.FeatureFlow) {
 			p.Window = 0 // flow control only for a host that negotiated it
 		}
-		a.startTCP(m.ID, p)
+		return a.startTCP(ctx, m.ID, p)
 	case protocol.TypeTCPData:
 		data, err := protocol.DecodeData(m.Payload)
 		if err != nil {
@@ -350,12 +370,15 @@ func (a *Agent) reject(ctx context.Context, id uint32, v uint8, kind, msg, offen
 	return a.out.ControlMsg(ctx, id, protocol.TypeError, protocol.CoreError{Kind: kind, Message: msg, OffendingType: offending})
 }
 
-func (a *Agent) startTCP(id uint32, p protocol.TCPConnect) {
+func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) error {
 	a.mu.Lock()
-	old := a.tcp[id]
+	old, n := a.tcp[id], len(a.tcp)
 	a.mu.Unlock()
 	if old != nil { // a duplicate id replaces the old session, as in the reference
 		old.Abort()
+	} else if n >= a.cfg.MaxTCPSessions {
+		return a.out.ControlMsg(ctx, id, protocol.TypeTCPFailed, protocol.TCPFailed{
+			Error: fmt.Sprintf("connect %s:%d: too many TCP sessions (limit %d)", p.Host, p.Port, a.cfg.MaxTCPSessions)})
 	}
 	a.all.Add(1)
 	s := relay.Start(id, p, a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
@@ -369,6 +392,7 @@ func (a *Agent) startTCP(id uint32, p protocol.TCPConnect) {
 	a.tcp[id] = s
 	a.mu.Unlock()
 	go func() { <-s.Finished(); a.all.Done() }()
+	return nil
 }
 
 func (a *Agent) lookupTCP(id uint32) *relay.Session {

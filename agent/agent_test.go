@@ -206,3 +206,68 @@ func (hangingDialer) DialContext(ctx context.Context, _, _ string) (net.Conn, er
 	<-ctx.Done()
 	return nil, ctx.Err()
 }
+
+// TestSessionCap: a connect beyond MaxTCPSessions fails at once; the others are unaffected.
+func TestSessionCap(t *testing.T) {
+	srv := testutil.Serve(t, testutil.Echo)
+	h := start(t, nil, Config{MaxTCPSessions: 3})
+	var open []*host.TCPConn
+	for i := 0; i < 3; i++ {
+		c, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, c)
+	}
+	_, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	var te *host.TCPError
+	if !errors.As(err, &te) || !strings.Contains(te.Msg, "too many TCP sessions (limit 3)") {
+		t.Fatalf("fourth connect: %v", err)
+	}
+	for _, c := range open {
+		c.Close()
+	}
+	waitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end")
+	c, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatalf("connect after the others closed: %v", err)
+	}
+	c.Close()
+}
+
+// TestBufferBudget: with a shared budget smaller than what stalled sessions could hold each,
+// the total bytes buffered toward stalled destinations never exceed it.
+func TestBufferBudget(t *testing.T) {
+	const budget = 512 << 10
+	stalled := make(chan *net.TCPConn, 8)
+	srv := testutil.Serve(t, func(c *net.TCPConn) { c.SetReadBuffer(4096); stalled <- c })
+	h := start(t, []string{}, Config{TCPBufferBudget: budget}) // stock host: the reader waits
+	var conns []*host.TCPConn
+	for i := 0; i < 4; i++ {
+		c, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		go c.Write(make([]byte, 8<<20))
+	}
+	var dsts []*net.TCPConn
+	for range conns {
+		dsts = append(dsts, <-stalled)
+	}
+	waitFor(t, func() bool { return h.a.cfg.Relay.Inbound.Used() > 0 }, "buffers to fill")
+	peak := int64(0)
+	for i := 0; i < 200; i++ { // sample while the writers push against the stalled destinations
+		peak = max(peak, h.a.cfg.Relay.Inbound.Used())
+		time.Sleep(time.Millisecond)
+	}
+	if peak > budget+64<<10 {
+		t.Fatalf("buffered %d bytes with a budget of %d", peak, budget)
+	}
+	for _, d := range dsts {
+		d.Close()
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+}

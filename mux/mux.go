@@ -37,7 +37,23 @@ type Item struct {
 	Data    []byte
 	Payload []byte
 	buf     *[]byte       // pooled buffer backing Data, returned once written
+	rel     Releaser      // budget charged for Data, credited once written or dropped
 	flush   chan struct{} // a Flush marker, not a frame
+}
+
+// Releaser is a byte budget an item was charged to (relay.Budget).
+type Releaser interface{ Release(n int) }
+
+// done returns the item's pooled buffer and budget; called once it is written or dropped.
+func (it *Item) done() {
+	if it.buf != nil {
+		PutBuf(it.buf)
+		it.buf = nil
+	}
+	if it.rel != nil {
+		it.rel.Release(len(it.Data))
+		it.rel = nil
+	}
 }
 
 func (it *Item) size() int { return len(it.Data) + len(it.Payload) + 64 }
@@ -207,11 +223,10 @@ func (w *Writer) loop() {
 			} else {
 				buf, err = protocol.AppendMessage(buf, it.ID, it.Type, it.Payload)
 			}
-			if it.buf != nil {
-				PutBuf(it.buf)
-			}
+			size := it.size()
+			it.done()
 			if q != nil {
-				q.wrote(it.size())
+				q.wrote(size)
 			}
 			if err != nil { // an encoding bug; drop the frame rather than desync the stream
 				continue
@@ -278,9 +293,7 @@ func (q *Queue) Push(ctx context.Context, it Item) error {
 		q.w.mu.Lock()
 		if q.closed || q.w.closed {
 			q.w.mu.Unlock()
-			if it.buf != nil {
-				PutBuf(it.buf)
-			}
+			it.done()
 			return ErrClosed
 		}
 		if q.bytes < q.high {
@@ -300,9 +313,7 @@ func (q *Queue) Push(ctx context.Context, it Item) error {
 		case <-q.space:
 		case <-q.w.done:
 		case <-ctx.Done():
-			if it.buf != nil {
-				PutBuf(it.buf)
-			}
+			it.done()
 			return ctx.Err()
 		}
 	}
@@ -323,15 +334,19 @@ func (q *Queue) PushData(ctx context.Context, id uint32, t protocol.Type, buf *[
 	return q.Push(ctx, Item{ID: id, Type: t, Data: (*buf)[:n], buf: buf})
 }
 
+// PushDataRelease is PushData for bytes charged to a budget, which is credited with n once the
+// frame is written or dropped.
+func (q *Queue) PushDataRelease(ctx context.Context, id uint32, t protocol.Type, buf *[]byte, n int, rel Releaser) error {
+	return q.Push(ctx, Item{ID: id, Type: t, Data: (*buf)[:n], buf: buf, rel: rel})
+}
+
 // Close drops the queue's pending items; later pushes fail with ErrClosed.
 func (q *Queue) Close() {
 	q.w.mu.Lock()
 	q.closed = true
 	for i := range q.items[len(q.items)-q.n:] {
 		it := &q.items[len(q.items)-q.n+i]
-		if it.buf != nil {
-			PutBuf(it.buf)
-		}
+		it.done()
 		*it = Item{}
 	}
 	q.items, q.n, q.bytes = nil, 0, 0

@@ -42,6 +42,10 @@ type Options struct {
 	ConnectTimeout time.Duration
 	// Dialer opens destinations (default: kernel sockets).
 	Dialer Dialer
+	// Inbound and Outbound are byte budgets shared by all sessions (host -> destination and
+	// destination -> host buffers). The agent makes them from its MaxBuffered options; nil
+	// means only the per-session limits apply.
+	Inbound, Outbound *Budget
 }
 
 // DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 1 MiB inbound.
@@ -195,15 +199,23 @@ func (s *Session) toHost(conn net.Conn) {
 			}
 			n = int(min(int64(n), c))
 		}
+		if err := s.opts.Outbound.Acquire(s.ctx, n); err != nil {
+			return
+		}
 		buf := mux.GetBuf()
 		m, err := conn.Read((*buf)[:n])
+		s.opts.Outbound.Release(n - m) // keep only what was read, until it is written
 		if m > 0 {
 			if s.flow {
 				s.mu.Lock()
 				s.credit -= int64(m)
 				s.mu.Unlock()
 			}
-			if perr := s.q.PushData(s.ctx, s.id, protocol.TypeTCPData, buf, m); perr != nil {
+			var rel mux.Releaser
+			if s.opts.Outbound != nil {
+				rel = s.opts.Outbound
+			}
+			if perr := s.q.PushDataRelease(s.ctx, s.id, protocol.TypeTCPData, buf, m, rel); perr != nil {
 				return
 			}
 		} else {
@@ -278,6 +290,7 @@ func (s *Session) toDestination(conn net.Conn) {
 		s.mu.Lock()
 		s.inBytes -= n
 		s.mu.Unlock()
+		s.opts.Inbound.Release(n)
 		poke(s.inSpace)
 		if err != nil {
 			if s.ctx.Err() == nil {
@@ -307,6 +320,9 @@ func (s *Session) Write(data []byte) error {
 		if err := s.waitRoom(n); err != nil {
 			return err
 		}
+		if err := s.opts.Inbound.Acquire(s.ctx, n); err != nil {
+			return errSessionClosed
+		}
 		c := mux.GetBuf()
 		*c = (*c)[:n]
 		copy(*c, data[:n])
@@ -314,6 +330,7 @@ func (s *Session) Write(data []byte) error {
 		if s.ended || s.inEOF {
 			s.mu.Unlock()
 			mux.PutBuf(c)
+			s.opts.Inbound.Release(n)
 			if s.ended {
 				return errSessionClosed
 			}
@@ -406,6 +423,7 @@ func (s *Session) endKeepQueue() bool {
 	for _, c := range s.inbound {
 		mux.PutBuf(c)
 	}
+	s.opts.Inbound.Release(s.inBytes)
 	s.inbound, s.inBytes = nil, 0
 	s.mu.Unlock()
 	s.cancel()

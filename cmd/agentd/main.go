@@ -38,6 +38,8 @@ type options struct {
 	inboundLimit int
 	connectTO    time.Duration
 	cpuProfile   string
+	maxSessions  int
+	budget       int64
 }
 
 func parseFlags(args []string) (options, error) {
@@ -63,6 +65,8 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.lowWater, "tcp-low-water", relay.DefaultOptions.LowWater, "`bytes` at which a paused stream resumes reading")
 	fs.IntVar(&o.inboundLimit, "tcp-inbound-limit", relay.DefaultOptions.InboundLimit, "host-to-destination `bytes` buffered per stream (the flow-control window)")
 	fs.DurationVar(&o.connectTO, "tcp-connect-timeout", relay.DefaultOptions.ConnectTimeout, "timeout of one destination dial")
+	fs.IntVar(&o.maxSessions, "tcp-max-sessions", agent.DefaultMaxTCPSessions, "most concurrent core.tcp sessions")
+	fs.Int64Var(&o.budget, "tcp-buffer-budget", agent.DefaultTCPBufferBudget, "`bytes` all TCP sessions together may buffer, per direction")
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile to `FILE` (for benchmarks)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -81,6 +85,10 @@ func parseFlags(args []string) (options, error) {
 		return o, fmt.Errorf("--tcp-low-water %d / --tcp-high-water %d: need 0 < low <= high", o.lowWater, o.highWater)
 	case o.inboundLimit < 64<<10:
 		return o, fmt.Errorf("--tcp-inbound-limit %d: must be at least 65536", o.inboundLimit)
+	case o.maxSessions <= 0:
+		return o, fmt.Errorf("--tcp-max-sessions %d: must be positive", o.maxSessions)
+	case o.budget < int64(o.inboundLimit):
+		return o, fmt.Errorf("--tcp-buffer-budget %d: must be at least --tcp-inbound-limit (%d)", o.budget, o.inboundLimit)
 	case o.initAck <= 0:
 		return o, fmt.Errorf("--init-ack-timeout %s: must be positive", o.initAck)
 	}
@@ -138,11 +146,13 @@ func run(o options, log *slog.Logger, boot uint64) error {
 	}
 	defer port.Close()
 	cfg := agent.Config{
-		Port:           port,
-		Log:            log,
-		InitAckTimeout: o.initAck,
-		ClockSync:      o.clockSync || !o.standalone,
-		BootTimeNs:     boot,
+		Port:            port,
+		Log:             log,
+		InitAckTimeout:  o.initAck,
+		ClockSync:       o.clockSync || !o.standalone,
+		BootTimeNs:      boot,
+		MaxTCPSessions:  o.maxSessions,
+		TCPBufferBudget: o.budget,
 		Relay: relay.Options{
 			ChunkSize: o.chunk, HighWater: o.highWater, LowWater: o.lowWater,
 			InboundLimit: o.inboundLimit, ConnectTimeout: o.connectTO,
