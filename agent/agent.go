@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
@@ -96,8 +97,8 @@ func New(cfg Config) *Agent {
 	if cfg.TCPBufferBudget <= 0 {
 		cfg.TCPBufferBudget = DefaultTCPBufferBudget
 	}
-	cfg.Relay.Inbound = relay.NewBudget(cfg.TCPBufferBudget)
-	cfg.Relay.Outbound = relay.NewBudget(cfg.TCPBufferBudget)
+	cfg.Relay.Inbound = budget.New(cfg.TCPBufferBudget)
+	cfg.Relay.Outbound = budget.New(cfg.TCPBufferBudget)
 	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port), tcp: map[uint32]*relay.Session{}}
 }
 

@@ -14,9 +14,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sink"
 )
 
 // Dialer opens the destination stream of a session. The kernel dialer is net.Dialer; the
@@ -45,7 +47,7 @@ type Options struct {
 	// Inbound and Outbound are byte budgets shared by all sessions (host -> destination and
 	// destination -> host buffers). The agent makes them from its MaxBuffered options; nil
 	// means only the per-session limits apply.
-	Inbound, Outbound *Budget
+	Inbound, Outbound *budget.Budget
 }
 
 // DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 1 MiB inbound.
@@ -94,15 +96,12 @@ type Session struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	in *sink.Sink // host -> destination
+
 	mu       sync.Mutex
 	conn     net.Conn
-	inbound  []*[]byte // host -> destination chunks: pooled buffers sliced to their length
-	inBytes  int
-	inEOF    bool
 	credit   int64 // flow: bytes we may still send to the host
 	ended    bool
-	inWake   chan struct{} // wakes the destination writer
-	inSpace  chan struct{} // wakes a host writer waiting for inbound room
 	crWake   chan struct{} // wakes the destination reader waiting for credit
 	finished chan struct{}
 }
@@ -120,11 +119,16 @@ func Start(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, lo
 		credit:   int64(req.Window),
 		ctx:      ctx,
 		cancel:   cancel,
-		inWake:   make(chan struct{}, 1),
-		inSpace:  make(chan struct{}, 1),
 		crWake:   make(chan struct{}, 1),
 		finished: make(chan struct{}),
 	}
+	cfg := sink.Config{Limit: opts.InboundLimit, Budget: opts.Inbound}
+	if s.flow {
+		cfg.Grant = func(n int) {
+			s.out.ControlMsg(s.ctx, s.id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(n)})
+		}
+	}
+	s.in = sink.New(ctx, cfg)
 	go s.run(req.Host, req.Port)
 	return s
 }
@@ -251,130 +255,39 @@ func (s *Session) waitCredit() (int64, bool) {
 }
 
 // toDestination writes host data to the destination in order, then shuts the write half
-// down at the host's EOF. With flow control it grants the host credit as bytes leave.
+// down at the host's EOF. Under flow control the sink grants the host credit as bytes leave.
 func (s *Session) toDestination(conn net.Conn) {
-	var written int
-	grantAt := max(s.opts.InboundLimit/4, 1)
-	for {
-		s.mu.Lock()
-		for len(s.inbound) == 0 && !s.inEOF && !s.ended {
-			s.mu.Unlock()
-			select {
-			case <-s.inWake:
-			case <-s.ctx.Done():
-				return
-			}
-			s.mu.Lock()
-		}
-		if s.ended {
-			s.mu.Unlock()
-			return
-		}
-		if len(s.inbound) == 0 { // EOF and everything before it written
-			s.mu.Unlock()
-			if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-				if err := cw.CloseWrite(); err != nil && s.ctx.Err() == nil {
-					s.fail("shutdown TCP stream: " + describe(err))
-				}
-			}
-			return
-		}
-		chunk := s.inbound[0]
-		s.inbound[0] = nil
-		s.inbound = s.inbound[1:]
-		s.mu.Unlock()
-
-		_, err := conn.Write(*chunk)
-		n := len(*chunk)
-		mux.PutBuf(chunk)
-		s.mu.Lock()
-		s.inBytes -= n
-		s.mu.Unlock()
-		s.opts.Inbound.Release(n)
-		poke(s.inSpace)
-		if err != nil {
-			if s.ctx.Err() == nil {
-				s.fail("write TCP stream: " + describe(err))
-			}
-			return
-		}
-		if s.flow {
-			written += n
-			s.mu.Lock()
-			idle := len(s.inbound) == 0
-			s.mu.Unlock()
-			if written >= grantAt || idle {
-				s.out.ControlMsg(s.ctx, s.id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(written)})
-				written = 0
+	err := s.in.Run(conn)
+	switch {
+	case err == io.EOF:
+		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+			if err := cw.CloseWrite(); err != nil && s.ctx.Err() == nil {
+				s.fail("shutdown TCP stream: " + describe(err))
 			}
 		}
+	case err != nil && s.ctx.Err() == nil:
+		s.fail("write TCP stream: " + describe(err))
 	}
 }
 
-// Write queues host data for the destination. It copies data (which aliases the channel's
-// read buffer). It waits while the session's inbound bytes are at their limit, which only a
-// host without flow control can cause. It returns an error when the session is over.
+// errSessionClosed is the reference's text for data sent to a session that is over.
+var errSessionClosed = errors.New("TCP session is closed")
+
+// Write queues host data for the destination (copying it: it aliases the channel's read
+// buffer). It waits while the session's buffer is full, which only a host without flow
+// control can cause. Data after the host's EOF is dropped, as by the reference.
 func (s *Session) Write(data []byte) error {
-	for len(data) > 0 {
-		n := min(len(data), mux.ChunkSize)
-		if err := s.waitRoom(n); err != nil {
-			return err
-		}
-		if err := s.opts.Inbound.Acquire(s.ctx, n); err != nil {
-			return errSessionClosed
-		}
-		c := mux.GetBuf()
-		*c = (*c)[:n]
-		copy(*c, data[:n])
-		s.mu.Lock()
-		if s.ended || s.inEOF {
-			s.mu.Unlock()
-			mux.PutBuf(c)
-			s.opts.Inbound.Release(n)
-			if s.ended {
-				return errSessionClosed
-			}
-			return nil // data after the host's EOF is dropped, as by the reference
-		}
-		s.inbound = append(s.inbound, c)
-		s.inBytes += n
-		s.mu.Unlock()
-		poke(s.inWake)
-		data = data[n:]
+	if err := s.in.Write(data); err != nil {
+		return errSessionClosed
 	}
 	return nil
 }
 
-var errSessionClosed = errors.New("TCP session is closed")
-
-func (s *Session) waitRoom(n int) error {
-	for {
-		s.mu.Lock()
-		ended, used := s.ended, s.inBytes
-		s.mu.Unlock()
-		if ended {
-			return errSessionClosed
-		}
-		if used == 0 || used+n <= s.opts.InboundLimit {
-			return nil
-		}
-		select {
-		case <-s.inSpace:
-		case <-s.ctx.Done():
-			return errSessionClosed
-		}
-	}
-}
-
 // CloseWrite queues the host's EOF after all queued data.
 func (s *Session) CloseWrite() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.ended {
+	if err := s.in.CloseWrite(); err != nil {
 		return errSessionClosed
 	}
-	s.inEOF = true
-	poke(s.inWake)
 	return nil
 }
 
@@ -420,18 +333,12 @@ func (s *Session) endKeepQueue() bool {
 	}
 	s.ended = true
 	conn := s.conn
-	for _, c := range s.inbound {
-		mux.PutBuf(c)
-	}
-	s.opts.Inbound.Release(s.inBytes)
-	s.inbound, s.inBytes = nil, 0
 	s.mu.Unlock()
+	s.in.Close()
 	s.cancel()
 	if conn != nil {
 		conn.Close()
 	}
-	poke(s.inWake)
-	poke(s.inSpace)
 	if s.done != nil {
 		s.done(s)
 	}

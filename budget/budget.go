@@ -1,12 +1,13 @@
-package relay
+// Package budget is a byte budget shared by many sessions, so the total memory they hold in
+// buffers stays bounded however many sessions a host opens.
+package budget
 
 import (
 	"context"
 	"sync"
 )
 
-// Budget is a byte budget shared by every session of one direction, so the total memory held
-// in relay buffers stays bounded however many sessions a host opens. Acquire waits for room;
+// Budget is a byte budget shared by every session of one direction. Acquire waits for room;
 // a single request larger than the whole budget is let through when nothing else is held, so
 // one big chunk can never deadlock.
 type Budget struct {
@@ -19,8 +20,8 @@ type Budget struct {
 	wake    chan struct{}
 }
 
-// NewBudget makes a budget of limit bytes (limit <= 0: unlimited).
-func NewBudget(limit int64) *Budget {
+// New makes a budget of limit bytes (limit <= 0: unlimited).
+func New(limit int64) *Budget {
 	return &Budget{limit: limit, wake: make(chan struct{})}
 }
 
