@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agentd/budget"
+	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
@@ -51,6 +52,7 @@ type Config struct {
 	TCPBufferBudget int64
 
 	Relay relay.Options
+	Exec  exec.Options
 	Mux   mux.Options
 }
 
@@ -75,9 +77,10 @@ type Agent struct {
 	hostGen uint8
 	enabled []string // features negotiated with the host
 
-	mu  sync.Mutex
-	tcp map[uint32]*relay.Session
-	all sync.WaitGroup
+	mu    sync.Mutex
+	tcp   map[uint32]*relay.Session
+	execs map[uint32]*exec.Session
+	all   sync.WaitGroup
 }
 
 // New prepares an agent on cfg.Port.
@@ -99,7 +102,9 @@ func New(cfg Config) *Agent {
 	}
 	cfg.Relay.Inbound = budget.New(cfg.TCPBufferBudget)
 	cfg.Relay.Outbound = budget.New(cfg.TCPBufferBudget)
-	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port), tcp: map[uint32]*relay.Session{}}
+	cfg.Exec.StdinBudget = budget.New(cfg.TCPBufferBudget)
+	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port),
+		tcp: map[uint32]*relay.Session{}, execs: map[uint32]*exec.Session{}}
 }
 
 // Handshake sends core.init.resolved and waits for core.init.ack, as the reference does
@@ -160,7 +165,7 @@ func (a *Agent) deadline(d time.Duration) func() {
 func (a *Agent) Serve(ctx context.Context) error {
 	a.out = mux.NewWriter(a.cfg.Port, a.cfg.Mux)
 	defer func() {
-		a.abortAll()
+		a.abortAll(syscall.SIGKILL) // the host is gone: nobody will read their output
 		a.all.Wait()
 		a.out.Close()
 	}()
@@ -179,7 +184,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	select {
 	case err := <-readErr:
 		if errors.Is(err, ErrShutdown) {
-			a.abortAll()
+			a.abortAll(syscall.SIGTERM)
 			fctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			a.out.Flush(fctx)
 			cancel()
@@ -304,18 +309,42 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		}
 		if s := a.lookupTCP(m.ID); s != nil {
 			s.Credit(p.Bytes)
+		} else if s := a.lookupExec(m.ID); s != nil {
+			s.Credit(p.Bytes)
 		}
 	case protocol.TypeExecRequest:
-		if _, err := protocol.DecodeExecRequest(m.Payload); err != nil {
+		req, err := protocol.DecodeExecRequest(m.Payload)
+		if err != nil {
 			return a.badPayload(ctx, &m, err)
 		}
-		return a.out.ControlMsg(ctx, m.ID, protocol.TypeExecFailed, protocol.ExecFailed{
-			Kind: protocol.ExecOther, Message: "exec sessions are not available in this agentd build"})
-	case protocol.TypeExecStdin, protocol.TypeExecResize, protocol.TypeExecSignal:
-		if _, err := protocol.DecodePayload(m.Type, m.Payload); err != nil {
+		if !protocol.HasFeature(a.enabled, protocol.FeatureFlow) {
+			req.Window = 0
+		}
+		return a.startExec(ctx, m.ID, req)
+	case protocol.TypeExecStdin:
+		data, err := protocol.DecodeData(m.Payload)
+		if err != nil {
 			return a.badPayload(ctx, &m, err)
 		}
-		// No exec session can exist: ignored, as the reference ignores unknown ids.
+		if s := a.lookupExec(m.ID); s != nil {
+			s.Stdin(data) // may wait for room: only a host without flow control outruns a child
+		}
+	case protocol.TypeExecResize:
+		var p protocol.ExecResize
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s := a.lookupExec(m.ID); s != nil {
+			s.Resize(p.Rows, p.Cols)
+		}
+	case protocol.TypeExecSignal:
+		var p protocol.ExecSignal
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s := a.lookupExec(m.ID); s != nil {
+			s.Signal(p.Signal)
+		}
 	case protocol.TypeFsRequest:
 		var p protocol.FsRequest
 		if err := a.decode(ctx, &m, &p); err != nil {
@@ -396,6 +425,33 @@ func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) 
 	return nil
 }
 
+func (a *Agent) startExec(ctx context.Context, id uint32, req protocol.ExecRequest) error {
+	a.all.Add(1)
+	s, failed := exec.Start(id, req, a.out, a.cfg.Exec, a.log, func(s *exec.Session) {
+		a.mu.Lock()
+		if a.execs[s.ID()] == s {
+			delete(a.execs, s.ID())
+		}
+		a.mu.Unlock()
+	})
+	if failed != nil {
+		a.all.Done()
+		a.log.Debug("exec failed", "id", id, "cmd", req.Cmd, "kind", failed.Kind, "error", failed.Message)
+		return a.out.ControlMsg(ctx, id, protocol.TypeExecFailed, failed)
+	}
+	a.mu.Lock()
+	a.execs[id] = s // a duplicate id replaces the entry; the old child runs on, as in the reference
+	a.mu.Unlock()
+	go func() { <-s.Finished(); a.all.Done() }()
+	return nil
+}
+
+func (a *Agent) lookupExec(id uint32) *exec.Session {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.execs[id]
+}
+
 func (a *Agent) lookupTCP(id uint32) *relay.Session {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -418,16 +474,31 @@ func (a *Agent) closeRange(start, end uint32) {
 	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims))
 }
 
-func (a *Agent) abortAll() {
+// abortAll ends every session: TCP sessions at once, exec children with sig.
+func (a *Agent) abortAll(sig syscall.Signal) {
 	a.mu.Lock()
-	var all []*relay.Session
+	var tcps []*relay.Session
 	for _, s := range a.tcp {
-		all = append(all, s)
+		tcps = append(tcps, s)
+	}
+	var execs []*exec.Session
+	for _, s := range a.execs {
+		execs = append(execs, s)
 	}
 	a.mu.Unlock()
-	for _, s := range all {
+	for _, s := range tcps {
 		s.Abort()
 	}
+	for _, s := range execs {
+		s.Kill(sig)
+	}
+}
+
+// ExecSessions returns the number of live exec sessions.
+func (a *Agent) ExecSessions() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.execs)
 }
 
 // Sessions returns the number of live TCP sessions (for tests and the heartbeat).

@@ -6,10 +6,12 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/internal/scenario"
 	"github.com/agentd/agentd/internal/testutil"
@@ -93,6 +95,27 @@ func TestScenarios(t *testing.T) {
 			Idle:     func(t *testing.T) { waitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end") },
 		}
 	})
+}
+
+// TestExecScenarios runs the shared exec behaviour tests against an in-process agent.
+func TestExecScenarios(t *testing.T) {
+	t.Setenv("MSB_SECRET", "must-not-leak")
+	scenario.RunExec(t, func(t *testing.T, features []string) scenario.Agent {
+		testutil.Leaks(t)
+		h := start(t, features, Config{})
+		return scenario.Agent{
+			Client: h.c,
+			Idle:   func(t *testing.T) { waitFor(t, func() bool { return h.a.ExecSessions() == 0 }, "exec sessions to end") },
+		}
+	})
+}
+
+// TestMain lets the test binary act as agentd's pre-exec helper, as agentd itself does.
+func TestMain(m *testing.M) {
+	if exec.IsHelper() {
+		exec.HelperMain()
+	}
+	os.Exit(m.Run())
 }
 
 // waitFor polls a condition owned by another goroutine (no event exists for it), bounded.

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -322,4 +323,59 @@ func TestScenarios(t *testing.T) {
 			Idle:   func(t *testing.T) { waitFD(t, a.pid(), fd0) },
 		}
 	})
+}
+
+// TestExecScenarios runs the shared exec behaviour tests against the real agentd binary,
+// started with a boot variable in its environment that must not reach children.
+func TestExecScenarios(t *testing.T) {
+	t.Setenv("MSB_SECRET", "must-not-leak")
+	scenario.RunExec(t, func(t *testing.T, features []string) scenario.Agent {
+		a := startAgentd(t, "socket", host.Options{Features: features})
+		fd0 := fds(t, a.pid())
+		return scenario.Agent{Client: a.c, Idle: func(t *testing.T) { waitFD(t, a.pid(), fd0) }}
+	})
+}
+
+// TestRestrictedProfile: with MSB_SECURITY_PROFILE=restricted a root child has no_new_privs
+// and lacks CAP_SYS_ADMIN, CAP_NET_ADMIN and CAP_NET_RAW in every set, so it cannot undo the
+// network setup; MSB_USER sets the default user.
+func TestRestrictedProfile(t *testing.T) {
+	t.Setenv("MSB_SECURITY_PROFILE", "restricted")
+	t.Setenv("MSB_USER", "0:0")
+	a := startAgentd(t, "socket", host.Options{})
+	out, _, code, err := a.c.Run(ctx(t), protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "grep -E '^(CapBnd|CapEff|CapPrm|NoNewPrivs)' /proc/self/status"}}, nil)
+	if err != nil || code != 0 {
+		t.Fatalf("%v code %d", err, code)
+	}
+	const dropped = 1<<21 | 1<<12 | 1<<13 // SYS_ADMIN, NET_ADMIN, NET_RAW
+	fields := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		fields[k] = strings.TrimSpace(v)
+	}
+	if fields["NoNewPrivs"] != "1" {
+		t.Fatalf("no_new_privs not set: %q", out)
+	}
+	for _, k := range []string{"CapBnd", "CapEff", "CapPrm"} {
+		v, err := strconv.ParseUint(fields[k], 16, 64)
+		if err != nil || v&dropped != 0 || v == 0 {
+			t.Fatalf("%s = %s still has a dropped capability (or none at all)", k, fields[k])
+		}
+	}
+	// Changing links needs CAP_NET_ADMIN: it must fail.
+	_, _, code, _ = a.c.Run(ctx(t), protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "ip link add dummy9 type dummy"}}, nil)
+	if code == 0 {
+		exec.Command("ip", "link", "del", "dummy9").Run()
+		t.Fatal("a restricted child could change network links")
+	}
+}
+
+// TestBadProfileRefused: a bad MSB_SECURITY_PROFILE stops agentd with a message saying so.
+func TestBadProfileRefused(t *testing.T) {
+	cmd := exec.Command(filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:/nonexistent")
+	cmd.Env = append(os.Environ(), "MSB_SECURITY_PROFILE=paranoid")
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), `MSB_SECURITY_PROFILE=\"paranoid\": want default or restricted`) {
+		t.Fatalf("%v: %s", err, out)
+	}
 }

@@ -319,6 +319,45 @@ type Stream struct {
 	tcp  *TCPConn              // set for flow-controlled TCP streams
 	done chan struct{}
 	once sync.Once
+
+	// Send credit (agentd.flow.credit), taken in by the reader so that a sender waiting for
+	// credit never depends on anyone draining ch.
+	cmu    sync.Mutex
+	credit int64
+	cwake  chan struct{}
+}
+
+func (s *Stream) addCredit(n int64) {
+	s.cmu.Lock()
+	s.credit += n
+	s.cmu.Unlock()
+	select {
+	case s.cwake <- struct{}{}:
+	default:
+	}
+}
+
+// takeCredit waits for credit and takes up to want bytes of it.
+func (s *Stream) takeCredit(ctx context.Context, want int64) (int64, error) {
+	for {
+		s.cmu.Lock()
+		if s.credit > 0 {
+			n := min(want, s.credit)
+			s.credit -= n
+			s.cmu.Unlock()
+			return n, nil
+		}
+		s.cmu.Unlock()
+		select {
+		case <-s.cwake:
+		case <-s.done:
+			return 0, ErrClosed
+		case <-s.c.done:
+			return 0, ErrClosed
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
 }
 
 // Open allocates an id and registers a stream for it, without sending anything.
@@ -336,7 +375,7 @@ func (c *Client) Open() (*Stream, error) {
 			c.next = c.idMin
 		}
 		if _, busy := c.streams[id]; !busy {
-			s := &Stream{c: c, ID: id, ch: make(chan protocol.Message, c.opts.StreamQueue), done: make(chan struct{})}
+			s := &Stream{c: c, ID: id, ch: make(chan protocol.Message, c.opts.StreamQueue), done: make(chan struct{}), cwake: make(chan struct{}, 1)}
 			c.streams[id] = s
 			return s, nil
 		}
@@ -463,6 +502,13 @@ func (c *Client) readLoop() {
 			continue // no pending id: dropped, as microsandbox's client does
 		}
 		if tc != nil && tc.deliver(m) {
+			continue
+		}
+		if m.Type == protocol.TypeFlowCredit {
+			var p protocol.FlowCredit
+			if protocol.Unmarshal(m.Payload, &p) == nil {
+				s.addCredit(int64(p.Bytes))
+			}
 			continue
 		}
 		m.Payload = append([]byte(nil), m.Payload...)

@@ -13,6 +13,9 @@ type ExecRequest struct {
 	Rows    uint16       `cbor:"rows"`
 	Cols    uint16       `cbor:"cols"`
 	Rlimits []ExecRlimit `cbor:"rlimits"`
+	// Window opts the session into agentd's flow control (ext.go): the bytes of stdout and
+	// stderr the host can take before it grants more. Absent for stock hosts.
+	Window uint32 `cbor:"window,omitempty"`
 }
 
 // Default PTY size when a request omits rows/cols.
@@ -38,6 +41,8 @@ type ExecRlimit struct {
 // ExecStarted is core.exec.started: the child's pid, sent before any output.
 type ExecStarted struct {
 	PID uint32 `cbor:"pid" req:"1"`
+	// Window is agentd's stdin grant, set only when the request carried a window.
+	Window uint32 `cbor:"window,omitempty"`
 }
 
 // ExecStdinError is core.exec.stdin.error (non-terminal).

@@ -18,6 +18,7 @@ import (
 
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 )
@@ -105,6 +106,9 @@ func newLogger(level string) (*slog.Logger, error) {
 
 func main() {
 	boot := agent.BootTimeNs()
+	if exec.IsHelper() {
+		exec.HelperMain() // agentd started as its own pre-exec helper; does not return
+	}
 	o, err := parseFlags(os.Args[1:])
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -138,8 +142,34 @@ func main() {
 	}
 }
 
+// execOptions reads the exec settings the reference takes from its environment: MSB_USER (the
+// default user, also reported in core.init.resolved) and MSB_SECURITY_PROFILE.
+func execOptions() (exec.Options, protocol.UserIDs, error) {
+	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: strings.TrimSpace(os.Getenv("MSB_USER"))}
+	var ids protocol.UserIDs
+	switch p := strings.TrimSpace(os.Getenv("MSB_SECURITY_PROFILE")); p {
+	case "", "default":
+	case "restricted":
+		opts.Restricted = true
+	default:
+		return opts, ids, fmt.Errorf("MSB_SECURITY_PROFILE=%q: want default or restricted", p)
+	}
+	if opts.DefaultUser != "" {
+		id, err := exec.ResolveUser(opts.DefaultUser)
+		if err != nil {
+			return opts, ids, fmt.Errorf("MSB_USER=%q: %w", opts.DefaultUser, err)
+		}
+		ids = protocol.UserIDs{UID: id.UID, GID: id.GID}
+	}
+	return opts, ids, nil
+}
+
 func run(o options, log *slog.Logger, boot uint64) error {
 	initStart := agent.BootTimeNs()
+	execOpts, defaultUser, err := execOptions()
+	if err != nil {
+		return err
+	}
 	port, err := channel.Open(o.port)
 	if err != nil {
 		return err
@@ -151,6 +181,8 @@ func run(o options, log *slog.Logger, boot uint64) error {
 		InitAckTimeout:  o.initAck,
 		ClockSync:       o.clockSync || !o.standalone,
 		BootTimeNs:      boot,
+		DefaultUser:     defaultUser,
+		Exec:            execOpts,
 		MaxTCPSessions:  o.maxSessions,
 		TCPBufferBudget: o.budget,
 		Relay: relay.Options{

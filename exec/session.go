@@ -1,0 +1,448 @@
+// Package exec runs core.exec sessions: a program in pipe mode (stdin, stdout, stderr) or PTY
+// mode (new session, controlling terminal, window size, merged output), with bounded buffers in
+// both directions: output stops being read when the queue toward the host is full (the child
+// then blocks on its pipe), and stdin is queued in a bounded sink.
+package exec
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	osexec "os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
+
+	"github.com/agentd/agentd/budget"
+	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sink"
+)
+
+// Options configure exec sessions. Zero fields take DefaultOptions' values.
+type Options struct {
+	// ChunkSize is the largest output read (one frame). The reference reads 4 KiB; larger
+	// reads carry bulk output with far fewer frames.
+	ChunkSize int
+	// HighWater and LowWater bound output queued toward the host (per session).
+	HighWater, LowWater int
+	// StdinLimit bounds stdin bytes queued for the child (the window under flow control).
+	StdinLimit int
+	// StdinBudget is shared by all sessions' stdin queues (nil: none).
+	StdinBudget *budget.Budget
+	// DefaultUser is MSB_USER: the user of requests that name none ("" = agentd's own).
+	DefaultUser string
+	// Restricted applies the restricted security profile to every child.
+	Restricted bool
+	// BaseEnv is the environment every child starts from. agentd's own environment is never
+	// passed on (it holds boot configuration); only this and the request's entries are.
+	BaseEnv []string
+	// AgentPath is agentd's PATH, used when the request sets none.
+	AgentPath string
+	// ScriptsDir is prepended to every child's PATH.
+	ScriptsDir string
+	// HelperPath is the agentd binary, started as the pre-exec helper when a request needs
+	// rlimits or the restricted profile.
+	HelperPath string
+}
+
+// DefaultOptions: 64 KiB reads, 256/64 KiB output watermarks, 1 MiB of stdin.
+var DefaultOptions = Options{
+	ChunkSize:  64 << 10,
+	HighWater:  256 << 10,
+	LowWater:   64 << 10,
+	StdinLimit: 1 << 20,
+	ScriptsDir: "/.msb/scripts",
+}
+
+func (o Options) withDefaults() Options {
+	d := DefaultOptions
+	if o.ChunkSize <= 0 || o.ChunkSize > mux.ChunkSize {
+		o.ChunkSize = d.ChunkSize
+	}
+	if o.HighWater <= 0 {
+		o.HighWater = d.HighWater
+	}
+	if o.LowWater <= 0 || o.LowWater > o.HighWater {
+		o.LowWater = min(d.LowWater, o.HighWater)
+	}
+	if o.StdinLimit <= 0 {
+		o.StdinLimit = d.StdinLimit
+	}
+	if o.ScriptsDir == "" {
+		o.ScriptsDir = d.ScriptsDir
+	}
+	if o.HelperPath == "" {
+		o.HelperPath, _ = os.Executable()
+	}
+	return o
+}
+
+// Session is one running program.
+type Session struct {
+	id   uint32
+	cmd  *osexec.Cmd
+	pid  int
+	tty  *os.File // PTY master (PTY mode)
+	in   *sink.Sink
+	q    *mux.Queue
+	out  *mux.Writer
+	log  *slog.Logger
+	done func(*Session)
+	flow bool
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu       sync.Mutex
+	credit   int64
+	crWake   chan struct{}
+	lastByte byte // last stdin byte written (PTY EOF needs a line start)
+	finished chan struct{}
+}
+
+// ID returns the session id; PID the child's pid.
+func (s *Session) ID() uint32 { return s.id }
+func (s *Session) PID() int   { return s.pid }
+
+// Finished is closed once the child has been reaped and exited was queued.
+func (s *Session) Finished() <-chan struct{} { return s.finished }
+
+// Start spawns the program of req. On success exec.started is already queued on the session's
+// output; otherwise the returned ExecFailed says why the program never ran.
+func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) (*Session, *protocol.ExecFailed) {
+	opts = opts.withDefaults()
+	ident := Identity{}
+	spec := strings.TrimSpace(ptrStr(req.User))
+	if spec == "" {
+		spec = strings.TrimSpace(opts.DefaultUser)
+	}
+	home := rootHome()
+	if spec != "" {
+		var err error
+		if ident, err = ResolveUser(spec); err != nil {
+			return nil, otherFailure(err)
+		}
+		if ident.Home != "" {
+			home = ident.Home
+		}
+	}
+	env := BuildEnv(opts.BaseEnv, req.Env, opts.ScriptsDir, opts.AgentPath, home)
+	if req.TTY && !hasKey(env, "TERM") {
+		env = append(env, "TERM=xterm-256color")
+	}
+	stage := "Command::spawn"
+	if req.TTY {
+		stage = "execvp"
+	}
+	path, err := LookPath(req.Cmd, env)
+	if err != nil {
+		return nil, spawnFailure(req.Cmd, stage, err)
+	}
+	cmd := &osexec.Cmd{Path: path, Args: append([]string{req.Cmd}, req.Args...), Env: env, SysProcAttr: &syscall.SysProcAttr{}}
+	if req.Cwd != nil {
+		cmd.Dir = *req.Cwd
+	}
+	var errPipe *os.File
+	if len(req.Rlimits) > 0 || opts.Restricted {
+		hs := helperSpec{Path: path, Argv: cmd.Args, Identity: ident, Restricted: opts.Restricted}
+		for _, rl := range req.Rlimits {
+			if n, ok := rlimitByName[strings.ToLower(rl.Resource)]; ok { // unknown names are skipped
+				hs.Rlimits = append(hs.Rlimits, [3]int64{int64(n), int64(rl.Soft), int64(rl.Hard)})
+			}
+		}
+		js, _ := json.Marshal(hs)
+		cmd.Path, cmd.Args = opts.HelperPath, []string{HelperName}
+		cmd.Env = append(env[:len(env):len(env)], helperEnv+"="+string(js))
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, spawnFailure(req.Cmd, stage, err)
+		}
+		defer r.Close()
+		cmd.ExtraFiles = []*os.File{w}
+		errPipe = r
+		defer w.Close()
+	} else if ident.Switch {
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: ident.UID, Gid: ident.GID, Groups: ident.Groups}
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Session{id: id, cmd: cmd, out: out, log: log, done: done, ctx: ctx, cancel: cancel,
+		flow: req.Window > 0, credit: int64(req.Window),
+		q: out.NewQueue(opts.HighWater, opts.LowWater), crWake: make(chan struct{}, 1), finished: make(chan struct{})}
+	cfg := sink.Config{Limit: opts.StdinLimit, Budget: opts.StdinBudget}
+	if s.flow {
+		cfg.Grant = func(n int) {
+			out.ControlMsg(ctx, id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(n)})
+		}
+	}
+	s.in = sink.New(ctx, cfg)
+
+	var outputs []io.ReadCloser
+	var stdin io.WriteCloser
+	if req.TTY {
+		master, slave, err := pty.Open()
+		if err != nil {
+			cancel()
+			return nil, otherFailure(err)
+		}
+		pty.Setsize(master, &pty.Winsize{Rows: req.Rows, Cols: req.Cols})
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+		cmd.SysProcAttr.Setsid, cmd.SysProcAttr.Setctty = true, true
+		err = cmd.Start()
+		slave.Close()
+		if err != nil {
+			master.Close()
+			cancel()
+			return nil, spawnFailure(req.Cmd, stage, err)
+		}
+		s.tty = master
+		outputs, stdin = []io.ReadCloser{master}, master
+	} else {
+		var pw io.WriteCloser
+		var po, pe io.ReadCloser
+		var err error
+		if pw, err = cmd.StdinPipe(); err == nil {
+			if po, err = cmd.StdoutPipe(); err == nil {
+				pe, err = cmd.StderrPipe()
+			}
+		}
+		if err == nil {
+			err = cmd.Start()
+		}
+		if err != nil {
+			cancel()
+			return nil, spawnFailure(req.Cmd, stage, err)
+		}
+		outputs, stdin = []io.ReadCloser{po, pe}, pw
+	}
+	if errPipe != nil {
+		cmd.ExtraFiles[0].Close() // our copy of the write end: EOF comes when the helper execs
+		if f := helperFailure(errPipe, req.Cmd, stage); f != nil {
+			cmd.Wait()
+			cancel()
+			return nil, f
+		}
+	}
+	s.pid = cmd.Process.Pid
+	started := protocol.ExecStarted{PID: uint32(s.pid)}
+	if s.flow {
+		started.Window = uint32(opts.StdinLimit)
+	}
+	s.q.PushMsg(ctx, id, protocol.TypeExecStarted, started)
+	go s.run(outputs, stdin, opts.ChunkSize)
+	return s, nil
+}
+
+func ptrStr(p *string) string {
+	if p == nil {
+		return ""
+	}
+	return *p
+}
+
+func hasKey(env []string, k string) bool {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, k+"=") {
+			return true
+		}
+	}
+	return false
+}
+
+// helperFailure reads the helper's report: nothing (EOF) means the program is running.
+func helperFailure(r *os.File, cmd, stage string) *protocol.ExecFailed {
+	b, _ := io.ReadAll(r)
+	if len(b) == 0 {
+		return nil
+	}
+	fields := strings.SplitN(string(b), " ", 3)
+	n, _ := strconv.Atoi(fields[0])
+	f := spawnFailure(cmd, stage, syscall.Errno(n))
+	if len(fields) == 3 && f.Kind == protocol.ExecOther && f.Errno == nil {
+		f.Message = "exec session error: " + fields[2]
+	}
+	return f
+}
+
+// run streams output, feeds stdin, reaps the child and queues exited after all output.
+func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) {
+	defer close(s.finished)
+	go s.feed(stdin)
+	var wg sync.WaitGroup
+	for i, r := range outputs {
+		t := protocol.TypeExecStdout
+		if i == 1 {
+			t = protocol.TypeExecStderr
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); s.pump(r, t, chunk) }()
+	}
+	wg.Wait()
+	err := s.cmd.Wait()
+	code := int32(0)
+	if err != nil {
+		code = -1
+		var ee *osexec.ExitError
+		if errors.As(err, &ee) {
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Exited() {
+				code = int32(ws.ExitStatus())
+			}
+		}
+	}
+	if s.tty != nil {
+		s.tty.Close()
+	}
+	s.in.Close()
+	s.q.PushMsg(context.Background(), s.id, protocol.TypeExecExited, protocol.ExecExited{Code: code})
+	s.cancel()
+	if s.done != nil {
+		s.done(s)
+	}
+}
+
+// pump reads one output stream into frames until EOF (or EIO: a PTY whose slave side closed).
+func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
+	for {
+		n := chunk
+		if s.flow {
+			c, ok := s.waitCredit()
+			if !ok {
+				return
+			}
+			n = int(min(int64(n), c))
+		}
+		buf := mux.GetBuf()
+		m, err := r.Read((*buf)[:n])
+		if m > 0 {
+			if s.flow {
+				s.mu.Lock()
+				s.credit -= int64(m)
+				s.mu.Unlock()
+			}
+			if s.q.PushData(context.Background(), s.id, t, buf, m) != nil {
+				return
+			}
+		} else {
+			mux.PutBuf(buf)
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (s *Session) waitCredit() (int64, bool) {
+	for {
+		s.mu.Lock()
+		c := s.credit
+		s.mu.Unlock()
+		if c > 0 {
+			return c, true
+		}
+		select {
+		case <-s.crWake:
+		case <-s.ctx.Done():
+			return 0, false
+		}
+	}
+}
+
+// feed writes queued stdin to the child. An empty stdin chunk from the host is EOF: the pipe
+// is closed, or, on a PTY, the terminal's EOF character is sent (twice if the line is not
+// empty: once to end the line, once for EOF).
+func (s *Session) feed(stdin io.WriteCloser) {
+	w := io.Writer(stdin)
+	if s.tty != nil {
+		w = &lastByteWriter{s: s, w: stdin}
+	}
+	err := s.in.Run(w)
+	switch {
+	case err == io.EOF:
+		if s.tty == nil {
+			stdin.Close()
+			return
+		}
+		eof := []byte{4}
+		if t, terr := unix.IoctlGetTermios(int(s.tty.Fd()), unix.TCGETS); terr == nil {
+			eof[0] = t.Cc[unix.VEOF]
+		}
+		s.mu.Lock()
+		last := s.lastByte
+		s.mu.Unlock()
+		if last != 0 && last != '\n' {
+			s.tty.Write(eof)
+		}
+		s.tty.Write(eof)
+	case err != nil:
+		s.q.PushMsg(context.Background(), s.id, protocol.TypeExecStdinError, stdinError(err))
+		s.in.Close() // later stdin is dropped, as by the reference
+		if s.tty == nil {
+			stdin.Close()
+		}
+	}
+}
+
+type lastByteWriter struct {
+	s *Session
+	w io.Writer
+}
+
+func (l *lastByteWriter) Write(p []byte) (int, error) {
+	n, err := l.w.Write(p)
+	if n > 0 {
+		l.s.mu.Lock()
+		l.s.lastByte = p[n-1]
+		l.s.mu.Unlock()
+	}
+	return n, err
+}
+
+// Stdin queues host stdin; an empty chunk is EOF. Data after EOF or an error is dropped.
+func (s *Session) Stdin(data []byte) {
+	if len(data) == 0 {
+		s.in.CloseWrite()
+		return
+	}
+	s.in.Write(data)
+}
+
+// Resize sets the PTY window size (a no-op in pipe mode).
+func (s *Session) Resize(rows, cols uint16) {
+	if s.tty != nil {
+		pty.Setsize(s.tty, &pty.Winsize{Rows: rows, Cols: cols})
+	}
+}
+
+// Signal sends a standard signal (1..31) to the child; anything else is ignored, as by the
+// reference.
+func (s *Session) Signal(sig int32) {
+	if sig >= 1 && sig <= 31 {
+		syscall.Kill(s.pid, syscall.Signal(sig))
+	}
+}
+
+// Credit adds flow-control credit for output.
+func (s *Session) Credit(n uint32) {
+	s.mu.Lock()
+	s.credit += int64(n)
+	s.mu.Unlock()
+	select {
+	case s.crWake <- struct{}{}:
+	default:
+	}
+}
+
+// Kill ends the child with sig; the session then ends as usual (exited is still sent).
+func (s *Session) Kill(sig syscall.Signal) {
+	if s.pid > 0 {
+		syscall.Kill(s.pid, sig)
+	}
+}
