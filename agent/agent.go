@@ -19,6 +19,7 @@ import (
 
 	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/exec"
+	"github.com/agentd/agentd/fs"
 	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
@@ -53,6 +54,7 @@ type Config struct {
 
 	Relay relay.Options
 	Exec  exec.Options
+	Fs    fs.Options
 	Mux   mux.Options
 }
 
@@ -74,6 +76,7 @@ type Agent struct {
 	log     *slog.Logger
 	fr      *protocol.FrameReader
 	out     *mux.Writer
+	fs      *fs.Service
 	hostGen uint8
 	enabled []string // features negotiated with the host
 
@@ -103,6 +106,7 @@ func New(cfg Config) *Agent {
 	cfg.Relay.Inbound = budget.New(cfg.TCPBufferBudget)
 	cfg.Relay.Outbound = budget.New(cfg.TCPBufferBudget)
 	cfg.Exec.StdinBudget = budget.New(cfg.TCPBufferBudget)
+	cfg.Fs.WriteBudget = budget.New(cfg.TCPBufferBudget)
 	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port),
 		tcp: map[uint32]*relay.Session{}, execs: map[uint32]*exec.Session{}}
 }
@@ -164,10 +168,12 @@ func (a *Agent) deadline(d time.Duration) func() {
 // core.shutdown (ErrShutdown) or the channel fails. Every session is ended before it returns.
 func (a *Agent) Serve(ctx context.Context) error {
 	a.out = mux.NewWriter(a.cfg.Port, a.cfg.Mux)
+	a.fs = fs.New(a.out, a.cfg.Fs, a.log)
 	defer func() {
 		a.abortAll(syscall.SIGKILL) // the host is gone: nobody will read their output
 		a.all.Wait()
 		a.out.Close()
+		a.fs.Wait()
 	}()
 	ready := protocol.Ready{
 		BootTimeNs:   a.cfg.BootTimeNs,
@@ -311,6 +317,8 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 			s.Credit(p.Bytes)
 		} else if s := a.lookupExec(m.ID); s != nil {
 			s.Credit(p.Bytes)
+		} else {
+			a.fs.Credit(m.ID, p.Bytes)
 		}
 	case protocol.TypeExecRequest:
 		req, err := protocol.DecodeExecRequest(m.Payload)
@@ -350,14 +358,16 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if err := a.decode(ctx, &m, &p); err != nil {
 			return ignoreBad(err)
 		}
-		msg := "filesystem operations are not available in this agentd build"
-		return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+		a.fs.Request(ctx, m.ID, p.Op, protocol.HasFeature(a.enabled, protocol.FeatureFlow))
 	case protocol.TypeFsData:
-		if _, err := protocol.DecodeData(m.Payload); err != nil {
+		data, err := protocol.DecodeData(m.Payload)
+		if err != nil {
 			return a.badPayload(ctx, &m, err)
 		}
-		msg := fmt.Sprintf("unknown write session: %d", m.ID)
-		return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+		if !a.fs.Data(m.ID, data) {
+			msg := fmt.Sprintf("unknown write session: %d", m.ID)
+			return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+		}
 	default:
 		// Guest -> host types (and init.ack after init) are ignored, as by the reference.
 	}
@@ -471,7 +481,8 @@ func (a *Agent) closeRange(start, end uint32) {
 	for _, s := range victims {
 		s.Abort()
 	}
-	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims))
+	nfs := a.fs.CloseRange(start, end)
+	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims), "closed_fs", nfs)
 }
 
 // abortAll ends every session: TCP sessions at once, exec children with sig.
@@ -491,6 +502,9 @@ func (a *Agent) abortAll(sig syscall.Signal) {
 	}
 	for _, s := range execs {
 		s.Kill(sig)
+	}
+	if a.fs != nil {
+		a.fs.Close()
 	}
 }
 

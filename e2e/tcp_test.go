@@ -379,3 +379,13 @@ func TestBadProfileRefused(t *testing.T) {
 		t.Fatalf("%v: %s", err, out)
 	}
 }
+
+// TestFsScenarios runs the shared filesystem tests against the real agentd binary, including a
+// 1 GiB file written and read back byte-exact (with and without flow control).
+func TestFsScenarios(t *testing.T) {
+	scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
+		a := startAgentd(t, "socket", host.Options{Features: features})
+		fd0 := fds(t, a.pid())
+		return scenario.Agent{Client: a.c, Idle: func(t *testing.T) { waitFD(t, a.pid(), fd0) }}
+	}, 1<<30)
+}

@@ -375,12 +375,31 @@ func (c *Client) Open() (*Stream, error) {
 			c.next = c.idMin
 		}
 		if _, busy := c.streams[id]; !busy {
-			s := &Stream{c: c, ID: id, ch: make(chan protocol.Message, c.opts.StreamQueue), done: make(chan struct{}), cwake: make(chan struct{}, 1)}
+			s := c.newStream(id)
 			c.streams[id] = s
 			return s, nil
 		}
 	}
 	return nil, errors.New("id range exhausted")
+}
+
+// OpenID registers a stream for a chosen id (raw tier: tests and tools that need exact ids).
+func (c *Client) OpenID(id uint32) (*Stream, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrClosed
+	}
+	if _, busy := c.streams[id]; busy {
+		return nil, fmt.Errorf("id %d is in use", id)
+	}
+	s := c.newStream(id)
+	c.streams[id] = s
+	return s, nil
+}
+
+func (c *Client) newStream(id uint32) *Stream {
+	return &Stream{c: c, ID: id, ch: make(chan protocol.Message, c.opts.StreamQueue), done: make(chan struct{}), cwake: make(chan struct{}, 1)}
 }
 
 // Start opens a stream and sends its first (session-start) message.

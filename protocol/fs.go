@@ -71,11 +71,17 @@ type (
 		Handle uint64  `cbor:"handle" req:"1"`
 		Offset uint64  `cbor:"offset" req:"1"`
 		Len    *uint64 `cbor:"len"`
+		// Window opts the stream into agentd's flow control (ext.go): the fs.data bytes the
+		// host can take before it grants more.
+		Window uint32 `cbor:"window,omitempty"`
 	}
 	FsWrite struct {
 		Handle uint64  `cbor:"handle" req:"1"`
 		Offset uint64  `cbor:"offset" req:"1"`
 		Len    *uint64 `cbor:"len"`
+		// Window (any non-zero value) opts the stream into flow control: agentd then grants
+		// fs.data credit, starting with one agentd.flow.credit right after the request.
+		Window uint32 `cbor:"window,omitempty"`
 	}
 	FsReadDir struct {
 		Handle uint64  `cbor:"handle" req:"1"`
