@@ -508,6 +508,14 @@ func (a *Agent) abortAll(sig syscall.Signal) {
 	}
 }
 
+// FsHandles returns the open filesystem handles and streams.
+func (a *Agent) FsHandles() int {
+	if a.fs == nil {
+		return 0
+	}
+	return a.fs.Handles() + a.fs.Streams()
+}
+
 // ExecSessions returns the number of live exec sessions.
 func (a *Agent) ExecSessions() int {
 	a.mu.Lock()

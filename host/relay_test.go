@@ -132,7 +132,16 @@ func TestRelayClientDisconnect(t *testing.T) {
 	open(ca, "a")
 	open(ca, "A")
 	kept := open(cb, "b")
-	ca.Close() // the relay tells the agent: core.relay.client.disconnected for A's range
+	if _, err := ca.Fs(ctx, &protocol.FsOpenFile{Path: "/dev/null", Options: protocol.FsOpenOptions{Read: true}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.Exec(ctx, protocol.ExecRequest{Cmd: "sleep", Args: []string{"60"}}); err != nil {
+		t.Fatal(err)
+	}
+	if a.FsHandles() != 1 || a.ExecSessions() != 1 {
+		t.Fatalf("before: %d handles, %d exec sessions", a.FsHandles(), a.ExecSessions())
+	}
+	ca.Close() // the relay SIGKILLs A's exec sessions, then sends core.relay.client.disconnected
 	got := map[string]bool{<-closed: true, <-closed: true}
 	if !got["a"] || !got["A"] {
 		t.Fatalf("closed %v, want a and A", got)
@@ -145,12 +154,25 @@ func TestRelayClientDisconnect(t *testing.T) {
 	if n := a.Sessions(); n != 1 {
 		t.Fatalf("%d sessions, want 1", n)
 	}
+	waitFor(t, func() bool { return a.FsHandles() == 0 && a.ExecSessions() == 0 }, "A's handles and exec sessions to close")
 	select {
 	case name := <-closed:
 		t.Fatalf("session %s closed too", name)
 	default:
 	}
 	kept.Close()
+}
+
+// waitFor polls state owned by the agent's goroutines (no event exists for it), bounded.
+func waitFor(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // TestRelayRejectsForeignIDs: a client that uses an id outside its range is disconnected.
