@@ -20,6 +20,7 @@ import (
 	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/fs"
+	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
@@ -45,6 +46,10 @@ type Config struct {
 	BootTimeNs, InitTimeNs uint64
 	// Features are the extensions this agent offers; a host gets those it asks for.
 	Features []string
+	// HeartbeatPath is where the heartbeat file is written ("" = none), every
+	// HeartbeatInterval (default 1 s).
+	HeartbeatPath     string
+	HeartbeatInterval time.Duration
 
 	// MaxTCPSessions caps concurrent core.tcp sessions; a connect beyond it gets tcp.failed.
 	MaxTCPSessions int
@@ -79,6 +84,8 @@ type Agent struct {
 	fs      *fs.Service
 	hostGen uint8
 	enabled []string // features negotiated with the host
+
+	act heartbeat.Counters
 
 	mu    sync.Mutex
 	tcp   map[uint32]*relay.Session
@@ -167,6 +174,7 @@ func (a *Agent) deadline(d time.Duration) func() {
 // Serve sends core.ready and runs the loop until the host closes the channel (nil), sends
 // core.shutdown (ErrShutdown) or the channel fails. Every session is ended before it returns.
 func (a *Agent) Serve(ctx context.Context) error {
+	a.cfg.Mux.Observe = a.observe
 	a.out = mux.NewWriter(a.cfg.Port, a.cfg.Mux)
 	a.fs = fs.New(a.out, a.cfg.Fs, a.log)
 	defer func() {
@@ -184,6 +192,17 @@ func (a *Agent) Serve(ctx context.Context) error {
 	}
 	if err := a.out.ControlMsg(ctx, 0, protocol.TypeReady, ready); err != nil {
 		return err
+	}
+	if a.cfg.HeartbeatPath != "" {
+		hctx, stop := context.WithCancel(ctx)
+		defer stop()
+		interval := a.cfg.HeartbeatInterval
+		if interval <= 0 {
+			interval = time.Second
+		}
+		go heartbeat.Run(hctx, a.cfg.HeartbeatPath, interval, &a.act, func() (int, int, int) {
+			return a.ExecSessions(), a.fs.Streams(), a.Sessions()
+		})
 	}
 	readErr := make(chan error, 1)
 	go func() { readErr <- a.readLoop(ctx) }()
@@ -232,6 +251,21 @@ func (a *Agent) readLoop(ctx context.Context) error {
 	}
 }
 
+// observe counts every frame the writer sends (core.ready excepted, as in the reference).
+func (a *Agent) observe(t protocol.Type, n int) {
+	switch t {
+	case protocol.TypeReady:
+		return
+	case protocol.TypeExecStdout, protocol.TypeExecStderr:
+		a.act.ExecOutputBytes.Add(uint64(n))
+	case protocol.TypeFsData:
+		a.act.FsBytes.Add(uint64(n))
+	case protocol.TypeTCPData:
+		a.act.TCPBytes.Add(uint64(n))
+	}
+	a.act.GuestMessage()
+}
+
 // hungUp reports whether a channel error means the host went away: EOF on a socket or
 // virtio port, EIO on a pty whose master closed, or a reset/broken pipe on a socket.
 func hungUp(err error) bool {
@@ -254,6 +288,9 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 	if want := m.Type.Flags(); m.Flags != want {
 		return a.reject(ctx, m.ID, m.V, protocol.KindInvalidFlags,
 			fmt.Sprintf("invalid flags for %s: got %d, expected %d", m.Type, m.Flags, want), m.Type.String())
+	}
+	if m.Type != protocol.TypeClockSync {
+		a.act.HostMessage()
 	}
 	switch m.Type {
 	case protocol.TypeShutdown:
@@ -292,6 +329,7 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 			return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed,
 				protocol.TCPFailed{Error: fmt.Sprintf("unknown TCP session: %d", m.ID)})
 		}
+		a.act.TCPBytes.Add(uint64(len(data)))
 		if err := s.Write(data); err != nil {
 			s.Abort()
 			return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed, protocol.TCPFailed{Error: err.Error()})
@@ -364,6 +402,7 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if err != nil {
 			return a.badPayload(ctx, &m, err)
 		}
+		a.act.FsBytes.Add(uint64(len(data)))
 		if !a.fs.Data(m.ID, data) {
 			msg := fmt.Sprintf("unknown write session: %d", m.ID)
 			return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})

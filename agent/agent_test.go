@@ -2,11 +2,13 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -301,5 +303,37 @@ func TestBufferBudget(t *testing.T) {
 	}
 	for _, c := range conns {
 		c.Close()
+	}
+}
+
+// TestHeartbeat: the agent's heartbeat file counts host and guest messages and bytes, and shows
+// live sessions.
+func TestHeartbeat(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "heartbeat.json")
+	srv := testutil.Serve(t, testutil.Echo)
+	h := start(t, []string{}, Config{HeartbeatPath: path, HeartbeatInterval: 5 * time.Millisecond}) // no credit frames
+	conn, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.Write([]byte("12345"))
+	io.ReadFull(conn, make([]byte, 5))
+	var hb struct {
+		ActivitySeq      uint64 `json:"activity_seq"`
+		ActiveTCP        int    `json:"active_tcp_streams"`
+		ActivityCounters struct {
+			Host     uint64 `json:"host_messages"`
+			Guest    uint64 `json:"guest_messages"`
+			TCPBytes uint64 `json:"tcp_bytes"`
+		} `json:"activity_counters"`
+	}
+	// connect + data from the host; connected + data from the agent; 5 bytes each way.
+	waitFor(t, func() bool {
+		b, err := os.ReadFile(path)
+		return err == nil && json.Unmarshal(b, &hb) == nil && hb.ActivityCounters.TCPBytes == 10 && hb.ActiveTCP == 1
+	}, "the heartbeat to show the session")
+	if c := hb.ActivityCounters; c.Host != 2 || c.Guest != 2 || hb.ActivitySeq != 4 {
+		t.Fatalf("heartbeat %+v", hb)
 	}
 }

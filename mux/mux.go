@@ -24,6 +24,9 @@ type Options struct {
 	// ControlItems bounds the control queue (replies that belong to no live session). A host
 	// that sends requests but never reads the replies fills it, and then its requests wait.
 	ControlItems int
+	// Observe, if set, is told of every frame written (its type and data length), for the
+	// activity counters. It runs on the writer's goroutine and must be cheap.
+	Observe func(t protocol.Type, dataLen int)
 }
 
 // DefaultOptions are tuned for a virtio-serial port or a unix socket.
@@ -222,6 +225,9 @@ func (w *Writer) loop() {
 				buf, err = protocol.AppendData(buf, it.ID, it.Type, it.Data)
 			} else {
 				buf, err = protocol.AppendMessage(buf, it.ID, it.Type, it.Payload)
+			}
+			if w.opts.Observe != nil && err == nil {
+				w.opts.Observe(it.Type, len(it.Data))
 			}
 			size := it.size()
 			it.done()

@@ -19,6 +19,7 @@ import (
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/exec"
+	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 )
@@ -40,6 +41,7 @@ type options struct {
 	connectTO    time.Duration
 	cpuProfile   string
 	maxSessions  int
+	heartbeat    string
 	budget       int64
 }
 
@@ -68,6 +70,7 @@ func parseFlags(args []string) (options, error) {
 	fs.DurationVar(&o.connectTO, "tcp-connect-timeout", relay.DefaultOptions.ConnectTimeout, "timeout of one destination dial")
 	fs.IntVar(&o.maxSessions, "tcp-max-sessions", agent.DefaultMaxTCPSessions, "most concurrent core.tcp sessions")
 	fs.Int64Var(&o.budget, "tcp-buffer-budget", agent.DefaultTCPBufferBudget, "`bytes` all TCP sessions together may buffer, per direction")
+	fs.StringVar(&o.heartbeat, "heartbeat", "", "write the heartbeat file to `PATH` every second (default "+heartbeat.DefaultPath+" as PID 1, none standalone)")
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile to `FILE` (for benchmarks)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -121,6 +124,9 @@ func main() {
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
 		os.Exit(2)
+	}
+	if o.heartbeat == "" && !o.standalone {
+		o.heartbeat = heartbeat.DefaultPath
 	}
 	if !o.standalone && os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "agentd: not PID 1; use --standalone to run the agent loop as an ordinary process")
@@ -182,6 +188,7 @@ func run(o options, log *slog.Logger, boot uint64) error {
 		ClockSync:       o.clockSync || !o.standalone,
 		BootTimeNs:      boot,
 		DefaultUser:     defaultUser,
+		HeartbeatPath:   o.heartbeat,
 		Exec:            execOpts,
 		MaxTCPSessions:  o.maxSessions,
 		TCPBufferBudget: o.budget,
