@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -388,4 +389,88 @@ func TestFsScenarios(t *testing.T) {
 		fd0 := fds(t, a.pid())
 		return scenario.Agent{Client: a.c, Idle: func(t *testing.T) { waitFD(t, a.pid(), fd0) }}
 	}, 1<<30)
+}
+
+// TestStalledStdin: a child that never reads stdin while the host pushes 256 MiB. agentd's RSS
+// stays within budget and another session's output (a cat echoing 100-byte lines) keeps its
+// p99 under 50 ms. A stock host gets the reference's backpressure with the same memory bound.
+func TestStalledStdin(t *testing.T) {
+	for _, features := range [][]string{{protocol.FeatureFlow}, {}} {
+		t.Run(fmt.Sprintf("features=%v", features), func(t *testing.T) {
+			a := startAgentd(t, "socket", host.Options{Features: features})
+			flow := len(features) > 0
+			var echo *host.ExecSession
+			if flow {
+				var err error
+				if echo, err = a.c.Exec(ctx(t), protocol.ExecRequest{Cmd: "cat"}); err != nil {
+					t.Fatal(err)
+				}
+				defer echo.Close()
+				pingExec(t, echo, 20) // warm up
+			}
+			rss0 := testutil.RSS(t, a.pid())
+			stuck, err := a.c.Exec(ctx(t), protocol.ExecRequest{Cmd: "sleep", Args: []string{"600"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stuck.Close()
+			var pushed atomic.Int64
+			go func() {
+				chunk := make([]byte, 64<<10)
+				for pushed.Load() < 256<<20 {
+					if stuck.Stdin(context.Background(), chunk) != nil {
+						return
+					}
+					pushed.Add(int64(len(chunk)))
+				}
+			}()
+			var rtts []time.Duration
+			if flow {
+				rtts = pingExec(t, echo, 300)
+			} else {
+				waitStable(&pushed)
+			}
+			rss := testutil.RSS(t, a.pid())
+			t.Logf("stdin accepted %d MiB before backpressure; agentd RSS +%d KiB", pushed.Load()>>20, (rss-rss0)>>10)
+			if rss-rss0 > rssBudget {
+				t.Errorf("RSS grew by %d MiB, budget %d MiB", (rss-rss0)>>20, rssBudget>>20)
+			}
+			if pushed.Load() >= 256<<20 {
+				t.Error("all of stdin accepted: nothing held the host back")
+			}
+			if flow {
+				p99 := testutil.Percentile(rtts, 99)
+				t.Logf("other session's output: p50 %v p99 %v", testutil.Percentile(rtts, 50), p99)
+				if p99 > p99Budget {
+					t.Errorf("exec output p99 %v while another child ignores stdin; budget %v", p99, p99Budget)
+				}
+			}
+			// Without flow control the channel itself waits behind the stalled stdin (the
+			// reference's semantics), so no signal frame could get through: kill the child
+			// directly, and its stdin fails with EPIPE, which frees the channel.
+			syscall.Kill(int(stuck.PID), syscall.SIGKILL)
+		})
+	}
+}
+
+// pingExec writes 100-byte lines to a cat session and times each echo.
+func pingExec(t *testing.T, e *host.ExecSession, n int) []time.Duration {
+	line := append(bytes.Repeat([]byte("x"), 99), '\n')
+	rtts := make([]time.Duration, 0, n)
+	for i := 0; i < n; i++ {
+		start := time.Now()
+		if err := e.Stdin(ctx(t), line); err != nil {
+			t.Fatal(err)
+		}
+		for got := 0; got < len(line); {
+			ev, err := e.Next(ctx(t))
+			if err != nil || ev.Exited {
+				t.Fatalf("echo session ended: %v", err)
+			}
+			got += len(ev.Stdout)
+		}
+		rtts = append(rtts, time.Since(start))
+	}
+	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
+	return rtts
 }
