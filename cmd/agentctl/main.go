@@ -18,6 +18,8 @@ const usage = `usage: agentctl COMMAND [options]
 commands:
   serve    own an agent channel and serve up to 128 clients on a unix socket
   forward  listen locally and forward each connection to GUEST_HOST:PORT through the agent
+  exec     run a program in the guest (-t for a terminal) and exit with its status
+  fs       guest files: ls, stat, cat, get, put, mkdir, rm, mv
   version  print the version
 
 Run 'agentctl COMMAND -h' for a command's options.
@@ -34,6 +36,10 @@ func main() {
 		err = serve(args)
 	case "forward":
 		err = forward(args)
+	case "exec":
+		err = execCmd(args)
+	case "fs":
+		err = fsCmd(args)
 	case "version", "--version", "-version":
 		fmt.Println("agentctl", version)
 	case "help", "-h", "--help":
@@ -45,6 +51,13 @@ func main() {
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(0)
+		}
+		var ee exitError
+		if errors.As(err, &ee) {
+			if ee.err != nil {
+				fmt.Fprintf(os.Stderr, "agentctl: %v\n", ee.err)
+			}
+			os.Exit(ee.code)
 		}
 		fmt.Fprintf(os.Stderr, "agentctl: %v\n", err)
 		var ue usageError
