@@ -158,6 +158,7 @@ func TestReport(t *testing.T) {
 	fmt.Printf("\n100-byte round trip through agentd: p50 %v  p99 %v  (%d pings)\n", p50, p99, *pings)
 	fmt.Printf("agentd allocations per relayed 64 KiB frame: host->destination %.2f, destination->host %.2f\n", hostAllocs, guestAllocs)
 	fmt.Printf("\ntargets: ratio >= 0.80 each way; <= 2 allocations per frame\n")
+	execFsReport(t, a, raw)
 }
 
 // rawChannel is the channel's limit: one process writes 64 KiB chunks into a unix stream

@@ -85,6 +85,10 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
+// PipeSize is the capacity requested for output pipes (the kernel default is 64 KiB); the
+// request is best effort (an unprivileged limit may refuse it).
+const PipeSize = 1 << 20
+
 // Session is one running program.
 type Session struct {
 	id   uint32
@@ -222,6 +226,13 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 			return nil, spawnFailure(req.Cmd, stage, err)
 		}
 		outputs, stdin = []io.ReadCloser{po, pe}, pw
+		for _, r := range outputs { // a bigger pipe means fewer wake-ups of child and agent
+			if sc, ok := r.(syscall.Conn); ok {
+				if rc, err := sc.SyscallConn(); err == nil {
+					rc.Control(func(fd uintptr) { unix.FcntlInt(fd, unix.F_SETPIPE_SZ, PipeSize) })
+				}
+			}
+		}
 	}
 	if errPipe != nil {
 		cmd.ExtraFiles[0].Close() // our copy of the write end: EOF comes when the helper execs

@@ -311,12 +311,19 @@ func (c *Client) Shutdown() error {
 	return c.Send(0, protocol.TypeShutdown, []byte{0xf6})
 }
 
+// delivery is a message for a stream; data payloads sit in a pooled buffer (buf) that the
+// internal consumers return once used.
+type delivery struct {
+	m   protocol.Message
+	buf *[]byte
+}
+
 // Stream is every frame of one id.
 type Stream struct {
 	c    *Client
 	ID   uint32
-	ch   chan protocol.Message // non-flow streams: bounded; the reader waits when full
-	tcp  *TCPConn              // set for flow-controlled TCP streams
+	ch   chan delivery // bounded; the reader waits when full (flow-controlled senders never fill it)
+	tcp  *TCPConn      // set for flow-controlled TCP streams
 	done chan struct{}
 	once sync.Once
 
@@ -399,7 +406,7 @@ func (c *Client) OpenID(id uint32) (*Stream, error) {
 }
 
 func (c *Client) newStream(id uint32) *Stream {
-	return &Stream{c: c, ID: id, ch: make(chan protocol.Message, c.opts.StreamQueue), done: make(chan struct{}), cwake: make(chan struct{}, 1)}
+	return &Stream{c: c, ID: id, ch: make(chan delivery, c.opts.StreamQueue), done: make(chan struct{}), cwake: make(chan struct{}, 1)}
 }
 
 // Start opens a stream and sends its first (session-start) message.
@@ -417,24 +424,38 @@ func (c *Client) Start(t protocol.Type, v any) (*Stream, error) {
 
 // Recv returns the stream's next message. After the terminal message it returns io.EOF.
 func (s *Stream) Recv(ctx context.Context) (protocol.Message, error) {
+	d, err := s.recv(ctx)
+	return d.m, err // a pooled buffer is simply left to the garbage collector
+}
+
+// recv is Recv with the pooled buffer, for consumers that hand it back with release.
+func (s *Stream) recv(ctx context.Context) (delivery, error) {
 	select {
-	case m, ok := <-s.ch:
+	case d, ok := <-s.ch:
 		if !ok {
-			return m, io.EOF
+			return d, io.EOF
 		}
-		return m, nil
+		return d, nil
 	case <-ctx.Done():
-		return protocol.Message{}, ctx.Err()
+		return delivery{}, ctx.Err()
 	case <-s.c.done:
 		select { // drain what arrived before the connection closed
-		case m, ok := <-s.ch:
+		case d, ok := <-s.ch:
 			if ok {
-				return m, nil
+				return d, nil
 			}
-			return m, io.EOF
+			return d, io.EOF
 		default:
 		}
-		return protocol.Message{}, ErrClosed
+		return delivery{}, ErrClosed
+	}
+}
+
+// release returns a delivery's pooled buffer.
+func (d *delivery) release() {
+	if d.buf != nil {
+		rpool.Put(d.buf)
+		d.buf = nil
 	}
 }
 
@@ -448,6 +469,14 @@ func (s *Stream) Close() {
 		s.c.mu.Unlock()
 		close(s.done)
 	})
+}
+
+func isData(t protocol.Type) bool {
+	switch t {
+	case protocol.TypeExecStdout, protocol.TypeExecStderr, protocol.TypeFsData:
+		return true
+	}
+	return false
 }
 
 // Request sends a session-start message and waits for its terminal reply. A core.error reply
@@ -530,10 +559,20 @@ func (c *Client) readLoop() {
 			}
 			continue
 		}
-		m.Payload = append([]byte(nil), m.Payload...)
+		d := delivery{m: m}
+		if n := len(m.Payload); n <= 64<<10+64 && isData(m.Type) {
+			d.buf = rpool.Get().(*[]byte)
+			if cap(*d.buf) < n {
+				*d.buf = make([]byte, n)
+			}
+			d.m.Payload = (*d.buf)[:copy((*d.buf)[:cap(*d.buf)], m.Payload)]
+		} else {
+			d.m.Payload = append([]byte(nil), m.Payload...)
+		}
 		select {
-		case s.ch <- m:
+		case s.ch <- d:
 		case <-s.done:
+			d.release()
 		}
 		if m.Flags&protocol.FlagTerminal != 0 {
 			c.mu.Lock()

@@ -15,6 +15,7 @@ type ExecSession struct {
 	flow     bool
 	win      int
 	consumed int
+	held     delivery // the pooled buffer behind the last event's output
 }
 
 // ExecEvent is one thing that happened in a session: output, a stdin error, or the end.
@@ -75,13 +76,17 @@ func (c *Client) Exec(ctx context.Context, req protocol.ExecRequest) (*ExecSessi
 // ID returns the session id.
 func (e *ExecSession) ID() uint32 { return e.s.ID }
 
-// Next returns the next event. After the Exited event the session is over.
+// Next returns the next event. After the Exited event the session is over. An event's output
+// is valid until the next call to Next (its buffer is reused).
 func (e *ExecSession) Next(ctx context.Context) (ExecEvent, error) {
+	e.held.release()
 	for {
-		m, err := e.s.Recv(ctx)
+		d, err := e.s.recv(ctx)
 		if err != nil {
 			return ExecEvent{}, err
 		}
+		e.held = d
+		m := d.m
 		var ev ExecEvent
 		switch m.Type {
 		case protocol.TypeExecStdout, protocol.TypeExecStderr:
@@ -162,7 +167,7 @@ func (e *ExecSession) Resize(rows, cols uint16) error {
 }
 
 // Close forgets the session locally (the program keeps running unless signalled).
-func (e *ExecSession) Close() { e.s.Close() }
+func (e *ExecSession) Close() { e.held.release(); e.s.Close() }
 
 // Run is a convenience: run a program to completion, collecting its output.
 func (c *Client) Run(ctx context.Context, req protocol.ExecRequest, stdin []byte) (stdout, stderr []byte, code int32, err error) {

@@ -59,10 +59,11 @@ func (c *Client) FsRead(ctx context.Context, handle, offset uint64, n *uint64, w
 	var total int64
 	consumed := 0
 	for {
-		m, err := s.Recv(ctx)
+		dl, err := s.recv(ctx)
 		if err != nil {
 			return total, err
 		}
+		m := dl.m
 		if m.Type != protocol.TypeFsData {
 			_, err := fsResult(m)
 			return total, err
@@ -71,7 +72,9 @@ func (c *Client) FsRead(ctx context.Context, handle, offset uint64, n *uint64, w
 		if err != nil {
 			return total, fmt.Errorf("decode fs.data: %w", err)
 		}
-		if _, err := w.Write(d); err != nil {
+		_, err = w.Write(d)
+		dl.release()
+		if err != nil {
 			return total, err
 		}
 		total += int64(len(d))
@@ -123,11 +126,11 @@ func (c *Client) FsWrite(ctx context.Context, handle, offset uint64, n *uint64, 
 			return total, rerr
 		}
 		select { // an early terminal reply (a write error) ends the upload
-		case m, ok := <-s.ch:
+		case d, ok := <-s.ch:
 			if !ok {
 				return total, ErrClosed
 			}
-			_, err := fsResult(m)
+			_, err := fsResult(d.m)
 			if err == nil {
 				err = fmt.Errorf("fs write ended early")
 			}
