@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/creack/pty"
@@ -63,6 +64,20 @@ func TestAgentctlExec(t *testing.T) {
 	}
 	if out, _, _ := agentctl(t, sock, "", "exec", "-u", "nobody", "-w", "/tmp", "-e", "GREETING=hi", "--", "sh", "-c", "echo $(id -un) $PWD $GREETING"); out != "nobody /tmp hi\n" {
 		t.Fatalf("user, cwd, env: %q", out)
+	}
+	// SIGTERM to agentctl is forwarded to the program; a signal death exits 255.
+	sleeper := exec.Command(filepath.Join(binDir, "agentctl"), "exec", "--connect", sock, "--", "sh", "-c", "echo ready; exec sleep 60")
+	stdout, _ := sleeper.StdoutPipe()
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line := make([]byte, 6)
+	if _, err := io.ReadFull(stdout, line); err != nil || string(line) != "ready\n" {
+		t.Fatalf("sleeper: %q %v", line, err)
+	}
+	sleeper.Process.Signal(syscall.SIGTERM)
+	if err := sleeper.Wait(); err == nil || sleeper.ProcessState.ExitCode() != 255 {
+		t.Fatalf("after SIGTERM: %v (exit %d)", err, sleeper.ProcessState.ExitCode())
 	}
 	// -t under a real local terminal: the remote PTY takes our size, and EOF (^D) ends cat.
 	cmd := exec.Command(filepath.Join(binDir, "agentctl"), "exec", "--connect", sock, "-t", "--", "sh", "-c", "stty size; cat")

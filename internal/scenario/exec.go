@@ -26,6 +26,7 @@ func RunExec(t *testing.T, start Start) {
 	t.Run("CleanEnv", func(t *testing.T) { ExecCleanEnv(t, start(t, nil)) })
 	t.Run("Rlimits", func(t *testing.T) { ExecRlimits(t, start(t, nil)) })
 	t.Run("Cwd", func(t *testing.T) { ExecCwd(t, start(t, nil)) })
+	t.Run("StdinError", func(t *testing.T) { ExecStdinError(t, start(t, nil)) })
 }
 
 func run(t *testing.T, a Agent, req protocol.ExecRequest, stdin []byte) (string, string, int32) {
@@ -211,5 +212,40 @@ func ExecCwd(t *testing.T, a Agent) {
 	var f *protocol.ExecFailed
 	if !errors.As(err, &f) || f.Kind != protocol.ExecNotFound { // ENOENT, as the reference
 		t.Fatalf("missing cwd: %v", err)
+	}
+}
+
+// ExecStdinError: writing to a child that closed its stdin reports core.exec.stdin.error
+// (non-terminal) with the reference's fields; the session still exits normally.
+func ExecStdinError(t *testing.T, a Agent) {
+	// The child closes stdin, then lives until SIGTERM (sent once the error was seen).
+	e, err := a.Client.Exec(Ctx(t), protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", `exec 0<&-; trap "exit 3" TERM; echo closed; while :; do sleep 0.01; done`}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	var sawErr *protocol.ExecStdinError
+	for {
+		ev, err := e.Next(Ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(ev.Stdout), "closed") {
+			e.Stdin(Ctx(t), []byte("nobody reads this\n"))
+		}
+		if ev.StdinError != nil {
+			sawErr = ev.StdinError
+			e.Signal(15)
+		}
+		if ev.Exited {
+			if ev.Code != 3 {
+				t.Fatalf("code %d", ev.Code)
+			}
+			break
+		}
+	}
+	if sawErr == nil || sawErr.Errno == nil || *sawErr.Errno != 32 || sawErr.ErrnoName == nil || *sawErr.ErrnoName != "EPIPE" ||
+		sawErr.Message != "io error: Broken pipe (os error 32)" {
+		t.Fatalf("stdin error %+v", sawErr)
 	}
 }
