@@ -12,7 +12,7 @@ FUZZ_TARGETS := \
 	./protocol:FuzzFsPayload \
 	./protocol:FuzzTCPPayload
 
-.PHONY: all build test unit fuzz-smoke fuzz bench lint run clean
+.PHONY: all build test unit fuzz-smoke fuzz bench lint run initramfs clean
 
 all: build
 
@@ -43,6 +43,10 @@ bench:
 lint:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+
+# build/initramfs.cpio.gz (agentd as /init, busybox, kernel modules) and build/vmlinuz.
+initramfs: build
+	scripts/mkinitramfs.sh $(BUILD)
 
 # Run the agent and a relay on this machine, with a forward through them (see README).
 run: build

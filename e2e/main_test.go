@@ -30,6 +30,7 @@ func TestMain(m *testing.M) {
 	binDir = dir
 	for _, cmd := range []string{"agentd", "agentctl"} {
 		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "../cmd/"+cmd)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0") // static: agentd also runs as a VM's /init
 		build.Stderr = os.Stderr
 		if err := build.Run(); err != nil {
 			fmt.Fprintln(os.Stderr, "build", cmd, err)

@@ -51,6 +51,14 @@ type Options struct {
 	// HelperPath is the agentd binary, started as the pre-exec helper when a request needs
 	// rlimits or the restricted profile.
 	HelperPath string
+	// Waiter, when set, reaps children instead of os/exec (PID 1's reaper owns every wait, so
+	// that reaping orphans cannot take an exec child's status).
+	Waiter Waiter
+}
+
+// Waiter returns the exit status of a child by pid.
+type Waiter interface {
+	Wait(pid int) (syscall.WaitStatus, error)
 }
 
 // DefaultOptions: 64 KiB reads, 256/64 KiB output watermarks, 1 MiB of stdin.
@@ -101,6 +109,8 @@ type Session struct {
 	log  *slog.Logger
 	done func(*Session)
 	flow bool
+	wait Waiter
+	pipes []io.Closer // closed after the child is reaped (os/exec would in Wait)
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -180,7 +190,8 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{id: id, cmd: cmd, out: out, log: log, done: done, ctx: ctx, cancel: cancel,
 		flow: req.Window > 0, credit: int64(req.Window),
-		q: out.NewQueue(opts.HighWater, opts.LowWater), crWake: make(chan struct{}, 1), finished: make(chan struct{})}
+		q: out.NewQueue(opts.HighWater, opts.LowWater), crWake: make(chan struct{}, 1), finished: make(chan struct{}),
+		wait: opts.Waiter}
 	cfg := sink.Config{Limit: opts.StdinLimit, Budget: opts.StdinBudget}
 	if s.flow {
 		cfg.Grant = func(n int) {
@@ -226,6 +237,7 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 			return nil, spawnFailure(req.Cmd, stage, err)
 		}
 		outputs, stdin = []io.ReadCloser{po, pe}, pw
+		s.pipes = []io.Closer{po, pe, pw}
 		for _, r := range outputs { // a bigger pipe means fewer wake-ups of child and agent
 			if sc, ok := r.(syscall.Conn); ok {
 				if rc, err := sc.SyscallConn(); err == nil {
@@ -237,7 +249,14 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 	if errPipe != nil {
 		cmd.ExtraFiles[0].Close() // our copy of the write end: EOF comes when the helper execs
 		if f := helperFailure(errPipe, req.Cmd, stage); f != nil {
-			cmd.Wait()
+			s.reap()
+			if s.tty != nil {
+				s.tty.Close()
+			}
+			for _, c := range outputs {
+				c.Close()
+			}
+			stdin.Close()
 			cancel()
 			return nil, f
 		}
@@ -297,17 +316,7 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 		go func() { defer wg.Done(); s.pump(r, t, chunk) }()
 	}
 	wg.Wait()
-	err := s.cmd.Wait()
-	code := int32(0)
-	if err != nil {
-		code = -1
-		var ee *osexec.ExitError
-		if errors.As(err, &ee) {
-			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Exited() {
-				code = int32(ws.ExitStatus())
-			}
-		}
-	}
+	code := s.reap()
 	if s.tty != nil {
 		s.tty.Close()
 	}
@@ -317,6 +326,33 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 	if s.done != nil {
 		s.done(s)
 	}
+}
+
+// reap waits for the child and returns the reference's exit code: the status, or -1 for a
+// signal death (or a failed wait).
+func (s *Session) reap() int32 {
+	if s.wait == nil {
+		err := s.cmd.Wait()
+		if err == nil {
+			return 0
+		}
+		var ee *osexec.ExitError
+		if errors.As(err, &ee) {
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Exited() {
+				return int32(ws.ExitStatus())
+			}
+		}
+		return -1
+	}
+	ws, err := s.wait.Wait(s.cmd.Process.Pid)
+	s.cmd.Process.Release() // without os/exec's Wait, the process handle (a pidfd) is ours to free
+	for _, c := range s.pipes {
+		c.Close()
+	}
+	if err != nil || !ws.Exited() {
+		return -1
+	}
+	return int32(ws.ExitStatus())
 }
 
 // pump reads one output stream into frames until EOF (or EIO: a PTY whose slave side closed).

@@ -20,6 +20,7 @@ commands:
   forward  listen locally and forward each connection to GUEST_HOST:PORT through the agent
   exec     run a program in the guest (-t for a terminal) and exit with its status
   fs       guest files: ls, stat, cat, get, put, mkdir, rm, mv
+  shutdown ask the agent to shut the guest down (core.shutdown)
   version  print the version
 
 Run 'agentctl COMMAND -h' for a command's options.
@@ -40,6 +41,8 @@ func main() {
 		err = execCmd(args)
 	case "fs":
 		err = fsCmd(args)
+	case "shutdown":
+		err = shutdownCmd(args)
 	case "version", "--version", "-version":
 		fmt.Println("agentctl", version)
 	case "help", "-h", "--help":

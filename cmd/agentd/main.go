@@ -8,6 +8,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -16,10 +17,13 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/heartbeat"
+	"github.com/agentd/agentd/initfs"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 )
@@ -132,6 +136,9 @@ func main() {
 		fmt.Fprintln(os.Stderr, "agentd: not PID 1; use --standalone to run the agent loop as an ordinary process")
 		os.Exit(2)
 	}
+	if !o.standalone {
+		runInit(o, log, boot) // does not return: it powers the machine off
+	}
 	if o.cpuProfile != "" {
 		f, err := os.Create(o.cpuProfile)
 		if err != nil {
@@ -181,6 +188,62 @@ func run(o options, log *slog.Logger, boot uint64) error {
 		return err
 	}
 	defer port.Close()
+	return serve(o, log, boot, initStart, port, execOpts, defaultUser)
+}
+
+// runInit is agentd as PID 1: the init duties, then the agent loop, then power-off. Whatever
+// happens, it ends by powering off (returning would panic the kernel).
+func runInit(o options, log *slog.Logger, boot uint64) {
+	initStart := agent.BootTimeNs()
+	err := func() error {
+		execOpts, defaultUser, err := execOptions()
+		if err != nil {
+			return fmt.Errorf("config: %w", err)
+		}
+		if err := initfs.MountBase(); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		execOpts.Waiter = initfs.StartReaper()
+		initfs.MountRuntime(log)
+		if _, err := initfs.LoadModules(initfs.ModulesDir, log); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		if h := strings.TrimSpace(os.Getenv("MSB_HOSTNAME")); h != "" {
+			if err := unix.Sethostname([]byte(h)); err != nil {
+				return fmt.Errorf("init: sethostname %q: %w", h, err)
+			}
+		}
+		if err := initfs.LoopbackUp(); err != nil {
+			log.Warn("loopback not up", "error", err)
+		}
+		port, err := openPort(o.port, 10*time.Second)
+		if err != nil {
+			return err
+		}
+		defer port.Close()
+		return serve(o, log, boot, initStart, port, execOpts, defaultUser)
+	}()
+	if err != nil {
+		log.Error("agentd stopping", "error", err)
+	}
+	initfs.PowerOff(log, initfs.DefaultGrace)
+	os.Exit(1) // only if the power-off itself failed
+}
+
+// openPort opens the channel, waiting for the virtio port to appear (its driver binds, and
+// devtmpfs creates the node, shortly after the module loads).
+func openPort(spec string, wait time.Duration) (io.ReadWriteCloser, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		port, err := channel.Open(spec)
+		if err == nil || time.Now().After(deadline) {
+			return port, err
+		}
+		time.Sleep(10 * time.Millisecond) // the kernel gives no event for a port appearing
+	}
+}
+
+func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs) error {
 	cfg := agent.Config{
 		Port:            port,
 		Log:             log,
@@ -208,7 +271,7 @@ func run(o options, log *slog.Logger, boot uint64) error {
 	a.SetInitTime(cfg.InitTimeNs)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	err = a.Serve(ctx)
+	err := a.Serve(ctx)
 	switch {
 	case errors.Is(err, agent.ErrShutdown):
 		log.Info("shut down")

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds build/initramfs.cpio.gz and build/vmlinuz: agentd as /init, busybox for workloads, and
+# the kernel modules agentd loads (virtio, virtio_pci, virtio_console, virtio_net, tun) from the
+# same Debian cloud kernel package. Uses apt-get download + dpkg-deb -x: nothing is installed.
+#
+#   scripts/mkinitramfs.sh [BUILD_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-build}
+VM=$OUT/vm
+[ -x "$OUT/agentd" ] || { echo "build $OUT/agentd first (make build)" >&2; exit 1; }
+mkdir -p "$VM/debs"
+
+# The kernel image the cloud meta-package points at, and a static busybox.
+kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+if [ -z "$kpkg" ]; then
+	echo "no linux-image-cloud-amd64 in the apt lists: run apt-get update" >&2
+	exit 1
+fi
+kver=${kpkg#linux-image-}
+if [ ! -f "$VM/kernel/boot/vmlinuz-$kver" ]; then
+	(cd "$VM/debs" && apt-get download "$kpkg" >/dev/null 2>&1)
+	rm -rf "$VM/kernel" && dpkg-deb -x "$VM/debs/${kpkg}"_*.deb "$VM/kernel"
+fi
+if [ ! -x "$VM/busybox/bin/busybox" ]; then
+	(cd "$VM/debs" && apt-get download busybox-static >/dev/null 2>&1)
+	rm -rf "$VM/busybox" && dpkg-deb -x "$VM/debs/"busybox-static_*.deb "$VM/busybox"
+fi
+cp "$VM/kernel/boot/vmlinuz-$kver" "$OUT/vmlinuz"
+
+root=$VM/rootfs
+rm -rf "$root"
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,etc,root,lib/modules,.msb/scripts}
+cp "$OUT/agentd" "$root/init"
+cp "$VM/busybox/bin/busybox" "$root/bin/busybox"
+for applet in $("$root/bin/busybox" --list-full); do
+	[ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+done
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
+
+# Modules in dependency order (modules.dep of this kernel); agentd loads them as listed.
+kmod=$VM/kernel/lib/modules/$kver/kernel
+order=(
+	drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
+	drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci.ko
+	drivers/char/virtio_console.ko
+	net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko
+	drivers/net/tun.ko
+)
+: >"$root/lib/modules/agentd.load"
+for m in "${order[@]}"; do
+	cp "$kmod/$m" "$root/lib/modules/"
+	basename "$m" >>"$root/lib/modules/agentd.load"
+done
+
+(cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet | gzip -6) >"$OUT/initramfs.cpio.gz"
+echo "$OUT/initramfs.cpio.gz ($(du -k "$OUT/initramfs.cpio.gz" | cut -f1) KiB) and $OUT/vmlinuz ($kver)"
