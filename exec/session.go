@@ -99,17 +99,17 @@ const PipeSize = 1 << 20
 
 // Session is one running program.
 type Session struct {
-	id   uint32
-	cmd  *osexec.Cmd
-	pid  int
-	tty  *os.File // PTY master (PTY mode)
-	in   *sink.Sink
-	q    *mux.Queue
-	out  *mux.Writer
-	log  *slog.Logger
-	done func(*Session)
-	flow bool
-	wait Waiter
+	id    uint32
+	cmd   *osexec.Cmd
+	pid   int
+	tty   *os.File // PTY master (PTY mode)
+	in    *sink.Sink
+	q     *mux.Queue
+	out   *mux.Writer
+	log   *slog.Logger
+	done  func(*Session)
+	flow  bool
+	wait  Waiter
 	pipes []io.Closer // closed after the child is reaped (os/exec would in Wait)
 
 	ctx    context.Context
