@@ -12,7 +12,7 @@ FUZZ_TARGETS := \
 	./protocol:FuzzFsPayload \
 	./protocol:FuzzTCPPayload
 
-.PHONY: all build test unit fuzz-smoke fuzz bench lint run initramfs clean
+.PHONY: all build test unit fuzz-smoke fuzz bench lint run initramfs vm clean
 
 all: build
 
@@ -47,6 +47,10 @@ lint:
 # build/initramfs.cpio.gz (agentd as /init, busybox, kernel modules) and build/vmlinuz.
 initramfs: build
 	scripts/mkinitramfs.sh $(BUILD)
+
+# Boot a microVM with agentd as PID 1 and serve its channel (see README).
+vm: initramfs
+	scripts/run-vm.sh
 
 # Run the agent and a relay on this machine, with a forward through them (see README).
 run: build

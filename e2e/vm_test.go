@@ -30,6 +30,9 @@ func (c *replayConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 func TestVM(t *testing.T) {
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("qemu-system-x86_64 is missing: .ci/run should have installed it")
+		}
 		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
 	}
 	mk := exec.Command("../scripts/mkinitramfs.sh", binDir)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Boots a microVM with agentd as PID 1 (Debian's cloud kernel under qemu; TCG unless
+# AGENTD_QEMU_ACCEL=kvm) and serves its agent channel on a relay socket, so that
+# agentctl exec/fs/forward work against a real kernel. Ctrl-C (or agentctl shutdown) stops it.
+#
+#   make vm        # then, in another terminal, the agentctl commands it prints
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build}
+RUN=${RUN:-/tmp/agentd-vm}
+rm -rf "$RUN" && mkdir -p "$RUN"
+[ -f "$BUILD/initramfs.cpio.gz" ] || scripts/mkinitramfs.sh "$BUILD"
+qemu-system-x86_64 -accel "${AGENTD_QEMU_ACCEL:-tcg}" -m "${MEM:-512}" -nographic -no-reboot \
+	-kernel "$BUILD/vmlinuz" -initrd "$BUILD/initramfs.cpio.gz" \
+	-append "console=ttyS0 quiet panic=-1 MSB_HOSTNAME=agentd-vm" \
+	-device virtio-serial -chardev "socket,id=agent,path=$RUN/agent.sock,server=on,wait=off" \
+	-device virtserialport,chardev=agent,name=agent \
+	-netdev user,id=n0 -device virtio-net-pci,netdev=n0 >"$RUN/console.log" 2>&1 &
+qemu=$!
+trap 'kill $qemu 2>/dev/null || true' EXIT INT TERM
+for _ in $(seq 200); do [ -S "$RUN/agent.sock" ] && break; sleep 0.05; done
+"$BUILD/agentctl" serve --port "unix:$RUN/agent.sock" --listen "$RUN/relay.sock" 2>"$RUN/serve.log" &
+for _ in $(seq 600); do grep -q "serving clients" "$RUN/serve.log" && break; sleep 0.05; done
+grep -q "serving clients" "$RUN/serve.log" || { echo "the VM did not come up; see $RUN/console.log" >&2; exit 1; }
+"$BUILD/agentctl" exec --connect "$RUN/relay.sock" -- uname -a
+cat <<TEXT
+agentd is PID 1 in the VM. Try:
+  $BUILD/agentctl exec --connect $RUN/relay.sock -t -- sh
+  $BUILD/agentctl fs --connect $RUN/relay.sock ls /
+  $BUILD/agentctl forward --connect $RUN/relay.sock 127.0.0.1:8080 127.0.0.1:80
+  $BUILD/agentctl shutdown --connect $RUN/relay.sock
+console: $RUN/console.log
+TEXT
+wait $qemu
