@@ -50,12 +50,13 @@ type Options struct {
 	Inbound, Outbound *budget.Budget
 }
 
-// DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 1 MiB inbound.
+// DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 4 MiB inbound (a
+// window that keeps one stream at channel speed while credit round trips are in flight).
 var DefaultOptions = Options{
 	ChunkSize:      64 << 10,
 	HighWater:      256 << 10,
 	LowWater:       64 << 10,
-	InboundLimit:   1 << 20,
+	InboundLimit:   4 << 20,
 	ConnectTimeout: 30 * time.Second,
 	Dialer:         &net.Dialer{},
 }
