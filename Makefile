@@ -37,8 +37,11 @@ fuzz-smoke:
 fuzz:
 	$(GO) test ./protocol -run '^$$' -fuzz '^FuzzFrameEnvelope$$' -fuzztime $(FUZZTIME)
 
+# Two reports: over a pty (a slow channel, like virtio-serial: the channel is the limit) and over
+# a unix socket (a fast channel: agentd is also compared with a plain-copy relay).
 bench:
-	$(GO) test ./bench -run TestReport -count=1 -v -args -report
+	$(GO) test ./bench -run TestReport -count=1 -v -args -report -channel pty -bytes 268435456
+	$(GO) test ./bench -run TestReport -count=1 -v -args -report -channel socket
 
 lint:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi

@@ -1,7 +1,11 @@
-// Package bench measures agentd's core.tcp relay against the limit of its channel, in one run
-// on one machine (shared machines are noisy, so every figure comes with its baseline):
+// Package bench measures agentd against the limit of its channel, in one run on one machine
+// (shared machines are noisy, so every figure comes with its baseline measured alongside):
 //
-//	go test ./bench -run TestReport -v -args -report
+//	go test ./bench -run TestReport -v -args -report [-channel pty|socket] [-bytes N]
+//
+// Over a pty, a channel as slow as a virtio port, the channel is the limit. Over a unix socket,
+// a channel faster than any relay on two cores, agentd is also compared with a plain-copy relay
+// of the same bytes over the same kind of channel to the same destination.
 package bench
 
 import (
@@ -20,7 +24,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/creack/pty"
+
 	"github.com/agentd/agentd/agent"
+	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/internal/testutil"
 	"github.com/agentd/agentd/protocol"
@@ -32,6 +39,7 @@ var (
 	pings       = flag.Int("pings", 2000, "round trips for the latency measurement")
 	profile     = flag.String("agentd-profile", "", "write agentd's CPU profile to this file")
 	flowOn      = flag.Bool("flow", true, "negotiate per-stream flow control")
+	chanKind    = flag.String("channel", "socket", "channel between host and agentd: socket or pty")
 	window      = flag.Int("window", 0, "host receive window (0: client default)")
 	hostProfile = flag.String("host-profile", "", "write the host side's CPU profile to this file")
 )
@@ -134,8 +142,12 @@ func TestReport(t *testing.T) {
 	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/agentd").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	fmt.Printf("agentd relay benchmark: %d MiB per direction, unix-socket channel, GOMAXPROCS %d\n\n", *size>>20, runtime.GOMAXPROCS(0))
+	fmt.Printf("agentd relay benchmark: %d MiB per direction, %s channel, GOMAXPROCS %d\n\n", *size>>20, *chanKind, runtime.GOMAXPROCS(0))
 
+	if *chanKind == "pty" {
+		ptyReport(t, bin)
+		return
+	}
 	raw := rawChannel(t, *size)
 	copyUp, copyDown := copierRelay(t, *size)
 	if *hostProfile != "" {
@@ -184,7 +196,91 @@ func rawChannel(t *testing.T, n int64) float64 {
 
 func mbps(n int64, d time.Duration) float64 { return float64(n) / d.Seconds() / 1e6 }
 
-// startBinary runs agentd --standalone on a unix socket and connects a client to it.
+// ptyReport compares agentd over a pty with the pty itself, direction by direction: a pty (like
+// a virtio port) is far slower than a unix socket, so there the channel is the limit.
+func ptyReport(t *testing.T, bin string) {
+	toGuestRaw, toHostRaw := rawPTY(t, *size, true), rawPTY(t, *size, false)
+	a := startBinary(t, bin)
+	up := toGuest(t, a, *size)
+	down := toHost(t, a, *size)
+	p50, p99 := latency(t, a, *pings)
+	ctx := context.Background()
+	file := filepath.Join(t.TempDir(), "big")
+	f, _ := os.Create(file)
+	f.Truncate(*size)
+	f.Close()
+	cat := catThroughput(t, a, file)
+	start := time.Now()
+	if _, err := a.ReadFile(ctx, file, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	fsRead := mbps(*size, time.Since(start))
+	start = time.Now()
+	if _, err := a.WriteFile(ctx, file+".w", 0o600, io.LimitReader(zeros{}, *size)); err != nil {
+		t.Fatal(err)
+	}
+	fsWrite := mbps(*size, time.Since(start))
+	fmt.Printf("%-52s %8s %10s\n", "measurement", "MB/s", "vs pty")
+	fmt.Printf("%-52s %8.0f %10s\n", "pty alone, host -> guest (master -> slave)", toGuestRaw, "1.00")
+	fmt.Printf("%-52s %8.0f %10s\n", "pty alone, guest -> host (slave -> master)", toHostRaw, "1.00")
+	for _, r := range []struct {
+		name string
+		v    float64
+		base float64
+	}{
+		{"agentd core.tcp, host -> destination", up, toGuestRaw},
+		{"agentd core.tcp, destination -> host", down, toHostRaw},
+		{"agentd exec cat, stdout to the host", cat, toHostRaw},
+		{"agentd fs read", fsRead, toHostRaw},
+		{"agentd fs write", fsWrite, toGuestRaw},
+	} {
+		fmt.Printf("%-52s %8.0f %10.2f\n", r.name, r.v, r.v/r.base)
+	}
+	fmt.Printf("\n100-byte round trip through agentd over the pty: p50 %v  p99 %v\n", p50, p99)
+}
+
+// rawPTY is a pty's limit in one direction: 64 KiB writes into one end of a raw-mode pty,
+// read from the other.
+func rawPTY(t *testing.T, n int64, toSlave bool) float64 {
+	master, slave, err := pty.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := channel.Pollable(master)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	defer slave.Close()
+	sl, err := channel.Open(slave.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sl.Close()
+	w, r := io.Writer(m), io.Reader(sl)
+	if !toSlave {
+		channel.MakeRaw(int(slave.Fd())) // the master side reads too: no output processing
+		w, r = sl, m
+	}
+	buf := make([]byte, chunk)
+	start := time.Now()
+	go func() {
+		for sent := int64(0); sent < n; sent += chunk {
+			w.Write(buf)
+		}
+	}()
+	got, rbuf := int64(0), make([]byte, 256<<10)
+	for got < n {
+		k, err := r.Read(rbuf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got += int64(k)
+	}
+	return mbps(n, time.Since(start))
+}
+
+// startBinary runs agentd --standalone on the chosen channel and connects a client to it.
 func startBinary(t *testing.T, bin string) *host.Client {
 	sock := filepath.Join(t.TempDir(), "chan.sock")
 	l, err := net.Listen("unix", sock)
@@ -192,7 +288,20 @@ func startBinary(t *testing.T, bin string) *host.Client {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	args := []string{"--standalone", "--port", "unix:" + sock, "--log-level", "warn"}
+	port := "unix:" + sock
+	var hostEnd io.ReadWriteCloser
+	if *chanKind == "pty" {
+		master, slave, err := pty.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { slave.Close() })
+		if hostEnd, err = channel.Pollable(master); err != nil {
+			t.Fatal(err)
+		}
+		port = slave.Name()
+	}
+	args := []string{"--standalone", "--port", port, "--log-level", "warn"}
 	if *profile != "" {
 		args = append(args, "--cpu-profile", *profile)
 	}
@@ -202,9 +311,11 @@ func startBinary(t *testing.T, bin string) *host.Client {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
-	conn, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
+	conn := hostEnd
+	if conn == nil {
+		if conn, err = l.Accept(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	opts := host.Options{Log: quiet, Window: *window}
 	if !*flowOn {
