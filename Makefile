@@ -10,7 +10,8 @@ FUZZ_TARGETS := \
 	./protocol:FuzzCorePayload \
 	./protocol:FuzzExecPayload \
 	./protocol:FuzzFsPayload \
-	./protocol:FuzzTCPPayload
+	./protocol:FuzzTCPPayload \
+	./initfs:FuzzLoadConfig
 
 .PHONY: all build test unit fuzz-smoke fuzz bench lint run initramfs vm clean
 

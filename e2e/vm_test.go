@@ -44,7 +44,7 @@ func TestVM(t *testing.T) {
 	console := &logBuffer{}
 	args := []string{"-m", "512", "-nographic", "-no-reboot",
 		"-kernel", filepath.Join(binDir, "vmlinuz"), "-initrd", filepath.Join(binDir, "initramfs.cpio.gz"),
-		"-append", "console=ttyS0 quiet panic=-1 MSB_HOSTNAME=agentd-vm",
+		"-append", "console=ttyS0 quiet panic=-1 MSB_HOSTNAME=agentd-vm MSB_TMPFS=/scratch:size=16,noexec MSB_RLIMITS=nofile=4096:8192",
 		"-device", "virtio-serial", "-chardev", "socket,id=agent,path=" + sock + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=agent", "-net", "none"}
 	// TCG by default: on these machines /dev/kvm exists but a guest under it never boots.
@@ -107,6 +107,15 @@ func TestVM(t *testing.T) {
 		t.Fatalf("uname -a: %q %d %v", out, code, err)
 	}
 	t.Logf("uname -a: %s", strings.TrimSpace(string(out)))
+	// The MSB_* boot settings were applied: tmpfs with its size and flags, rlimits on PID 1
+	// (inherited), /etc/hostname and /etc/hosts.
+	out, _, _, err = c.Run(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c",
+		`grep ' /scratch ' /proc/mounts; ulimit -n; ulimit -Hn; cat /etc/hostname; head -1 /etc/hosts`}}, nil)
+	mounts, rest, _ := strings.Cut(string(out), "\n")
+	if err != nil || !strings.HasPrefix(mounts, "tmpfs /scratch tmpfs ") || !strings.Contains(mounts, "noexec") ||
+		!strings.Contains(mounts, "size=16384k") || rest != "4096\n8192\nagentd-vm\n127.0.0.1\tlocalhost agentd-vm\n" {
+		t.Fatalf("boot settings: %q %v", out, err)
+	}
 
 	payload := bytes.Repeat([]byte("written through core.fs "), 10000)
 	if _, err := c.WriteFile(ctx, "/root/data", 0o600, bytes.NewReader(payload)); err != nil {

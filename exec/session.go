@@ -168,7 +168,7 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 	if len(req.Rlimits) > 0 || opts.Restricted {
 		hs := helperSpec{Path: path, Argv: cmd.Args, Identity: ident, Restricted: opts.Restricted}
 		for _, rl := range req.Rlimits {
-			if n, ok := rlimitByName[strings.ToLower(rl.Resource)]; ok { // unknown names are skipped
+			if n, ok := protocol.RlimitResources[strings.ToLower(rl.Resource)]; ok { // unknown names are skipped
 				hs.Rlimits = append(hs.Rlimits, [3]int64{int64(n), int64(rl.Soft), int64(rl.Hard)})
 			}
 		}

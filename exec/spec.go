@@ -243,10 +243,3 @@ func stdinError(err error) protocol.ExecStdinError {
 	}
 	return e
 }
-
-// Rlimit numbers by the reference's lowercase names.
-var rlimitByName = map[string]int{
-	"cpu": 0, "fsize": 1, "data": 2, "stack": 3, "core": 4, "rss": 5, "nproc": 6, "nofile": 7,
-	"memlock": 8, "as": 9, "locks": 10, "sigpending": 11, "msgqueue": 12, "nice": 13, "rtprio": 14,
-	"rttime": 15,
-}

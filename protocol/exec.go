@@ -92,3 +92,11 @@ const (
 	ExecOutOfMemory      = "out_of_memory"
 	ExecOther            = "other"
 )
+
+// RlimitResources maps the reference's lowercase resource names (ExecRlimit.resource and
+// MSB_RLIMITS) to Linux RLIMIT_* numbers.
+var RlimitResources = map[string]int{
+	"cpu": 0, "fsize": 1, "data": 2, "stack": 3, "core": 4, "rss": 5, "nproc": 6, "nofile": 7,
+	"memlock": 8, "as": 9, "locks": 10, "sigpending": 11, "msgqueue": 12, "nice": 13, "rtprio": 14,
+	"rttime": 15,
+}

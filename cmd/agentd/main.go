@@ -17,8 +17,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/exec"
@@ -155,22 +153,15 @@ func main() {
 	}
 }
 
-// execOptions reads the exec settings the reference takes from its environment: MSB_USER (the
-// default user, also reported in core.init.resolved) and MSB_SECURITY_PROFILE.
-func execOptions() (exec.Options, protocol.UserIDs, error) {
-	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: strings.TrimSpace(os.Getenv("MSB_USER"))}
+// execOptions derives the exec settings from the boot configuration: MSB_USER (the default
+// user, also reported in core.init.resolved) and MSB_SECURITY_PROFILE.
+func execOptions(c initfs.Config) (exec.Options, protocol.UserIDs, error) {
+	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: c.User, Restricted: c.Restricted}
 	var ids protocol.UserIDs
-	switch p := strings.TrimSpace(os.Getenv("MSB_SECURITY_PROFILE")); p {
-	case "", "default":
-	case "restricted":
-		opts.Restricted = true
-	default:
-		return opts, ids, fmt.Errorf("MSB_SECURITY_PROFILE=%q: want default or restricted", p)
-	}
-	if opts.DefaultUser != "" {
-		id, err := exec.ResolveUser(opts.DefaultUser)
+	if c.User != "" {
+		id, err := exec.ResolveUser(c.User)
 		if err != nil {
-			return opts, ids, fmt.Errorf("MSB_USER=%q: %w", opts.DefaultUser, err)
+			return opts, ids, fmt.Errorf("MSB_USER=%q: %w", c.User, err)
 		}
 		ids = protocol.UserIDs{UID: id.UID, GID: id.GID}
 	}
@@ -179,7 +170,11 @@ func execOptions() (exec.Options, protocol.UserIDs, error) {
 
 func run(o options, log *slog.Logger, boot uint64) error {
 	initStart := agent.BootTimeNs()
-	execOpts, defaultUser, err := execOptions()
+	conf, err := initfs.LoadConfig(os.Getenv)
+	if err != nil {
+		return err
+	}
+	execOpts, defaultUser, err := execOptions(conf)
 	if err != nil {
 		return err
 	}
@@ -196,21 +191,36 @@ func run(o options, log *slog.Logger, boot uint64) error {
 func runInit(o options, log *slog.Logger, boot uint64) {
 	initStart := agent.BootTimeNs()
 	err := func() error {
-		execOpts, defaultUser, err := execOptions()
+		conf, err := initfs.LoadConfig(os.Getenv) // all of it, before any side effect
 		if err != nil {
 			return fmt.Errorf("config: %w", err)
 		}
+		if err := initfs.ApplyRlimits(conf.Rlimits); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
 		if err := initfs.MountBase(); err != nil {
 			return fmt.Errorf("init: %w", err)
+		}
+		execOpts, defaultUser, err := execOptions(conf)
+		if err != nil {
+			return fmt.Errorf("config: %w", err)
 		}
 		execOpts.Waiter = initfs.StartReaper()
 		initfs.MountRuntime(log)
 		if _, err := initfs.LoadModules(initfs.ModulesDir, log); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
-		if h := strings.TrimSpace(os.Getenv("MSB_HOSTNAME")); h != "" {
-			if err := unix.Sethostname([]byte(h)); err != nil {
-				return fmt.Errorf("init: sethostname %q: %w", h, err)
+		if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		if err := initfs.ApplyHostname("/", conf, true); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		for name, set := range map[string]bool{"MSB_BLOCK_ROOT": conf.BlockRoot != nil, "MSB_DIR_MOUNTS": len(conf.DirMounts) > 0,
+			"MSB_FILE_MOUNTS": len(conf.FileMounts) > 0, "MSB_DISK_MOUNTS": len(conf.DiskMounts) > 0, "MSB_NET": conf.Net != nil,
+			"MSB_HANDOFF_INIT": conf.Handoff != nil} {
+			if set {
+				log.Warn("boot setting parsed but not applied by this agentd yet", "variable", name)
 			}
 		}
 		if err := initfs.LoopbackUp(); err != nil {
