@@ -12,17 +12,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ModulesDir holds the kernel modules the initramfs carries, and LoadOrder lists them (one
-// file name per line) in dependency order.
+// ModulesDir holds the kernel modules the initramfs carries. LoadOrder lists, one file name per
+// line in dependency order, those needed before the agent channel exists (virtio, the PCI
+// transport, the console); BackgroundOrder those that can load while the handshake runs
+// (networking: tun, virtio_net).
 const (
-	ModulesDir = "/lib/modules"
-	LoadOrder  = "agentd.load"
+	ModulesDir      = "/lib/modules"
+	LoadOrder       = "agentd.load"
+	BackgroundOrder = "agentd.load.background"
 )
 
-// LoadModules loads every module listed in dir/agentd.load with finit_module. A module that is
+// LoadModules loads every module listed in dir/list with finit_module. A module that is
 // already loaded or built in is fine; no list at all means a kernel with the drivers built in.
-func LoadModules(dir string, log *slog.Logger) (loaded int, err error) {
-	f, err := os.Open(filepath.Join(dir, LoadOrder))
+func LoadModules(dir, list string, log *slog.Logger) (loaded int, err error) {
+	f, err := os.Open(filepath.Join(dir, list))
 	if errors.Is(err, os.ErrNotExist) {
 		return 0, nil
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -68,6 +69,11 @@ const (
 // MountRuntime mounts the virtiofs runtime share at /.msb. It is optional: a host without it
 // (or a kernel without virtiofs) gets a log line, not a failed boot.
 func MountRuntime(log *slog.Logger) {
+	if fs, err := os.ReadFile("/proc/filesystems"); err == nil && !strings.Contains(string(fs), "\tvirtiofs\n") {
+		// Checking first spares the kernel's module-autoload helper (a process spawn per miss).
+		log.Debug("runtime share not mounted (optional): the kernel has no virtiofs", "path", RuntimeDir)
+		return
+	}
 	if err := os.MkdirAll(RuntimeDir, 0o755); err != nil {
 		log.Warn("runtime share skipped", "step", "mkdir", "path", RuntimeDir, "error", err)
 		return

@@ -39,20 +39,25 @@ done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 
-# Modules in dependency order (modules.dep of this kernel); agentd loads them as listed.
+# Modules in dependency order (modules.dep of this kernel); agentd loads them as listed: first
+# what the agent channel needs, then networking in the background.
 kmod=$VM/kernel/lib/modules/$kver/kernel
-order=(
+channel=(
 	drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
 	drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci.ko
 	drivers/char/virtio_console.ko
-	net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko
-	drivers/net/tun.ko
 )
-: >"$root/lib/modules/agentd.load"
-for m in "${order[@]}"; do
-	cp "$kmod/$m" "$root/lib/modules/"
-	basename "$m" >>"$root/lib/modules/agentd.load"
-done
+network=(net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/net/tun.ko)
+list() { # list FILE MODULES...
+	local file=$1; shift
+	: >"$root/lib/modules/$file"
+	for m in "$@"; do
+		cp "$kmod/$m" "$root/lib/modules/"
+		basename "$m" >>"$root/lib/modules/$file"
+	done
+}
+list agentd.load "${channel[@]}"
+list agentd.load.background "${network[@]}"
 
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet | gzip -6) >"$OUT/initramfs.cpio.gz"
 echo "$OUT/initramfs.cpio.gz ($(du -k "$OUT/initramfs.cpio.gz" | cut -f1) KiB) and $OUT/vmlinuz ($kver)"

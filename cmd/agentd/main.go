@@ -183,14 +183,19 @@ func run(o options, log *slog.Logger, boot uint64) error {
 		return err
 	}
 	defer port.Close()
-	return serve(o, log, boot, initStart, port, execOpts, defaultUser)
+	return serve(o, log, boot, initStart, port, execOpts, defaultUser, nil)
 }
 
 // runInit is agentd as PID 1: the init duties, then the agent loop, then power-off. Whatever
 // happens, it ends by powering off (returning would panic the kernel).
 func runInit(o options, log *slog.Logger, boot uint64) {
 	initStart := agent.BootTimeNs()
+	var steps []any // step durations, logged once init is done
+	mark := func(step string, since time.Time) {
+		steps = append(steps, step, time.Since(since).Round(time.Microsecond).String())
+	}
 	err := func() error {
+		t := time.Now()
 		conf, err := initfs.LoadConfig(os.Getenv) // all of it, before any side effect
 		if err != nil {
 			return fmt.Errorf("config: %w", err)
@@ -201,15 +206,26 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if err := initfs.MountBase(); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
+		mark("config+mounts", t)
 		execOpts, defaultUser, err := execOptions(conf)
 		if err != nil {
 			return fmt.Errorf("config: %w", err)
 		}
 		execOpts.Waiter = initfs.StartReaper()
+		t = time.Now()
 		initfs.MountRuntime(log)
-		if _, err := initfs.LoadModules(initfs.ModulesDir, log); err != nil {
+		mark("runtime share", t)
+		t = time.Now()
+		if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.LoadOrder, log); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
+		go func() { // not needed for the channel: load while the handshake runs
+			if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.BackgroundOrder, log); err != nil {
+				log.Error("kernel modules", "error", err)
+			}
+		}()
+		mark("modules", t)
+		t = time.Now()
 		if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
@@ -226,12 +242,15 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if err := initfs.LoopbackUp(); err != nil {
 			log.Warn("loopback not up", "error", err)
 		}
+		mark("tmpfs+hosts+lo", t)
+		t = time.Now()
 		port, err := openPort(o.port, 10*time.Second)
 		if err != nil {
 			return err
 		}
 		defer port.Close()
-		return serve(o, log, boot, initStart, port, execOpts, defaultUser)
+		mark("port", t)
+		return serve(o, log, boot, initStart, port, execOpts, defaultUser, func() { log.Info("init steps", steps...) })
 	}()
 	if err != nil {
 		log.Error("agentd stopping", "error", err)
@@ -253,7 +272,9 @@ func openPort(spec string, wait time.Duration) (io.ReadWriteCloser, error) {
 	}
 }
 
-func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs) error {
+// serve runs the handshake and the agent loop on port; afterInit, if set, runs once the host
+// acknowledged init.
+func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, afterInit func()) error {
 	cfg := agent.Config{
 		Port:            port,
 		Log:             log,
@@ -274,8 +295,13 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 		cfg.Features = []string{}
 	}
 	a := agent.New(cfg)
+	hs := time.Now()
 	if err := a.Handshake(); err != nil {
 		return fmt.Errorf("init: %w", err)
+	}
+	if afterInit != nil {
+		log.Info("handshake", "took", time.Since(hs).Round(time.Microsecond).String())
+		afterInit()
 	}
 	cfg.InitTimeNs = agent.BootTimeNs() - initStart
 	a.SetInitTime(cfg.InitTimeNs)
