@@ -13,7 +13,7 @@ FUZZ_TARGETS := \
 	./protocol:FuzzTCPPayload \
 	./initfs:FuzzLoadConfig
 
-.PHONY: all build test unit fuzz-smoke fuzz bench lint run initramfs vm clean
+.PHONY: all build test unit fuzz-smoke fuzz bench bench-vm lint run initramfs vm clean
 
 all: build
 
@@ -43,6 +43,10 @@ fuzz:
 bench:
 	$(GO) test ./bench -run TestReport -count=1 -v -args -report -channel pty -bytes 268435456
 	$(GO) test ./bench -run TestReport -count=1 -v -args -report -channel socket
+
+# Boot the microVM 5 times: boot-to-ready, agentd's init_time_ns, artifact sizes.
+bench-vm:
+	$(GO) test ./bench -run TestBootReport -count=1 -v -args -report -boots 5
 
 lint:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi

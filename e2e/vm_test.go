@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,23 +12,15 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/vm"
 	"github.com/agentd/agentd/protocol"
 )
-
-// replayConn hands back bytes already read from a connection before reading it further.
-type replayConn struct {
-	net.Conn
-	r io.Reader
-}
-
-func (c *replayConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 // TestVM boots a Debian cloud kernel under qemu with agentd as PID 1 (from make initramfs'
 // recipe) and checks the mission end to end on a real kernel: the first frame, ready, exec,
 // fs, a port forward to a server in the guest, orphan reaping, and a clean power-off.
 func TestVM(t *testing.T) {
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal("qemu-system-x86_64 is missing: .ci/run should have installed it")
 		}
@@ -39,45 +30,24 @@ func TestVM(t *testing.T) {
 	if out, err := mk.CombinedOutput(); err != nil {
 		t.Fatalf("mkinitramfs: %v\n%s", err, out)
 	}
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "agent.sock")
-	console := &logBuffer{}
-	args := []string{"-m", "512", "-nographic", "-no-reboot",
-		"-kernel", filepath.Join(binDir, "vmlinuz"), "-initrd", filepath.Join(binDir, "initramfs.cpio.gz"),
-		"-append", "console=ttyS0 quiet panic=-1 MSB_HOSTNAME=agentd-vm MSB_TMPFS=/scratch:size=16,noexec MSB_RLIMITS=nofile=4096:8192",
-		"-device", "virtio-serial", "-chardev", "socket,id=agent,path=" + sock + ",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name=agent", "-net", "none"}
-	// TCG by default: on these machines /dev/kvm exists but a guest under it never boots.
-	accel := "tcg"
-	if a := os.Getenv("AGENTD_QEMU_ACCEL"); a != "" {
-		accel = a
-	}
-	args = append([]string{"-accel", accel}, args...)
-	vm := exec.Command(qemu, args...)
-	vm.Stdout, vm.Stderr = console, console
-	start := time.Now()
-	if err := vm.Start(); err != nil {
+	v, err := vm.Boot(vm.Options{Kernel: filepath.Join(binDir, "vmlinuz"), Initrd: filepath.Join(binDir, "initramfs.cpio.gz"),
+		Dir: t.TempDir(), Accel: vm.Accel(),
+		Append: "MSB_HOSTNAME=agentd-vm MSB_TMPFS=/scratch:size=16,noexec MSB_RLIMITS=nofile=4096:8192"})
+	if err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- vm.Wait() }()
 	defer func() {
-		vm.Process.Kill()
+		v.Kill()
 		if t.Failed() {
-			t.Logf("console:\n%s", tail(console.String(), 4000))
+			t.Logf("console:\n%s", tail(v.Console(), 4000))
 		}
 	}()
-	var conn net.Conn
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		if conn, err = net.Dial("unix", sock); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("qemu never opened %s: %v", sock, err)
-		}
-		time.Sleep(10 * time.Millisecond) // qemu creates the socket asynchronously
+	conn, err := v.Connect(30 * time.Second)
+	if err != nil {
+		t.Fatal(err)
 	}
 	defer conn.Close()
+	start, exited := v.Started, v.Exited
 
 	// The first frame must be core.init.resolved.
 	var seen bytes.Buffer
@@ -92,7 +62,7 @@ func TestVM(t *testing.T) {
 		t.Fatalf("first frame %s id %d", first.Name(), first.ID)
 	}
 	firstAt := time.Since(start)
-	c, err := host.Direct(&replayConn{conn, io.MultiReader(bytes.NewReader(seen.Bytes()), conn)}, host.Options{Log: quiet})
+	c, err := host.Direct(&vm.Replay{Conn: conn, R: io.MultiReader(bytes.NewReader(seen.Bytes()), conn)}, host.Options{Log: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}

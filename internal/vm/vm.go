@@ -1,0 +1,122 @@
+// Package vm boots the project's microVM under qemu for tests and benchmarks: Debian's cloud
+// kernel, the initramfs from scripts/mkinitramfs.sh, and the agent channel on a unix socket.
+package vm
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"time"
+)
+
+// Options describe one boot.
+type Options struct {
+	Kernel, Initrd string
+	// Append is added to "console=ttyS0 quiet panic=-1" (MSB_* settings go here).
+	Append string
+	// Dir holds the channel socket.
+	Dir string
+	// Accel is qemu's accelerator: "tcg" unless set (here /dev/kvm exists but a guest under it
+	// never boots, so KVM is opt-in, e.g. from AGENTD_QEMU_ACCEL).
+	Accel string
+	// Net adds a virtio-net device on qemu user networking.
+	Net bool
+}
+
+// VM is a running qemu.
+type VM struct {
+	Cmd     *exec.Cmd
+	Sock    string
+	Started time.Time
+	Exited  chan error // receives qemu's exit once
+	console lockedBuffer
+}
+
+// Boot starts qemu.
+func Boot(o Options) (*VM, error) {
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		return nil, err
+	}
+	accel := o.Accel
+	if accel == "" {
+		accel = "tcg"
+	}
+	v := &VM{Sock: filepath.Join(o.Dir, "agent.sock"), Exited: make(chan error, 1)}
+	args := []string{"-accel", accel, "-m", "512", "-nographic", "-no-reboot",
+		"-kernel", o.Kernel, "-initrd", o.Initrd, "-append", "console=ttyS0 quiet panic=-1 " + o.Append,
+		"-device", "virtio-serial", "-chardev", "socket,id=agent,path=" + v.Sock + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=agent"}
+	if o.Net {
+		args = append(args, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0")
+	} else {
+		args = append(args, "-net", "none")
+	}
+	v.Cmd = exec.Command(qemu, args...)
+	v.Cmd.Stdout, v.Cmd.Stderr = &v.console, &v.console
+	v.Started = time.Now()
+	if err := v.Cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start qemu: %w", err)
+	}
+	go func() { v.Exited <- v.Cmd.Wait() }()
+	return v, nil
+}
+
+// Connect dials the channel socket once qemu has created it.
+func (v *VM) Connect(timeout time.Duration) (net.Conn, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		c, err := net.Dial("unix", v.Sock)
+		if err == nil {
+			return c, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("qemu never opened %s: %w", v.Sock, err)
+		}
+		time.Sleep(10 * time.Millisecond) // qemu creates the socket asynchronously
+	}
+}
+
+// Console returns what the guest printed so far.
+func (v *VM) Console() string { return v.console.String() }
+
+// Kill stops qemu if it is still running.
+func (v *VM) Kill() { v.Cmd.Process.Kill() }
+
+// Replay is a connection whose first bytes were already read (and are handed back first).
+type Replay struct {
+	net.Conn
+	R io.Reader
+}
+
+func (c *Replay) Read(p []byte) (int, error) { return c.R.Read(p) }
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Accel returns the accelerator chosen by AGENTD_QEMU_ACCEL ("tcg" by default).
+func Accel() string {
+	if a := os.Getenv("AGENTD_QEMU_ACCEL"); a != "" {
+		return a
+	}
+	return "tcg"
+}
