@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/testutil"
 	"github.com/agentd/agentd/internal/vm"
 	"github.com/agentd/agentd/protocol"
 )
@@ -31,8 +32,10 @@ func TestVM(t *testing.T) {
 		t.Fatalf("mkinitramfs: %v\n%s", err, out)
 	}
 	v, err := vm.Boot(vm.Options{Kernel: filepath.Join(binDir, "vmlinuz"), Initrd: filepath.Join(binDir, "initramfs.cpio.gz"),
-		Dir: t.TempDir(), Accel: vm.Accel(),
-		Append: "MSB_HOSTNAME=agentd-vm MSB_TMPFS=/scratch:size=16,noexec MSB_RLIMITS=nofile=4096:8192"})
+		Dir: t.TempDir(), Accel: vm.Accel(), Net: true,
+		Append: "MSB_HOSTNAME=agentd-vm MSB_TMPFS=/scratch:size=16,noexec MSB_RLIMITS=nofile=4096:8192 " +
+			"MSB_NET=iface=eth0,mac=52:54:00:ab:cd:ef,mtu=1400 MSB_NET_IPV4=addr=10.0.2.15/24,gw=10.0.2.2,dns=10.0.2.3 " +
+			"MSB_HOST_ALIAS=host.microsandbox.internal"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,6 +94,29 @@ func TestVM(t *testing.T) {
 	if _, err := c.WriteFile(ctx, "/root/data", 0o600, bytes.NewReader(payload)); err != nil {
 		t.Fatal(err)
 	}
+
+	// The uplink is configured from MSB_NET*: MAC, MTU, address, default route, resolv.conf, and
+	// the host alias in /etc/hosts; a server on this host is reachable through it (qemu user
+	// networking maps 10.0.2.2 to the host's loopback).
+	out, _, _, err = c.Run(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c",
+		`ip -o link show eth0; ip -o -4 addr show eth0; ip route; cat /etc/resolv.conf; grep microsandbox /etc/hosts`}}, nil)
+	for _, want := range []string{"mtu 1400", "52:54:00:ab:cd:ef", "inet 10.0.2.15/24", "default via 10.0.2.2 dev eth0",
+		"nameserver 10.0.2.3", "10.0.2.2\thost.microsandbox.internal"} {
+		if err != nil || !strings.Contains(string(out), want) {
+			t.Fatalf("network config: missing %q in\n%s (%v)", want, out, err)
+		}
+	}
+	hostSrv := testutil.Serve(t, testutil.Echo)
+	up, err := c.DialTCP(ctx, "10.0.2.2", uint16(hostSrv.Addr.Port))
+	if err != nil {
+		t.Fatalf("guest -> uplink -> host server: %v", err)
+	}
+	up.Write([]byte("over the uplink"))
+	up.CloseWrite()
+	if got, _ := io.ReadAll(up); string(got) != "over the uplink" {
+		t.Fatalf("echo over the uplink: %q", got)
+	}
+	up.Close()
 
 	// A server inside the guest, reached through core.tcp (what agentctl forward does).
 	srv, err := c.Exec(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "mkdir -p /www && echo hello-from-guest > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www"}})

@@ -249,3 +249,21 @@ func TestHostsFile(t *testing.T) {
 		}
 	}
 }
+
+func TestResolvConf(t *testing.T) {
+	d4, d6 := netip.MustParseAddr("10.0.2.3"), netip.MustParseAddr("fd00::3")
+	cases := []struct {
+		c    Config
+		want string
+	}{
+		{Config{}, ""},
+		{Config{IPv4: &IPConfig{DNS: &d4}}, "nameserver 10.0.2.3\n"},
+		{Config{IPv4: &IPConfig{DNS: &d4}, IPv6: &IPConfig{DNS: &d6}}, "nameserver 10.0.2.3\nnameserver fd00::3\n"},
+		{Config{IPv4: &IPConfig{}, IPv6: &IPConfig{DNS: &d6}}, "nameserver fd00::3\n"},
+	}
+	for _, c := range cases {
+		if got := ResolvConf(c.c); got != c.want {
+			t.Errorf("%q, want %q", got, c.want)
+		}
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"runtime/pprof"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -219,7 +220,10 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.LoadOrder, log); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
+		var bg sync.WaitGroup
+		bg.Add(1)
 		go func() { // not needed for the channel: load while the handshake runs
+			defer bg.Done()
 			if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.BackgroundOrder, log); err != nil {
 				log.Error("kernel modules", "error", err)
 			}
@@ -233,7 +237,7 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			return fmt.Errorf("init: %w", err)
 		}
 		for name, set := range map[string]bool{"MSB_BLOCK_ROOT": conf.BlockRoot != nil, "MSB_DIR_MOUNTS": len(conf.DirMounts) > 0,
-			"MSB_FILE_MOUNTS": len(conf.FileMounts) > 0, "MSB_DISK_MOUNTS": len(conf.DiskMounts) > 0, "MSB_NET": conf.Net != nil,
+			"MSB_FILE_MOUNTS": len(conf.FileMounts) > 0, "MSB_DISK_MOUNTS": len(conf.DiskMounts) > 0,
 			"MSB_HANDOFF_INIT": conf.Handoff != nil} {
 			if set {
 				log.Warn("boot setting parsed but not applied by this agentd yet", "variable", name)
@@ -243,6 +247,14 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			log.Warn("loopback not up", "error", err)
 		}
 		mark("tmpfs+hosts+lo", t)
+		if conf.Net != nil { // the NIC's driver loads in the background: wait for the link
+			bg.Wait()
+			t = time.Now()
+			if err := initfs.ConfigureNetwork("/", conf); err != nil {
+				return fmt.Errorf("init: %w", err)
+			}
+			mark("network", t)
+		}
 		t = time.Now()
 		port, err := openPort(o.port, 10*time.Second)
 		if err != nil {
