@@ -247,7 +247,12 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			log.Warn("loopback not up", "error", err)
 		}
 		mark("tmpfs+hosts+lo", t)
-		if conf.Net != nil { // the NIC's driver loads in the background: wait for the link
+		tlsEnv, err := initfs.InstallTLS("/", log)
+		if err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		execOpts.BaseEnv = append(execOpts.BaseEnv, tlsEnv...) // for workloads, not agentd itself
+		if conf.Net != nil {                                   // the NIC's driver loads in the background: wait for the link
 			bg.Wait()
 			t = time.Now()
 			if err := initfs.ConfigureNetwork("/", conf); err != nil {
