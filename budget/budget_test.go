@@ -47,3 +47,29 @@ func TestBudget(t *testing.T) {
 	}
 	nilBudget.Release(5)
 }
+
+func TestCredit(t *testing.T) {
+	c := NewCredit(100)
+	ctx := context.Background()
+	if n, ok := c.Take(ctx, 64); n != 64 || !ok {
+		t.Fatalf("take 64: %d %v", n, ok)
+	}
+	if n, _ := c.Take(ctx, 64); n != 36 { // only what is left
+		t.Fatalf("take the rest: %d", n)
+	}
+	c.Add(10) // a grant, or an unread part given back
+	if n, _ := c.Take(ctx, 64); n != 10 {
+		t.Fatalf("after add: %d", n)
+	}
+	got := make(chan int, 1)
+	go func() { n, _ := c.Take(ctx, 5); got <- n }()
+	c.Add(3)
+	if n := <-got; n != 3 {
+		t.Fatalf("waiting take got %d", n)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, ok := c.Take(cctx, 1); ok {
+		t.Fatal("take on an empty window ignored its context")
+	}
+}

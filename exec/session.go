@@ -115,9 +115,9 @@ type Session struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	credit *budget.Credit // flow: output bytes the host can still take
+
 	mu       sync.Mutex
-	credit   int64
-	crWake   chan struct{}
 	lastByte byte // last stdin byte written (PTY EOF needs a line start)
 	finished chan struct{}
 }
@@ -189,8 +189,8 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{id: id, cmd: cmd, out: out, log: log, done: done, ctx: ctx, cancel: cancel,
-		flow: req.Window > 0, credit: int64(req.Window),
-		q: out.NewQueue(opts.HighWater, opts.LowWater), crWake: make(chan struct{}, 1), finished: make(chan struct{}),
+		flow: req.Window > 0, credit: budget.NewCredit(int64(req.Window)),
+		q: out.NewQueue(opts.HighWater, opts.LowWater), finished: make(chan struct{}),
 		wait: opts.Waiter}
 	cfg := sink.Config{Limit: opts.StdinLimit, Budget: opts.StdinBudget}
 	if s.flow {
@@ -360,20 +360,17 @@ func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
 	for {
 		n := chunk
 		if s.flow {
-			c, ok := s.waitCredit()
-			if !ok {
+			var ok bool
+			if n, ok = s.credit.Take(s.ctx, n); !ok {
 				return
 			}
-			n = int(min(int64(n), c))
 		}
 		buf := mux.GetBuf()
 		m, err := r.Read((*buf)[:n])
+		if s.flow && m < n {
+			s.credit.Add(int64(n - m)) // the unread part of the grant goes back
+		}
 		if m > 0 {
-			if s.flow {
-				s.mu.Lock()
-				s.credit -= int64(m)
-				s.mu.Unlock()
-			}
 			if s.q.PushData(context.Background(), s.id, t, buf, m) != nil {
 				return
 			}
@@ -382,22 +379,6 @@ func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
 		}
 		if err != nil {
 			return
-		}
-	}
-}
-
-func (s *Session) waitCredit() (int64, bool) {
-	for {
-		s.mu.Lock()
-		c := s.credit
-		s.mu.Unlock()
-		if c > 0 {
-			return c, true
-		}
-		select {
-		case <-s.crWake:
-		case <-s.ctx.Done():
-			return 0, false
 		}
 	}
 }
@@ -477,15 +458,7 @@ func (s *Session) Signal(sig int32) {
 }
 
 // Credit adds flow-control credit for output.
-func (s *Session) Credit(n uint32) {
-	s.mu.Lock()
-	s.credit += int64(n)
-	s.mu.Unlock()
-	select {
-	case s.crWake <- struct{}{}:
-	default:
-	}
-}
+func (s *Session) Credit(n uint32) { s.credit.Add(int64(n)) }
 
 // Kill ends the child with sig; the session then ends as usual (exited is still sent).
 func (s *Session) Kill(sig syscall.Signal) {

@@ -62,7 +62,7 @@ type writeStream struct {
 type readStream struct {
 	owner  uint32
 	cancel context.CancelFunc
-	flow   *credit
+	flow   *budget.Credit
 }
 
 // Service is the filesystem side of one agent.
@@ -403,41 +403,6 @@ func (s *Service) fsetStat(id uint32, o *protocol.FsFSetStat) error {
 
 // --- streams ---
 
-// credit is a read stream's flow-control window (bytes the host can still take).
-type credit struct {
-	mu   sync.Mutex
-	n    int64
-	wake chan struct{}
-}
-
-func (c *credit) add(n int64) {
-	c.mu.Lock()
-	c.n += n
-	c.mu.Unlock()
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
-}
-
-func (c *credit) take(ctx context.Context, want int) (int, bool) {
-	for {
-		c.mu.Lock()
-		if c.n > 0 {
-			n := int(min(int64(want), c.n))
-			c.n -= int64(n)
-			c.mu.Unlock()
-			return n, true
-		}
-		c.mu.Unlock()
-		select {
-		case <-c.wake:
-		case <-ctx.Done():
-			return 0, false
-		}
-	}
-}
-
 func (s *Service) startRead(ctx context.Context, id uint32, o *protocol.FsRead, flow bool) error {
 	h, err := s.lookup(id, o.Handle, "read")
 	if err != nil {
@@ -452,7 +417,7 @@ func (s *Service) startRead(ctx context.Context, id uint32, o *protocol.FsRead, 
 	rctx, cancel := context.WithCancel(ctx)
 	rs := &readStream{owner: id, cancel: cancel}
 	if flow && o.Window > 0 {
-		rs.flow = &credit{n: int64(o.Window), wake: make(chan struct{}, 1)}
+		rs.flow = budget.NewCredit(int64(o.Window))
 	}
 	s.mu.Lock()
 	s.reads[id] = rs
@@ -485,7 +450,7 @@ func (s *Service) startRead(ctx context.Context, id uint32, o *protocol.FsRead, 
 
 // stream reads the file from offset in chunks onto q (which applies backpressure), holding the
 // handle for the whole stream as the reference does.
-func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.FsRead, q *mux.Queue, flow *credit) error {
+func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.FsRead, q *mux.Queue, flow *budget.Credit) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	off := int64(o.Offset)
@@ -500,14 +465,14 @@ func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.
 		}
 		if flow != nil {
 			var ok bool
-			if n, ok = flow.take(ctx, n); !ok {
+			if n, ok = flow.Take(ctx, n); !ok {
 				return ctx.Err()
 			}
 		}
 		buf := mux.GetBuf()
 		m, err := h.file.ReadAt((*buf)[:n], off)
 		if flow != nil && m < n {
-			flow.add(int64(n - m)) // unused grant goes back
+			flow.Add(int64(n - m)) // the unread part of the grant goes back
 		}
 		if m > 0 {
 			off += int64(m)
@@ -628,7 +593,7 @@ func (s *Service) Credit(id uint32, n uint32) bool {
 	if rs == nil || rs.flow == nil {
 		return false
 	}
-	rs.flow.add(int64(n))
+	rs.flow.Add(int64(n))
 	return true
 }
 

@@ -99,11 +99,11 @@ type Session struct {
 
 	in *sink.Sink // host -> destination
 
+	credit *budget.Credit // flow: bytes we may still send to the host
+
 	mu       sync.Mutex
 	conn     net.Conn
-	credit   int64 // flow: bytes we may still send to the host
 	ended    bool
-	crWake   chan struct{} // wakes the destination reader waiting for credit
 	finished chan struct{}
 }
 
@@ -117,10 +117,9 @@ func Start(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, lo
 		id: id, opts: opts, out: out, log: log, done: done,
 		q:        out.NewQueue(opts.HighWater, opts.LowWater),
 		flow:     req.Window > 0,
-		credit:   int64(req.Window),
+		credit:   budget.NewCredit(int64(req.Window)),
 		ctx:      ctx,
 		cancel:   cancel,
-		crWake:   make(chan struct{}, 1),
 		finished: make(chan struct{}),
 	}
 	cfg := sink.Config{Limit: opts.InboundLimit, Budget: opts.Inbound}
@@ -139,13 +138,6 @@ func (s *Session) ID() uint32 { return s.id }
 
 // Finished is closed when all of the session's goroutines have returned.
 func (s *Session) Finished() <-chan struct{} { return s.finished }
-
-func poke(c chan struct{}) {
-	select {
-	case c <- struct{}{}:
-	default:
-	}
-}
 
 func (s *Session) run(host string, port uint16) {
 	defer close(s.finished)
@@ -198,11 +190,10 @@ func (s *Session) toHost(conn net.Conn) {
 	for {
 		n := s.opts.ChunkSize
 		if s.flow {
-			c, ok := s.waitCredit()
-			if !ok {
+			var ok bool
+			if n, ok = s.credit.Take(s.ctx, n); !ok {
 				return
 			}
-			n = int(min(int64(n), c))
 		}
 		if err := s.opts.Outbound.Acquire(s.ctx, n); err != nil {
 			return
@@ -210,12 +201,10 @@ func (s *Session) toHost(conn net.Conn) {
 		buf := mux.GetBuf()
 		m, err := conn.Read((*buf)[:n])
 		s.opts.Outbound.Release(n - m) // keep only what was read, until it is written
+		if s.flow && m < n {
+			s.credit.Add(int64(n - m)) // the unread part of the grant goes back
+		}
 		if m > 0 {
-			if s.flow {
-				s.mu.Lock()
-				s.credit -= int64(m)
-				s.mu.Unlock()
-			}
 			var rel mux.Releaser
 			if s.opts.Outbound != nil {
 				rel = s.opts.Outbound
@@ -235,22 +224,6 @@ func (s *Session) toHost(conn net.Conn) {
 				s.fail("read TCP stream: " + describe(err))
 			}
 			return
-		}
-	}
-}
-
-func (s *Session) waitCredit() (int64, bool) {
-	for {
-		s.mu.Lock()
-		c := s.credit
-		s.mu.Unlock()
-		if c > 0 {
-			return c, true
-		}
-		select {
-		case <-s.crWake:
-		case <-s.ctx.Done():
-			return 0, false
 		}
 	}
 }
@@ -293,12 +266,7 @@ func (s *Session) CloseWrite() error {
 }
 
 // Credit adds flow-control credit granted by the host.
-func (s *Session) Credit(n uint32) {
-	s.mu.Lock()
-	s.credit += int64(n)
-	s.mu.Unlock()
-	poke(s.crWake)
-}
+func (s *Session) Credit(n uint32) { s.credit.Add(int64(n)) }
 
 // Abort tears the session down at once without a frame (core.tcp.close, relay client
 // disconnect, shutdown): queued data in both directions is dropped.

@@ -37,11 +37,7 @@ func execCmd(args []string) error {
 	if fs.NArg() == 0 {
 		return usageError{fmt.Errorf("exec needs a command")}
 	}
-	log, err := logger(*level)
-	if err != nil {
-		return err
-	}
-	c, err := dialAgent(*relay, *port, log)
+	c, _, err := connect(*level, *relay, *port)
 	if err != nil {
 		return err
 	}

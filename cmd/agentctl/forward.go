@@ -22,6 +22,17 @@ func connectFlags(fs interface {
 	return
 }
 
+// connect makes the logger for level and reaches the agent (the preamble of every command
+// that talks to one).
+func connect(level, relay, port string) (*host.Client, *slog.Logger, error) {
+	log, err := logger(level)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := dialAgent(relay, port, log)
+	return c, log, err
+}
+
 func dialAgent(relay, port string, log *slog.Logger) (*host.Client, error) {
 	switch {
 	case relay != "" && port != "":
@@ -55,11 +66,7 @@ func forward(args []string) error {
 	if err != nil {
 		return usageError{fmt.Errorf("guest port %q: must be 0-65535", gport)}
 	}
-	log, err := logger(*level)
-	if err != nil {
-		return err
-	}
-	c, err := dialAgent(*relay, *port, log)
+	c, log, err := connect(*level, *relay, *port)
 	if err != nil {
 		return err
 	}

@@ -61,11 +61,7 @@ func fsCmd(args []string) error {
 	if len(rest) != n {
 		return usageError{fmt.Errorf("fs %s takes %d argument(s)", cmd, n)}
 	}
-	log, err := logger(*level)
-	if err != nil {
-		return err
-	}
-	c, err := dialAgent(*relay, *port, log)
+	c, _, err := connect(*level, *relay, *port)
 	if err != nil {
 		return err
 	}

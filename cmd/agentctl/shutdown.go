@@ -12,11 +12,7 @@ func shutdownCmd(args []string) error {
 	if fs.NArg() != 0 {
 		return usageError{fmt.Errorf("shutdown takes no arguments")}
 	}
-	log, err := logger(*level)
-	if err != nil {
-		return err
-	}
-	c, err := dialAgent(*relay, *port, log)
+	c, _, err := connect(*level, *relay, *port)
 	if err != nil {
 		return err
 	}
