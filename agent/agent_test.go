@@ -94,7 +94,7 @@ func TestScenarios(t *testing.T) {
 		return scenario.Agent{
 			Client:   h.c,
 			Sessions: h.a.Sessions,
-			Idle:     func(t *testing.T) { waitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end") },
+			Idle:     func(t *testing.T) { testutil.WaitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end") },
 		}
 	})
 }
@@ -107,7 +107,9 @@ func TestExecScenarios(t *testing.T) {
 		h := start(t, features, Config{})
 		return scenario.Agent{
 			Client: h.c,
-			Idle:   func(t *testing.T) { waitFor(t, func() bool { return h.a.ExecSessions() == 0 }, "exec sessions to end") },
+			Idle: func(t *testing.T) {
+				testutil.WaitFor(t, func() bool { return h.a.ExecSessions() == 0 }, "exec sessions to end")
+			},
 		}
 	})
 }
@@ -127,18 +129,6 @@ func TestMain(m *testing.M) {
 		exec.HelperMain()
 	}
 	os.Exit(m.Run())
-}
-
-// waitFor polls a condition owned by another goroutine (no event exists for it), bounded.
-func waitFor(t *testing.T, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // TestDesyncClosesChannel: a length prefix over the cap cannot be resynchronized; the agent
@@ -261,7 +251,7 @@ func TestSessionCap(t *testing.T) {
 	for _, c := range open {
 		c.Close()
 	}
-	waitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end")
+	testutil.WaitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end")
 	c, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
 	if err != nil {
 		t.Fatalf("connect after the others closed: %v", err)
@@ -289,7 +279,7 @@ func TestBufferBudget(t *testing.T) {
 	for range conns {
 		dsts = append(dsts, <-stalled)
 	}
-	waitFor(t, func() bool { return h.a.cfg.Relay.Inbound.Used() > 0 }, "buffers to fill")
+	testutil.WaitFor(t, func() bool { return h.a.cfg.Relay.Inbound.Used() > 0 }, "buffers to fill")
 	peak := int64(0)
 	for i := 0; i < 200; i++ { // sample while the writers push against the stalled destinations
 		peak = max(peak, h.a.cfg.Relay.Inbound.Used())
@@ -329,7 +319,7 @@ func TestHeartbeat(t *testing.T) {
 		} `json:"activity_counters"`
 	}
 	// connect + data from the host; connected + data from the agent; 5 bytes each way.
-	waitFor(t, func() bool {
+	testutil.WaitFor(t, func() bool {
 		b, err := os.ReadFile(path)
 		return err == nil && json.Unmarshal(b, &hb) == nil && hb.ActivityCounters.TCPBytes == 10 && hb.ActiveTCP == 1
 	}, "the heartbeat to show the session")

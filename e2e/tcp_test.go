@@ -224,18 +224,8 @@ func TestStalledHost(t *testing.T) {
 // TestForwardHalfClose runs agentctl serve (the relay) and agentctl forward against the real
 // agentd and checks half-close in both directions through the forward.
 func TestForwardHalfClose(t *testing.T) {
-	dir := t.TempDir()
-	chanSock, relaySock := filepath.Join(dir, "chan.sock"), filepath.Join(dir, "relay.sock")
-	serveLog, agentLog, fwdLog := &logBuffer{}, &logBuffer{}, &logBuffer{}
-	serve := exec.Command(filepath.Join(binDir, "agentctl"), "serve", "--port", "unix-listen:"+chanSock, "--listen", relaySock, "--log-level", "debug")
-	serve.Stderr = serveLog
-	startProc(t, serve, serveLog)
-	waitPath(t, chanSock)
-	ad := exec.Command(filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:"+chanSock)
-	ad.Stderr = agentLog
-	startProc(t, ad, agentLog)
-	waitLog(t, serveLog, "serving clients")
-
+	relaySock := relayed(t)
+	fwdLog := &logBuffer{}
 	got := make(chan string, 1)
 	srv := testutil.Serve(t, func(c *net.TCPConn) {
 		defer c.Close()

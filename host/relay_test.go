@@ -154,25 +154,13 @@ func TestRelayClientDisconnect(t *testing.T) {
 	if n := a.Sessions(); n != 1 {
 		t.Fatalf("%d sessions, want 1", n)
 	}
-	waitFor(t, func() bool { return a.FsHandles() == 0 && a.ExecSessions() == 0 }, "A's handles and exec sessions to close")
+	testutil.WaitFor(t, func() bool { return a.FsHandles() == 0 && a.ExecSessions() == 0 }, "A's handles and exec sessions to close")
 	select {
 	case name := <-closed:
 		t.Fatalf("session %s closed too", name)
 	default:
 	}
 	kept.Close()
-}
-
-// waitFor polls state owned by the agent's goroutines (no event exists for it), bounded.
-func waitFor(t *testing.T, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // TestRelayRejectsForeignIDs: a client that uses an id outside its range is disconnected.
