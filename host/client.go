@@ -296,15 +296,20 @@ func (c *Client) sendData(id uint32, t protocol.Type, data []byte) error {
 	}
 	if _, ok := c.conn.(net.Conn); ok {
 		bufs := net.Buffers{h, data}
-		_, err = bufs.WriteTo(c.conn)
-	} else if _, err = c.conn.Write(h); err == nil {
-		_, err = c.conn.Write(data)
+		_, err = bufs.WriteTo(c.conn) // one writev
+	} else { // a tty or device: one write per frame, from a pooled buffer
+		b := framePool.Get().(*[]byte)
+		*b = append(append((*b)[:0], h...), data...)
+		_, err = c.conn.Write(*b)
+		framePool.Put(b)
 	}
 	if err != nil {
 		return fmt.Errorf("write frame: %w", err)
 	}
 	return nil
 }
+
+var framePool = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10+64); return &b }}
 
 // Shutdown sends core.shutdown (id 0, payload null).
 func (c *Client) Shutdown() error {
