@@ -31,11 +31,19 @@ func TestVM(t *testing.T) {
 	if out, err := mk.CombinedOutput(); err != nil {
 		t.Fatalf("mkinitramfs: %v\n%s", err, out)
 	}
+	disk := filepath.Join(t.TempDir(), "data.img")
+	if err := os.WriteFile(disk, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(disk, 32<<20)
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", disk).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
 	v, err := vm.Boot(vm.Options{Kernel: filepath.Join(binDir, "vmlinuz"), Initrd: filepath.Join(binDir, "initramfs.cpio.gz"),
-		Dir: t.TempDir(), Accel: vm.Accel(), Net: true,
+		Dir: t.TempDir(), Accel: vm.Accel(), Net: true, Disks: []vm.Disk{{Path: disk, Serial: "data1"}},
 		Append: "MSB_HOSTNAME=agentd-vm MSB_TMPFS=/scratch:size=16,noexec MSB_RLIMITS=nofile=4096:8192 " +
 			"MSB_NET=iface=eth0,mac=52:54:00:ab:cd:ef,mtu=1400 MSB_NET_IPV4=addr=10.0.2.15/24,gw=10.0.2.2,dns=10.0.2.3 " +
-			"MSB_HOST_ALIAS=host.microsandbox.internal"})
+			"MSB_HOST_ALIAS=host.microsandbox.internal MSB_DISK_MOUNTS=data1:/data:fstype=ext4"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,6 +101,10 @@ func TestVM(t *testing.T) {
 	payload := bytes.Repeat([]byte("written through core.fs "), 10000)
 	if _, err := c.WriteFile(ctx, "/root/data", 0o600, bytes.NewReader(payload)); err != nil {
 		t.Fatal(err)
+	}
+	// The same onto the disk volume (MSB_DISK_MOUNTS): it must be on the image after power-off.
+	if _, err := c.WriteFile(ctx, "/data/hello", 0o644, strings.NewReader("persisted before shutdown\n")); err != nil {
+		t.Fatalf("write to the disk volume: %v", err)
 	}
 
 	// The uplink is configured from MSB_NET*: MAC, MTU, address, default route, resolv.conf, and
@@ -164,6 +176,10 @@ func TestVM(t *testing.T) {
 			t.Fatalf("qemu exited with %v", err)
 		}
 		t.Logf("core.shutdown -> qemu exit %v", time.Since(stop).Round(time.Millisecond))
+		out, err := exec.Command("debugfs", "-R", "cat /hello", disk).Output()
+		if err != nil || string(out) != "persisted before shutdown\n" {
+			t.Fatalf("file on the disk image after power-off: %q %v", out, err)
+		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the VM did not power off within 5 s of core.shutdown")
 	}

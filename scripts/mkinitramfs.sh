@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds build/initramfs.cpio.gz and build/vmlinuz: agentd as /init, busybox for workloads, and
-# the kernel modules agentd loads (virtio, virtio_pci, virtio_console, virtio_net, tun) from the
+# the kernel modules agentd loads (virtio, virtio_pci, virtio_console, virtio_blk, virtio_net, tun) from the
 # same Debian cloud kernel package. Uses apt-get download + dpkg-deb -x: nothing is installed.
 #
 #   scripts/mkinitramfs.sh [BUILD_DIR]
@@ -45,7 +45,7 @@ kmod=$VM/kernel/lib/modules/$kver/kernel
 channel=(
 	drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
 	drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci.ko
-	drivers/char/virtio_console.ko
+	drivers/char/virtio_console.ko drivers/block/virtio_blk.ko
 )
 network=(net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/net/tun.ko)
 list() { # list FILE MODULES...

@@ -233,11 +233,17 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
+		if err := initfs.MountDisks(conf.DiskMounts, conf.Restricted); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
 		if err := initfs.ApplyHostname("/", conf, true); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
+		if err := initfs.EnsureProfileBlock("/etc/profile"); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
 		for name, set := range map[string]bool{"MSB_BLOCK_ROOT": conf.BlockRoot != nil, "MSB_DIR_MOUNTS": len(conf.DirMounts) > 0,
-			"MSB_FILE_MOUNTS": len(conf.FileMounts) > 0, "MSB_DISK_MOUNTS": len(conf.DiskMounts) > 0,
+			"MSB_FILE_MOUNTS":  len(conf.FileMounts) > 0,
 			"MSB_HANDOFF_INIT": conf.Handoff != nil} {
 			if set {
 				log.Warn("boot setting parsed but not applied by this agentd yet", "variable", name)

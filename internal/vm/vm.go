@@ -26,7 +26,12 @@ type Options struct {
 	Accel string
 	// Net adds a virtio-net device on qemu user networking.
 	Net bool
+	// Disks are raw images attached as virtio-blk devices with the given serials.
+	Disks []Disk
 }
+
+// Disk is a raw disk image and the serial the guest sees (MSB_DISK_MOUNTS ids).
+type Disk struct{ Path, Serial string }
 
 // VM is a running qemu.
 type VM struct {
@@ -52,6 +57,10 @@ func Boot(o Options) (*VM, error) {
 		"-kernel", o.Kernel, "-initrd", o.Initrd, "-append", "console=ttyS0 quiet panic=-1 " + o.Append,
 		"-device", "virtio-serial", "-chardev", "socket,id=agent,path=" + v.Sock + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=agent"}
+	for i, d := range o.Disks {
+		args = append(args, "-drive", fmt.Sprintf("file=%s,if=none,id=d%d,format=raw", d.Path, i),
+			"-device", fmt.Sprintf("virtio-blk-pci,drive=d%d,serial=%s", i, d.Serial))
+	}
 	if o.Net {
 		args = append(args, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0")
 	} else {
