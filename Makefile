@@ -11,7 +11,8 @@ FUZZ_TARGETS := \
 	./protocol:FuzzExecPayload \
 	./protocol:FuzzFsPayload \
 	./protocol:FuzzTCPPayload \
-	./initfs:FuzzLoadConfig
+	./initfs:FuzzLoadConfig \
+	./policy:FuzzParse
 
 .PHONY: all build test unit fuzz-smoke fuzz bench bench-vm lint run initramfs vm clean
 
