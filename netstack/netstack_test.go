@@ -170,6 +170,9 @@ func TestAllowDenyAndHalfClose(t *testing.T) {
 // TestCurl: a real client in the guest namespace fetches through the netstack.
 func TestCurl(t *testing.T) {
 	if _, err := exec.LookPath("curl"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("curl is missing: .ci/run should have installed it")
+		}
 		t.Skip("curl not installed")
 	}
 	e := setup(t, allowGood)
