@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -463,4 +464,38 @@ func pingExec(t *testing.T, e *host.ExecSession, n int) []time.Duration {
 	}
 	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
 	return rtts
+}
+
+// TestEgressPolicyOnTCPConnect: with --egress-policy, core.tcp.connect reaches only what the
+// policy allows; a denied destination is a terminal failed naming the rule; a bad policy file
+// stops agentd with a message naming the field.
+func TestEgressPolicyOnTCPConnect(t *testing.T) {
+	srv := testutil.Serve(t, testutil.Echo)
+	pol := filepath.Join(t.TempDir(), "policy.json")
+	os.WriteFile(pol, []byte(fmt.Sprintf(`{"default_egress": "deny", "rules": [
+		{"id": "echo-only", "destination": {"cidr": "127.0.0.1/32"}, "protocols": ["tcp"], "ports": [{"start": %d}], "action": "allow"},
+		{"id": "localhost-name", "destination": {"domain": "localhost"}, "ports": [{"start": %d}], "action": "allow"}]}`,
+		srv.Addr.Port, srv.Addr.Port)), 0o644)
+	a := startAgentd(t, "socket", host.Options{}, "--egress-policy", pol)
+	conn, err := a.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatalf("allowed destination: %v", err)
+	}
+	conn.Close()
+	if conn, err = a.c.DialTCP(ctx(t), "localhost", uint16(srv.Addr.Port)); err != nil {
+		t.Fatalf("allowed by name: %v", err)
+	}
+	conn.Close()
+	other := testutil.Serve(t, testutil.Echo)
+	_, err = a.c.DialTCP(ctx(t), "127.0.0.1", uint16(other.Addr.Port))
+	var te *host.TCPError
+	if !errors.As(err, &te) || !strings.Contains(te.Msg, "denied by egress policy (rule default)") {
+		t.Fatalf("denied destination: %v", err)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.json")
+	os.WriteFile(bad, []byte(`{"rules": [{"destination": {"group": "intranet"}, "action": "allow"}]}`), 0o644)
+	out, err := exec.Command(filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:/nonexistent", "--egress-policy", bad).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), `rules[0]: destination: group: "intranet"`) {
+		t.Fatalf("bad policy: %v %s", err, out)
+	}
 }

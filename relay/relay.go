@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/policy"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/sink"
 )
@@ -48,6 +50,10 @@ type Options struct {
 	// destination -> host buffers). The agent makes them from its MaxBuffered options; nil
 	// means only the per-session limits apply.
 	Inbound, Outbound *budget.Budget
+	// Decide, if set, rules on every destination before it is dialed (the egress policy):
+	// agentd resolves the host itself and dials only an address the policy allows, with the
+	// name it asked for as the address's name (so domain rules apply).
+	Decide func(policy.Flow) policy.Decision
 }
 
 // DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 4 MiB inbound (a
@@ -143,6 +149,15 @@ func (s *Session) run(host string, port uint16) {
 	defer close(s.finished)
 	addr := net.JoinHostPort(host, strconv.Itoa(int(port)))
 	dctx, dcancel := context.WithTimeout(s.ctx, s.opts.ConnectTimeout)
+	if s.opts.Decide != nil {
+		allowed, err := s.allowed(dctx, host, port)
+		if err != nil {
+			dcancel()
+			s.fail(fmt.Sprintf("connect %s:%d: %s", host, port, err))
+			return
+		}
+		addr = net.JoinHostPort(allowed.String(), strconv.Itoa(int(port)))
+	}
 	conn, err := s.opts.Dialer.DialContext(dctx, "tcp", addr)
 	dcancel()
 	if err != nil {
@@ -178,6 +193,28 @@ func (s *Session) run(host string, port uint16) {
 	go func() { defer wg.Done(); s.toDestination(conn) }()
 	s.toHost(conn)
 	wg.Wait()
+}
+
+// allowed resolves host and returns the first address the policy allows for it.
+func (s *Session) allowed(ctx context.Context, host string, port uint16) (netip.Addr, error) {
+	var addrs []netip.Addr
+	var names []string
+	if a, err := netip.ParseAddr(host); err == nil {
+		addrs = []netip.Addr{a}
+	} else {
+		names = []string{host}
+		if addrs, err = net.DefaultResolver.LookupNetIP(ctx, "ip", host); err != nil {
+			return netip.Addr{}, fmt.Errorf("resolve: %w", err)
+		}
+	}
+	var last policy.Decision
+	for _, a := range addrs {
+		last = s.opts.Decide(policy.Flow{Direction: policy.Egress, Protocol: policy.TCP, Addr: a, Port: port, Names: names})
+		if last.Action == policy.Allow {
+			return a.Unmap(), nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("denied by egress policy (rule %s)", last.RuleID)
 }
 
 // describe renders an error the way the reference's messages read: the OS error text.

@@ -23,6 +23,7 @@ import (
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/initfs"
+	"github.com/agentd/agentd/policy"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 )
@@ -45,6 +46,8 @@ type options struct {
 	cpuProfile   string
 	maxSessions  int
 	heartbeat    string
+	policyFile   string
+	decide       func(policy.Flow) policy.Decision // from policyFile, loaded before any side effect
 	budget       int64
 }
 
@@ -74,6 +77,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.maxSessions, "tcp-max-sessions", agent.DefaultMaxTCPSessions, "most concurrent core.tcp sessions")
 	fs.Int64Var(&o.budget, "tcp-buffer-budget", agent.DefaultTCPBufferBudget, "`bytes` all TCP sessions together may buffer, per direction")
 	fs.StringVar(&o.heartbeat, "heartbeat", "", "write the heartbeat file to `PATH` every second (default "+heartbeat.DefaultPath+" as PID 1, none standalone)")
+	fs.StringVar(&o.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's JSON format) that core.tcp destinations must pass")
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile to `FILE` (for benchmarks)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -135,6 +139,17 @@ func main() {
 		fmt.Fprintln(os.Stderr, "agentd: not PID 1; use --standalone to run the agent loop as an ordinary process")
 		os.Exit(2)
 	}
+	if o.policyFile != "" {
+		d, err := loadPolicy(o.policyFile)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
+			if !o.standalone {
+				initfs.PowerOff(log, 0) // as PID 1, exiting would panic the kernel
+			}
+			os.Exit(2)
+		}
+		o.decide = d
+	}
 	if !o.standalone {
 		runInit(o, log, boot) // does not return: it powers the machine off
 	}
@@ -152,6 +167,19 @@ func main() {
 		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
+}
+
+// loadPolicy reads an egress policy file; errors name the file and the field.
+func loadPolicy(path string) (func(policy.Flow) policy.Decision, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--egress-policy: %w", err)
+	}
+	pol, err := policy.Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("--egress-policy %s: %w", path, err)
+	}
+	return func(f policy.Flow) policy.Decision { return pol.Decide(f, policy.Context{}) }, nil
 }
 
 // execOptions derives the exec settings from the boot configuration: MSB_USER (the default
@@ -317,6 +345,7 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	if o.noFlow {
 		cfg.Features = []string{}
 	}
+	cfg.Relay.Decide = o.decide
 	a := agent.New(cfg)
 	hs := time.Now()
 	if err := a.Handshake(); err != nil {
