@@ -273,6 +273,10 @@ func TestBufferBudget(t *testing.T) {
 			t.Fatal(err)
 		}
 		conns = append(conns, c)
+	}
+	// Writers start only once every session is open: without flow control a full budget holds
+	// the whole channel (by design), so a connect queued behind the data would never go out.
+	for _, c := range conns {
 		go c.Write(make([]byte, 8<<20))
 	}
 	var dsts []*net.TCPConn

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agentd/budget"
+	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/sink"
@@ -118,7 +119,8 @@ type Session struct {
 	credit *budget.Credit // flow: output bytes the host can still take
 
 	mu       sync.Mutex
-	lastByte byte // last stdin byte written (PTY EOF needs a line start)
+	lastByte byte          // last stdin byte written (PTY EOF needs a line start)
+	fed      chan struct{} // closed when feed returns
 	finished chan struct{}
 }
 
@@ -190,7 +192,7 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{id: id, cmd: cmd, out: out, log: log, done: done, ctx: ctx, cancel: cancel,
 		flow: req.Window > 0, credit: budget.NewCredit(int64(req.Window)),
-		q: out.NewQueue(opts.HighWater, opts.LowWater), finished: make(chan struct{}),
+		q: out.NewQueue(opts.HighWater, opts.LowWater), finished: make(chan struct{}), fed: make(chan struct{}),
 		wait: opts.Waiter}
 	cfg := sink.Config{Limit: opts.StdinLimit, Budget: opts.StdinBudget}
 	if s.flow {
@@ -204,11 +206,19 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 	var stdin io.WriteCloser
 	if req.TTY {
 		master, slave, err := pty.Open()
+		if err == nil {
+			// pty.Open leaves the master in blocking mode; a pollable copy lets Close end a
+			// blocked read or write, so a session never strands a goroutine on its terminal.
+			master, err = channel.Pollable(master)
+		}
 		if err != nil {
+			if slave != nil {
+				slave.Close()
+			}
 			cancel()
 			return nil, otherFailure(err)
 		}
-		pty.Setsize(master, &pty.Winsize{Rows: req.Rows, Cols: req.Cols})
+		setWinsize(master, req.Rows, req.Cols)
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
 		cmd.SysProcAttr.Setsid, cmd.SysProcAttr.Setctty = true, true
 		err = cmd.Start()
@@ -317,10 +327,11 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 	}
 	wg.Wait()
 	code := s.reap()
+	s.in.Close() // ends feed, and drops stdin nobody will read
+	<-s.fed
 	if s.tty != nil {
 		s.tty.Close()
 	}
-	s.in.Close()
 	s.q.PushMsg(context.Background(), s.id, protocol.TypeExecExited, protocol.ExecExited{Code: code})
 	s.cancel()
 	if s.done != nil {
@@ -387,6 +398,7 @@ func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
 // is closed, or, on a PTY, the terminal's EOF character is sent (twice if the line is not
 // empty: once to end the line, once for EOF).
 func (s *Session) feed(stdin io.WriteCloser) {
+	defer close(s.fed)
 	w := io.Writer(stdin)
 	if s.tty != nil {
 		w = &lastByteWriter{s: s, w: stdin}
@@ -398,10 +410,7 @@ func (s *Session) feed(stdin io.WriteCloser) {
 			stdin.Close()
 			return
 		}
-		eof := []byte{4}
-		if t, terr := unix.IoctlGetTermios(int(s.tty.Fd()), unix.TCGETS); terr == nil {
-			eof[0] = t.Cc[unix.VEOF]
-		}
+		eof := []byte{veof(s.tty)}
 		s.mu.Lock()
 		last := s.lastByte
 		s.mu.Unlock()
@@ -445,8 +454,31 @@ func (s *Session) Stdin(data []byte) {
 // Resize sets the PTY window size (a no-op in pipe mode).
 func (s *Session) Resize(rows, cols uint16) {
 	if s.tty != nil {
-		pty.Setsize(s.tty, &pty.Winsize{Rows: rows, Cols: cols})
+		setWinsize(s.tty, rows, cols)
 	}
+}
+
+// setWinsize and veof work on the pollable master without os.File.Fd, which would switch it
+// back to blocking mode.
+func setWinsize(f *os.File, rows, cols uint16) {
+	if rc, err := f.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) {
+			unix.IoctlSetWinsize(int(fd), unix.TIOCSWINSZ, &unix.Winsize{Row: rows, Col: cols})
+		})
+	}
+}
+
+// veof is the terminal's end-of-file character (^D unless changed).
+func veof(f *os.File) byte {
+	c := byte(4)
+	if rc, err := f.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) {
+			if t, err := unix.IoctlGetTermios(int(fd), unix.TCGETS); err == nil {
+				c = t.Cc[unix.VEOF]
+			}
+		})
+	}
+	return c
 }
 
 // Signal sends a standard signal (1..31) to the child; anything else is ignored, as by the
