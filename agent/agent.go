@@ -460,7 +460,7 @@ func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) 
 			Error: fmt.Sprintf("connect %s:%d: too many TCP sessions (limit %d)", p.Host, p.Port, a.cfg.MaxTCPSessions)})
 	}
 	a.all.Add(1)
-	s := relay.Start(id, p, a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
+	s := relay.New(id, p, a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
 		a.mu.Lock()
 		if a.tcp[s.ID()] == s {
 			delete(a.tcp, s.ID())
@@ -470,6 +470,7 @@ func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) 
 	a.mu.Lock()
 	a.tcp[id] = s
 	a.mu.Unlock()
+	s.Go()
 	go func() { <-s.Finished(); a.all.Done() }()
 	return nil
 }
@@ -491,6 +492,7 @@ func (a *Agent) startExec(ctx context.Context, id uint32, req protocol.ExecReque
 	a.mu.Lock()
 	a.execs[id] = s // a duplicate id replaces the entry; the old child runs on, as in the reference
 	a.mu.Unlock()
+	s.Go()
 	go func() { <-s.Finished(); a.all.Done() }()
 	return nil
 }

@@ -121,6 +121,8 @@ type Session struct {
 	mu       sync.Mutex
 	lastByte byte          // last stdin byte written (PTY EOF needs a line start)
 	fed      chan struct{} // closed when feed returns
+	started  protocol.ExecStarted
+	goRun    func()
 	finished chan struct{}
 }
 
@@ -131,8 +133,8 @@ func (s *Session) PID() int   { return s.pid }
 // Finished is closed once the child has been reaped and exited was queued.
 func (s *Session) Finished() <-chan struct{} { return s.finished }
 
-// Start spawns the program of req. On success exec.started is already queued on the session's
-// output; otherwise the returned ExecFailed says why the program never ran.
+// Start spawns the program of req; Go then announces and streams it. If the program never
+// ran, the returned ExecFailed says why.
 func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) (*Session, *protocol.ExecFailed) {
 	opts = opts.withDefaults()
 	ident := Identity{}
@@ -272,13 +274,19 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 		}
 	}
 	s.pid = cmd.Process.Pid
-	started := protocol.ExecStarted{PID: uint32(s.pid)}
+	s.started = protocol.ExecStarted{PID: uint32(s.pid)}
 	if s.flow {
-		started.Window = uint32(opts.StdinLimit)
+		s.started.Window = uint32(opts.StdinLimit)
 	}
-	s.q.PushMsg(ctx, id, protocol.TypeExecStarted, started)
-	go s.run(outputs, stdin, opts.ChunkSize)
+	s.goRun = func() { go s.run(outputs, stdin, opts.ChunkSize) }
 	return s, nil
+}
+
+// Go queues exec.started and starts streaming. The caller registers the session first, so
+// the host can never act on a session the agent does not know yet.
+func (s *Session) Go() {
+	s.q.PushMsg(s.ctx, s.id, protocol.TypeExecStarted, s.started)
+	s.goRun()
 }
 
 func ptrStr(p *string) string {

@@ -103,7 +103,9 @@ type Session struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	in *sink.Sink // host -> destination
+	in   *sink.Sink // host -> destination
+	host string
+	port uint16
 
 	credit *budget.Credit // flow: bytes we may still send to the host
 
@@ -113,10 +115,21 @@ type Session struct {
 	finished chan struct{}
 }
 
-// Start creates the session for a core.tcp.connect and dials in the background: the caller's
-// loop never waits for the connect. The session reports connected or a terminal failed.
-// done is called once, when the session ends for any reason.
+// Start is New followed by Go.
 func Start(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
+	s := New(id, req, out, opts, log, done)
+	s.Go()
+	return s
+}
+
+// Go dials in the background: the caller's loop never waits for the connect. The session
+// reports connected or a terminal failed. Register the session before calling Go, so the host
+// never sees connected for a session the agent does not know.
+func (s *Session) Go() { go s.run(s.host, s.port) }
+
+// New creates the session for a core.tcp.connect without starting it. done is called once,
+// when the session ends for any reason.
+func New(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
 	opts = opts.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{
@@ -135,7 +148,7 @@ func Start(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, lo
 		}
 	}
 	s.in = sink.New(ctx, cfg)
-	go s.run(req.Host, req.Port)
+	s.host, s.port = req.Host, req.Port
 	return s
 }
 
