@@ -105,32 +105,14 @@ func allowGood(f policy.Flow) policy.Decision {
 	return policy.Decision{Action: policy.Deny, RuleID: "default"}
 }
 
-func listen(t *testing.T, addr string, fn func(*net.TCPConn)) int {
-	l, err := net.Listen("tcp", addr+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go fn(c.(*net.TCPConn))
-		}
-	}()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 func TestAllowDenyAndHalfClose(t *testing.T) {
 	e := setup(t, allowGood)
-	port := listen(t, "198.18.0.10", func(c *net.TCPConn) {
+	port := testutil.ServeOn(t, "198.18.0.10", func(c *net.TCPConn) {
 		defer c.Close()
 		b, _ := io.ReadAll(c) // until the guest's FIN comes through
 		fmt.Fprintf(c, "got %d bytes", len(b))
-	})
-	badPort := listen(t, "198.18.0.11", testutil.Echo)
+	}).Addr.Port
+	badPort := testutil.ServeOn(t, "198.18.0.11", testutil.Echo).Addr.Port
 
 	c, err := e.dial(fmt.Sprintf("198.18.0.10:%d", port))
 	if err != nil {
@@ -199,7 +181,7 @@ func TestCurl(t *testing.T) {
 // TestManyConnections: 1,000 concurrent guest connections through the stack, then no leaks.
 func TestManyConnections(t *testing.T) {
 	e := setup(t, allowGood)
-	port := listen(t, "198.18.0.10", testutil.Echo)
+	port := testutil.ServeOn(t, "198.18.0.10", testutil.Echo).Addr.Port
 	const n = 1000
 	conns := make([]net.Conn, 0, n)
 	for i := 0; i < n; i++ {

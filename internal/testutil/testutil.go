@@ -41,9 +41,12 @@ type Server struct {
 }
 
 // Serve starts a TCP server on 127.0.0.1 and closes it when the test ends.
-func Serve(t testing.TB, fn func(*net.TCPConn)) *Server {
+func Serve(t testing.TB, fn func(*net.TCPConn)) *Server { return ServeOn(t, "127.0.0.1", fn) }
+
+// ServeOn is Serve on another local address.
+func ServeOn(t testing.TB, ip string, fn func(*net.TCPConn)) *Server {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
