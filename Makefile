@@ -36,7 +36,10 @@ fuzz-smoke:
 		pkg=$${t%%:*}; name=$${t##*:}; \
 		echo "fuzz $$name ($(FUZZTIME))"; \
 		for try in 1 2; do \
-			if $(GO) test $$pkg -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) >/tmp/fuzz-$$name.log 2>&1; then break; fi; \
+			if $(GO) test $$pkg -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) >/tmp/fuzz-$$name.log 2>&1; then \
+				if grep -q "no fuzz tests to fuzz" /tmp/fuzz-$$name.log; then echo "no fuzz target $$name in $$pkg"; exit 1; fi; \
+				break; \
+			fi; \
 			tail -20 /tmp/fuzz-$$name.log; \
 			if [ -n "$$(git status --porcelain -- $$pkg/testdata/fuzz/$$name 2>/dev/null)" ] || [ $$try = 2 ]; then exit 1; fi; \
 			echo "fuzz $$name: engine failure without a crasher; retrying once"; \
