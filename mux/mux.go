@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/agentd/agentd/protocol"
 )
@@ -99,13 +100,20 @@ func (w *Writer) Err() error {
 	return w.err
 }
 
+// CloseWait bounds how long Close waits for a write in progress: a peer that stopped reading
+// would otherwise hold it forever. The writer goroutine ends once its owner closes the channel.
+const CloseWait = 2 * time.Second
+
 // Close stops the writer after the batch in progress; pending items are dropped.
 func (w *Writer) Close() {
 	w.mu.Lock()
 	w.closed = true
 	w.mu.Unlock()
 	w.signal()
-	<-w.done
+	select {
+	case <-w.done:
+	case <-time.After(CloseWait):
+	}
 }
 
 // Flush waits until every item queued before the call has been written (or the writer stops).

@@ -108,10 +108,8 @@ func TestHighWatermarkBlocks(t *testing.T) {
 // TestCloseReleases: closing a queue drops its items and unblocks a pusher.
 func TestCloseReleases(t *testing.T) {
 	a, b := testutil.SocketPair(t)
-	defer a.Close()
-	defer b.Close()
 	w := NewWriter(a, Options{})
-	defer w.Close()
+	defer func() { a.Close(); b.Close(); w.Close() }() // the socket first: nobody reads it
 	// Nobody reads b: the writer blocks on the socket and the queue fills.
 	q := w.NewQueue(ChunkSize, 0)
 	if err := q.PushData(context.Background(), 1, protocol.TypeTCPData, GetBuf(), ChunkSize); err != nil {
