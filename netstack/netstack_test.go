@@ -1,152 +1,522 @@
 package netstack
 
 import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
+	"reflect"
+	"runtime/pprof"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+	"gvisor.dev/gvisor/pkg/tcpip"
 
+	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/internal/nettest"
 	"github.com/agentd/agentd/internal/testutil"
 	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/resolver"
 )
 
-var seq atomic.Int32
-
-func run(t *testing.T, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		t.Fatalf("%v: %v\n%s", args, err, out)
-	}
+func TestMain(m *testing.M) {
+	code := m.Run()
+	nettest.Cleanup()
+	os.Exit(code)
 }
 
-// env is a guest network namespace whose only route is the stack's tun, and two test hosts on
-// a local interface in this namespace (where the stack dials): .10 and .11.
+// testPolicy: default deny (so only names a rule allows resolve); Good by CIDR (v4 and v6); Bad only on TCP
+// port 18080; Named only by its name; a private answer for lan.test allowed by name.
+const testPolicy = `{
+  "default_egress": "deny",
+  "rules": [
+    {"id": "good", "destination": {"cidr": "198.18.0.10/32"}, "action": "allow"},
+    {"id": "good6", "destination": {"cidr": "2001:db8:18::10/128"}, "action": "allow"},
+    {"id": "bad-port", "destination": {"cidr": "198.18.0.11"}, "protocols": ["tcp"], "ports": [{"start": 18080}], "action": "allow"},
+    {"id": "named", "destination": {"domain": "named.test"}, "protocols": ["tcp"], "action": "allow"},
+    {"id": "lan", "destination": {"domain": "lan.test"}, "action": "allow"}
+  ]
+}`
+
+// dnsTable is the upstream resolver's data.
+var dnsTable = map[string][]netip.Addr{
+	"named.test.":  {nettest.Named},
+	"evil.test.":   {nettest.Named}, // same address, a name the policy does not allow
+	"rebind.test.": {netip.MustParseAddr("10.9.9.9")},
+	"lan.test.":    {netip.MustParseAddr("10.9.9.10")},
+	"good.test.":   {nettest.Good},
+}
+
 type env struct {
-	ns   string
-	st   *Stack
-	good netip.Addr // allowed by the test policy
-	bad  netip.Addr // not allowed
+	tp    *nettest.Topology
+	st    *Stack
+	eg    *egress.Service
+	audit *syncBuffer
+	aud   *egress.Audit
 }
 
-func setup(t *testing.T, decide func(policy.Flow) policy.Decision) *env {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for tun devices and network namespaces")
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// records returns the audit records written so far (after flushing the audit queue).
+func (e *env) records(t *testing.T) []egress.Record {
+	t.Helper()
+	e.aud.Close()
+	e.audit.mu.Lock()
+	defer e.audit.mu.Unlock()
+	var out []egress.Record
+	sc := bufio.NewScanner(bytes.NewReader(e.audit.b.Bytes()))
+	for sc.Scan() {
+		var r egress.Record
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatalf("audit line %q: %v", sc.Text(), err)
+		}
+		out = append(out, r)
 	}
-	n := fmt.Sprintf("%d%d", os.Getpid()%1000, seq.Add(1))
-	e := &env{ns: "agns" + n, good: netip.MustParseAddr("198.18.0.10"), bad: netip.MustParseAddr("198.18.0.11")}
-	dummy := "agdum" + n
-	run(t, "ip", "netns", "add", e.ns)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", e.ns).Run() })
-	// Local addresses for the test hosts, on a veth pair kept in this namespace (the kernel here
-	// has no dummy driver); nothing is routed anywhere.
-	run(t, "ip", "link", "add", dummy, "type", "veth", "peer", "name", dummy+"p")
-	t.Cleanup(func() { exec.Command("ip", "link", "del", dummy).Run() })
-	run(t, "ip", "addr", "add", "198.18.0.10/32", "dev", dummy)
-	run(t, "ip", "addr", "add", "198.18.0.11/32", "dev", dummy)
-	run(t, "ip", "link", "set", dummy, "up")
-	run(t, "ip", "link", "set", dummy+"p", "up")
-	st, err := New(Options{TunName: "agtun" + n, Decide: decide})
+	return out
+}
+
+func mustPolicy(t testing.TB, src string) *policy.Policy {
+	t.Helper()
+	p, err := policy.Parse([]byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err = policy.WithFloor(policy.DefaultFloor, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func setup(t testing.TB, pol string, tune func(*Options)) *env {
+	tp := nettest.New(t)
+	e := &env{tp: tp, audit: &syncBuffer{}}
+	gw := DefaultGuestNet
+	e.aud = egress.NewAudit(e.audit, testLog(t))
+	t.Cleanup(e.aud.Close)
+	e.eg = egress.New(mustPolicy(t, pol), egress.Options{HostAddrs: gw.Gateways(), Audit: e.aud})
+	up := nettest.DNSServer(t, nettest.Good, dnsTable)
+	res := resolver.New(e.eg, resolver.Options{Upstreams: []netip.AddrPort{up}})
+	o := Options{TunName: "agtun" + tp.ID, Egress: e.eg, DNS: res, Gateways: gw.Gateways(), Log: testLog(t)}
+	if tune != nil {
+		tune(&o)
+	}
+	st, err := New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.st = st
 	t.Cleanup(st.Close)
-	tunName := "agtun" + n
-	run(t, "ip", "link", "set", tunName, "netns", e.ns)
-	run(t, "ip", "-n", e.ns, "link", "set", "lo", "up")
-	run(t, "ip", "-n", e.ns, "link", "set", tunName, "mtu", "65520", "up")
-	run(t, "ip", "-n", e.ns, "addr", "add", "10.200.0.1/24", "dev", tunName)
-	run(t, "ip", "-n", e.ns, "route", "add", "default", "dev", tunName)
+	h, err := netlink.NewHandleAt(vnetns.NsHandle(tp.Guest.FD()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if err := AttachGuest(h, o.TunName, tp.Guest.FD(), DefaultOptions.MTU, gw); err != nil {
+		t.Fatal(err)
+	}
+	tp.UseResolver(t, gw.ResolvConf())
 	return e
 }
 
-// dial connects from inside the guest namespace (a thread switched into it, then discarded).
-func (e *env) dial(addr string) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
+func testLog(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// testWriter sends log lines to the test's log (shown on failure or with -v).
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// dial connects from inside the guest namespace.
+func (e *env) dial(network, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return e.tp.Guest.DialContext(ctx, network, addr)
+}
+
+// serve starts a TCP server on ip:port (0: any port) that runs fn per connection.
+func serve(t testing.TB, ip netip.Addr, port int, fn func(*net.TCPConn)) netip.AddrPort {
+	l, err := net.Listen("tcp", netip.AddrPortFrom(ip, uint16(port)).String())
+	if err != nil {
+		t.Fatal(err)
 	}
-	ch := make(chan result, 1)
+	t.Cleanup(func() { l.Close() })
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with this goroutine
-		f, err := os.Open("/var/run/netns/" + e.ns)
-		if err != nil {
-			ch <- result{nil, err}
-			return
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go fn(c.(*net.TCPConn))
 		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{nil, err}
-			return
-		}
-		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-		ch <- result{c, err}
 	}()
-	r := <-ch
-	return r.c, r.err
+	return netip.MustParseAddrPort(l.Addr().String())
 }
 
-func allowGood(f policy.Flow) policy.Decision {
-	if f.Addr == netip.MustParseAddr("198.18.0.10") {
-		return policy.Decision{Action: policy.Allow, RuleID: "test"}
+func TestTCPPolicy(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	good := serve(t, nettest.Good, 0, testutil.Echo)
+	good6 := serve(t, nettest.Good6, 0, testutil.Echo)
+	badAllowed := serve(t, nettest.Bad, 18080, testutil.Echo)
+	badOther := serve(t, nettest.Bad, 0, testutil.Echo)
+	named := serve(t, nettest.Named, 0, testutil.Echo)
+	dead := netip.AddrPortFrom(nettest.Good, uint16(testutil.ClosedPort(t)))
+	mapped := netip.AddrPortFrom(netip.AddrFrom16(nettest.Good.As16()), good.Port())
+	cases := []struct {
+		name string
+		dst  netip.AddrPort
+		ok   bool
+	}{
+		{"cidr allows", good, true},
+		{"cidr allows ipv6", good6, true},
+		{"ipv4-mapped destination is its ipv4 address", mapped, true},
+		{"port rule allows its port", badAllowed, true},
+		{"port rule denies other ports (default)", badOther, false},
+		{"raw IP under a domain rule is denied", named, false},
+		{"ipv6 host outside the rules", netip.AddrPortFrom(nettest.Bad6, good6.Port()), false},
+		{"a dead upstream is refused, never connected", dead, false},
 	}
-	return policy.Decision{Action: policy.Deny, RuleID: "default"}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			start := time.Now()
+			conn, err := e.dial("tcp", c.dst.String())
+			took := time.Since(start)
+			if !c.ok {
+				if !errors.Is(err, syscall.ECONNREFUSED) {
+					t.Fatalf("want ECONNREFUSED, got %v (conn %v)", err, conn)
+				}
+				if took > 100*time.Millisecond {
+					t.Fatalf("refused after %v, want < 100 ms", took)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.Write([]byte("ping"))
+			buf := make([]byte, 4)
+			if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != "ping" {
+				t.Fatalf("echo: %q %v", buf, err)
+			}
+		})
+	}
+	if n := e.st.Counters.DialFailed.Load(); n != 1 {
+		t.Errorf("dial failures %d, want 1", n)
+	}
+	testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 0 && e.st.Endpoints() == 0 }, "relays and endpoints to end")
+	// The audit log has exactly one decision per connection attempt, with the deciding rule.
+	var decisions []egress.Record
+	for _, r := range e.records(t) {
+		if r.Event == "decision" {
+			decisions = append(decisions, r)
+		}
+	}
+	if len(decisions) != len(cases) {
+		t.Fatalf("%d decision records for %d connects: %+v", len(decisions), len(cases), decisions)
+	}
+	want := []string{"good", "good6", "good", "bad-port", "default", "default", "default", "good"}
+	for i, r := range decisions {
+		if r.Rule != want[i] || r.Protocol != "tcp" || r.Dst == "" {
+			t.Errorf("decision %d: %+v, want rule %s", i, r, want[i])
+		}
+	}
 }
 
-func TestAllowDenyAndHalfClose(t *testing.T) {
-	e := setup(t, allowGood)
-	port := testutil.ServeOn(t, "198.18.0.10", func(c *net.TCPConn) {
+func TestHalfClose(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
 		defer c.Close()
 		b, _ := io.ReadAll(c) // until the guest's FIN comes through
 		fmt.Fprintf(c, "got %d bytes", len(b))
-	}).Addr.Port
-	badPort := testutil.ServeOn(t, "198.18.0.11", testutil.Echo).Addr.Port
-
-	c, err := e.dial(fmt.Sprintf("198.18.0.10:%d", port))
+	})
+	c, err := e.dial("tcp", srv.String())
 	if err != nil {
-		t.Fatalf("allowed destination: %v", err)
+		t.Fatal(err)
 	}
+	defer c.Close()
 	c.Write(make([]byte, 5<<20))
-	c.(*net.TCPConn).CloseWrite() // half-close through the netstack
+	c.(*net.TCPConn).CloseWrite()
 	reply, err := io.ReadAll(c)
 	if err != nil || string(reply) != fmt.Sprintf("got %d bytes", 5<<20) {
 		t.Fatalf("reply %q %v", reply, err)
 	}
 	c.Close()
-
-	// Denied: a RST at SYN time, so the guest sees ECONNREFUSED at once.
-	start := time.Now()
-	_, err = e.dial(fmt.Sprintf("198.18.0.11:%d", badPort))
-	took := time.Since(start)
-	if !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Fatalf("denied destination: %v", err)
-	}
-	t.Logf("denied connect refused after %v", took)
-	if took > 100*time.Millisecond {
-		t.Fatalf("denied connect took %v, want < 100 ms", took)
-	}
-
-	// A dead upstream (allowed, nothing listening) is refused, never reported connected.
-	dead := testutil.ClosedPort(t)
-	if _, err := e.dial(fmt.Sprintf("198.18.0.10:%d", dead)); !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Fatalf("dead upstream: %v", err)
-	}
-	if e.st.Counters.Denied.Load() != 1 || e.st.Counters.DialFailed.Load() != 1 || e.st.Counters.Allowed.Load() != 1 {
-		t.Fatalf("counters: allowed %d denied %d dial-failed %d", e.st.Counters.Allowed.Load(), e.st.Counters.Denied.Load(), e.st.Counters.DialFailed.Load())
-	}
 	testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 0 && e.st.Endpoints() == 0 }, "relays and endpoints to end")
+	recs := e.records(t)
+	last := recs[len(recs)-1]
+	if last.Event != "close" || last.BytesUp == nil || *last.BytesUp != 5<<20 || *last.BytesDown != int64(len(reply)) || last.DurationMs == nil {
+		t.Fatalf("close record %+v", last)
+	}
+}
+
+// TestDestinationReset: a destination's RST reaches the guest as a RST.
+func TestDestinationReset(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
+		io.ReadFull(c, make([]byte, 1))
+		c.SetLinger(0)
+		c.Close()
+	})
+	c, err := e.dial("tcp", srv.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("x"))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("want ECONNRESET, got %v", err)
+	}
+}
+
+func dig(t *testing.T, e *env, args ...string) string {
+	t.Helper()
+	if _, err := exec.LookPath("dig"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("dig is missing: .ci/run should have installed bind9-dnsutils")
+		}
+		t.Skip("dig not installed")
+	}
+	out, err := e.tp.Cmd(append([]string{"dig", "+time=5", "+tries=1", "@" + DefaultGuestNet.Gateway4.String()}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("dig %v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+// TestDNS: the guest's resolver, driven by dig over UDP and TCP.
+func TestDNS(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	for _, tc := range []string{"+notcp", "+tcp"} {
+		if out := dig(t, e, tc, "named.test", "A"); !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, nettest.Named.String()) {
+			t.Fatalf("%s allowed name: %s", tc, out)
+		}
+		if out := dig(t, e, tc, "evil.test", "A"); !strings.Contains(out, "status: NXDOMAIN") {
+			t.Fatalf("%s denied name: %s", tc, out)
+		}
+	}
+	// good.test is reachable by its address, but no rule allows the name: the query is denied.
+	if out := dig(t, e, "good.test"); !strings.Contains(out, "status: NXDOMAIN") {
+		t.Fatalf("name without a rule: %s", out)
+	}
+	e.eg.Reload(mustPolicy(t, strings.Replace(testPolicy, `"rules": [`, `"rules": [{"id": "names", "destination": {"domain_suffix": "test"}, "protocols": ["udp"], "ports": [{"start": 9}], "action": "allow"},`, 1)))
+	// A public name answered with a private address is refused (rebinding) ...
+	if out := dig(t, e, "rebind.test"); !strings.Contains(out, "status: NXDOMAIN") {
+		t.Fatalf("rebinding answer: %s", out)
+	}
+	// ... unless a rule allows that name.
+	if out := dig(t, e, "lan.test"); !strings.Contains(out, "10.9.9.10") {
+		t.Fatalf("allowed private answer: %s", out)
+	}
+	if !e.eg.Pins().Has(nettest.Named, "named.test") || e.eg.Pins().Has(nettest.Named, "evil.test") {
+		t.Fatal("pins: want named.test pinned to its address and evil.test not")
+	}
+	var dns int
+	for _, r := range e.records(t) {
+		if r.Event == "dns" {
+			dns++
+		}
+	}
+	if dns != 7 {
+		t.Fatalf("%d dns records, want 7 (one per query)", dns)
+	}
+}
+
+// TestDomainRule: an address is reachable under a domain rule only after the guest resolved
+// the allowed name to it, and TLS must then name an allowed, pinned server.
+func TestDomainRule(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "tls ok") }))
+	l, err := net.Listen("tcp", nettest.Named.String()+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Listener = l
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	dst := l.Addr().String()
+	if _, err := e.dial("tcp", dst); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("before resolving: %v", err)
+	}
+	dig(t, e, "named.test")
+	for _, c := range []struct {
+		sni string
+		ok  bool
+	}{{"named.test", true}, {"evil.test", false}, {"", true}} {
+		conn, err := e.dial("tcp", dst)
+		if err != nil {
+			t.Fatalf("after resolving: %v", err)
+		}
+		tc := tls.Client(conn, &tls.Config{ServerName: c.sni, InsecureSkipVerify: true})
+		if c.sni == "" {
+			tc = tls.Client(conn, &tls.Config{InsecureSkipVerify: true}) // an IP: no SNI sent
+		}
+		tc.SetDeadline(time.Now().Add(10 * time.Second))
+		err = tc.Handshake()
+		conn.Close()
+		if c.ok && err != nil {
+			t.Fatalf("sni %q: %v", c.sni, err)
+		}
+		if !c.ok && err == nil {
+			t.Fatalf("sni %q: handshake succeeded, want the flow cut", c.sni)
+		}
+	}
+	if e.st.Counters.SNIDenied.Load() != 1 {
+		t.Fatalf("sni denials %d, want 1", e.st.Counters.SNIDenied.Load())
+	}
+	// curl resolves through the guest's resolver and connects by name.
+	if _, err := exec.LookPath("curl"); err == nil {
+		url := "https://named.test:" + fmt.Sprint(l.Addr().(*net.TCPAddr).Port) + "/"
+		out, err := e.tp.Cmd("curl", "-ksS", "--max-time", "10", url).CombinedOutput()
+		if err != nil || string(out) != "tls ok" {
+			t.Fatalf("curl %s: %q %v", url, out, err)
+		}
+	}
+}
+
+func TestUDP(t *testing.T) {
+	e := setup(t, testPolicy, func(o *Options) { o.UDPIdleTimeout = 300 * time.Millisecond })
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: nettest.Good.AsSlice()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	c, err := e.dial("udp", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := 0; i < 3; i++ {
+		msg := fmt.Sprintf("datagram %d", i)
+		c.Write([]byte(msg))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 100)
+		n, err := c.Read(buf)
+		if err != nil || string(buf[:n]) != msg {
+			t.Fatalf("udp echo: %q %v", buf[:n], err)
+		}
+	}
+	// Denied UDP (Bad allows only TCP 18080): ICMP port unreachable, read as ECONNREFUSED.
+	d, err := e.dial("udp", netip.AddrPortFrom(nettest.Bad, 18080).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	d.Write([]byte("x"))
+	d.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := d.Read(make([]byte, 10)); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("denied udp: %v", err)
+	}
+	if e.st.Counters.UDPDenied.Load() != 1 || e.st.Counters.UDPAllowed.Load() != 1 {
+		t.Fatalf("udp counters: allowed %d denied %d", e.st.Counters.UDPAllowed.Load(), e.st.Counters.UDPDenied.Load())
+	}
+	testutil.WaitFor(t, func() bool { return e.st.Counters.UDPActive.Load() == 0 && e.st.Endpoints() == 0 }, "the idle udp flow to end")
+}
+
+// TestReload: a live policy reload cuts a flow it no longer allows and keeps the others.
+func TestReload(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	good := serve(t, nettest.Good, 0, testutil.Echo)
+	bad := serve(t, nettest.Bad, 18080, testutil.Echo)
+	cg, err := e.dial("tcp", good.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	cb, err := e.dial("tcp", bad.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cb.Close()
+	if n := e.eg.Reload(mustPolicy(t, strings.Replace(testPolicy, `"198.18.0.10/32"`, `"198.18.0.99/32"`, 1))); n != 1 {
+		t.Fatalf("reload revoked %d flows, want 1", n)
+	}
+	cg.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := cg.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("revoked flow: want ECONNRESET, got %v", err)
+	}
+	cb.Write([]byte("still"))
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(cb, buf); err != nil {
+		t.Fatalf("kept flow: %v", err)
+	}
+	if _, err := e.dial("tcp", good.String()); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("new connection after reload: %v", err)
+	}
+	revoked := 0
+	for _, r := range e.records(t) {
+		if r.Event == "revoked" {
+			revoked++
+			if r.Dst != good.String() || r.Rule != "default" {
+				t.Errorf("revoked record %+v", r)
+			}
+		}
+	}
+	if revoked != 1 {
+		t.Fatalf("%d revoked records, want 1", revoked)
+	}
+}
+
+// TestCaps: the per-destination cap refuses the flow over it and counts the reason.
+func TestCaps(t *testing.T) {
+	e := setup(t, testPolicy, func(o *Options) { o.MaxFlowsPerDest = 2 })
+	srv := serve(t, nettest.Good, 0, testutil.Echo)
+	var conns []net.Conn
+	for i := 0; i < 2; i++ {
+		c, err := e.dial("tcp", srv.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	if _, err := e.dial("tcp", srv.String()); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("third flow: %v", err)
+	}
+	if e.st.Counters.DestCapDrop.Load() != 1 {
+		t.Fatalf("dest cap drops %d", e.st.Counters.DestCapDrop.Load())
+	}
 }
 
 // TestCurl: a real client in the guest namespace fetches through the netstack.
@@ -157,69 +527,109 @@ func TestCurl(t *testing.T) {
 		}
 		t.Skip("curl not installed")
 	}
-	e := setup(t, allowGood)
-	l, err := net.Listen("tcp", "198.18.0.10:0")
+	e := setup(t, testPolicy, nil)
+	l, err := net.Listen("tcp", nettest.Good.String()+":0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "hello through the netstack") })}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
-	out, err := exec.Command("ip", "netns", "exec", e.ns, "curl", "-sS", "--max-time", "10", "http://"+l.Addr().String()+"/").CombinedOutput()
+	out, err := e.tp.Cmd("curl", "-sS", "--max-time", "10", "http://"+l.Addr().String()+"/").CombinedOutput()
 	if err != nil || string(out) != "hello through the netstack" {
 		t.Fatalf("curl: %q %v", out, err)
 	}
-	start := time.Now()
-	cmd := exec.Command("ip", "netns", "exec", e.ns, "curl", "-sS", "--max-time", "10", "http://198.18.0.11:80/")
+	cmd := e.tp.Cmd("curl", "-sS", "--max-time", "10", "http://"+nettest.Bad.String()+":80/")
 	out, err = cmd.CombinedOutput()
 	if cmd.ProcessState.ExitCode() != 7 { // CURLE_COULDNT_CONNECT: refused, not timed out
 		t.Fatalf("curl to a denied host: %q %v", out, err)
 	}
-	t.Logf("curl to a denied host failed in %v: %s", time.Since(start).Round(time.Millisecond), strings.TrimSpace(string(out)))
 }
 
-// TestManyConnections: 1,000 concurrent guest connections through the stack, then no leaks.
-//
-// Known issue (open, issue 4): on a loaded machine an occasional guest connection is reset right
-// after connecting, and in one CI run 147 relays never finished. Until that is found and fixed
-// this stress test runs only when asked (AGENTD_NETSTACK_STRESS=1), so it cannot block unrelated
-// work; the netstack is not wired into agentd yet.
+// TestManyConnections: 5,000 concurrent guest connections through the stack, then no leaked
+// relays, goroutines or gVisor endpoints.
 func TestManyConnections(t *testing.T) {
-	if os.Getenv("AGENTD_NETSTACK_STRESS") == "" {
-		t.Skip("known to fail intermittently under load; run with AGENTD_NETSTACK_STRESS=1")
+	n := 5000
+	if testing.Short() {
+		n = 500
 	}
-	e := setup(t, allowGood)
-	port := testutil.ServeOn(t, "198.18.0.10", testutil.Echo).Addr.Port
-	const n = 1000
-	conns := make([]net.Conn, 0, n)
-	for i := 0; i < n; i++ {
-		c, err := e.dial(fmt.Sprintf("198.18.0.10:%d", port))
-		if err != nil {
-			t.Fatalf("connection %d: %v", i, err)
+	e := setup(t, testPolicy, nil)
+	srv := serve(t, nettest.Good, 0, testutil.Echo)
+	conns := make([]net.Conn, n)
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	sem := make(chan struct{}, 64) // at most 64 handshakes in flight from the guest
+	for i := range conns {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			c, err := e.dial("tcp", srv.String())
+			if err != nil {
+				errs <- fmt.Errorf("connection %d: %w", i, err)
+				return
+			}
+			conns[i] = c
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		out, _ := e.tp.Cmd("nstat", "-az").CombinedOutput()
+		for _, l := range strings.Split(string(out), "\n") {
+			if f := strings.Fields(l); len(f) > 1 && f[1] != "0" {
+				t.Log(l)
+			}
 		}
-		conns = append(conns, c)
+		c := &e.st.Counters
+		t.Fatalf("%v (dial failed %d, handshake failed %d, denied %d, caps %d/%d; gVisor: %s)", err, c.DialFailed.Load(),
+			c.HandshakeFailed.Load(), c.Denied.Load(), c.FlowCapDrop.Load(), c.DestCapDrop.Load(), tcpStats(e.st))
 	}
 	for i, c := range conns {
 		msg := []byte(fmt.Sprintf("conn %d", i))
 		c.Write(msg)
 		buf := make([]byte, len(msg))
+		c.SetReadDeadline(time.Now().Add(30 * time.Second))
 		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != string(msg) {
 			t.Fatalf("conn %d: %q %v", i, buf, err)
 		}
 	}
-	if a := e.st.Counters.Active.Load(); a != n {
+	if a := e.st.Counters.Active.Load(); a != int64(n) {
 		t.Fatalf("%d active relays, want %d", a, n)
 	}
 	for _, c := range conns {
 		c.Close()
 	}
-	// 1,000 teardowns on a loaded 2-core CI machine under -race can take a while: poll longer
-	// than WaitFor's default, and say which count is stuck.
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(60 * time.Second) // a LAST_ACK retransmission can take a while under -race
 	for e.st.Counters.Active.Load() != 0 || e.st.Endpoints() != 0 {
 		if time.Now().After(deadline) {
+			var b strings.Builder
+			pprof.Lookup("goroutine").WriteTo(&b, 1)
+			for _, g := range strings.Split(b.String(), "\n\n") {
+				if strings.Contains(g, "netstack.(*tcpFlow)") {
+					t.Log(g)
+				}
+			}
 			t.Fatalf("after closing: %d relays active, %d gVisor endpoints registered", e.st.Counters.Active.Load(), e.st.Endpoints())
 		}
 		time.Sleep(20 * time.Millisecond) // polling counters owned by the stack's goroutines
 	}
+	if e.eg.Open() != 0 {
+		t.Fatalf("%d flows still open in the egress table", e.eg.Open())
+	}
+}
+
+// tcpStats lists gVisor's non-zero TCP counters (for failure messages).
+func tcpStats(st *Stack) string {
+	v := reflect.ValueOf(st.Stats().TCP)
+	var parts []string
+	for i := 0; i < v.NumField(); i++ {
+		if c, ok := v.Field(i).Interface().(*tcpip.StatCounter); ok && c != nil && c.Value() != 0 {
+			parts = append(parts, fmt.Sprintf("%s=%d", v.Type().Field(i).Name, c.Value()))
+		}
+	}
+	ic := st.Stats().ICMP.V4.PacketsSent
+	parts = append(parts, fmt.Sprintf("icmp-unreachable-sent=%d tcp-resets-sent=%d", ic.DstUnreachable.Value(), st.Stats().TCP.ResetsSent.Value()))
+	return strings.Join(parts, " ")
 }

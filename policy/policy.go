@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+
+	"go.yaml.in/yaml/v3"
 )
 
 // Action is allow or deny.
@@ -225,9 +227,28 @@ func inPrefixes(ps []netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
-// Parse reads a policy in microsandbox's JSON shape. Omitted defaults are deny (fail closed);
-// unknown fields and bad values are errors that name the field.
+// Parse reads a policy in microsandbox's shape, as JSON or YAML (anything that does not start
+// with "{" is read as YAML). Omitted defaults are deny (fail closed); unknown fields and bad
+// values are errors that name the field.
 func Parse(data []byte) (*Policy, error) {
+	if t := bytes.TrimSpace(data); len(t) > 0 && t[0] != '{' {
+		var doc any
+		if err := yaml.Unmarshal(data, &doc); err != nil {
+			return nil, fmt.Errorf("policy: yaml: %w", err)
+		}
+		if doc == nil {
+			return nil, fmt.Errorf("policy: empty document")
+		}
+		j, err := json.Marshal(doc)
+		if err != nil {
+			return nil, fmt.Errorf("policy: yaml: %w", err)
+		}
+		data = j
+	}
+	return parseJSON(data)
+}
+
+func parseJSON(data []byte) (*Policy, error) {
 	var w struct {
 		DefaultEgress  *Action           `json:"default_egress"`
 		DefaultIngress *Action           `json:"default_ingress"`

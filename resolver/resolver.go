@@ -1,0 +1,330 @@
+// Package resolver is the guest's DNS server: it lives at an address owned by the netstack,
+// applies the egress policy to each query name (NXDOMAIN on deny), forwards allowed queries to
+// the configured upstream resolvers, refuses rebinding answers (a name answered with a private,
+// loopback or link-local address unless a rule allows that), and pins every address it hands
+// out to the name asked for, so domain rules can recognise the connections that follow.
+package resolver
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+
+	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/policy"
+)
+
+// Options configure a Resolver.
+type Options struct {
+	// Upstreams are the resolvers allowed queries are forwarded to, tried in order.
+	Upstreams []netip.AddrPort
+	// Dial opens upstream sockets ("udp" or "tcp"); the uplink's dialer.
+	Dial func(ctx context.Context, network, address string) (net.Conn, error)
+	// Timeout bounds one upstream exchange (microsandbox uses 5 s).
+	Timeout time.Duration
+	// MaxInFlight bounds queries being forwarded at once; more are answered SERVFAIL.
+	MaxInFlight int
+	// AllowRebinding turns the rebinding check off (not recommended).
+	AllowRebinding bool
+}
+
+// DefaultOptions are used for zero fields.
+var DefaultOptions = Options{Timeout: 5 * time.Second, MaxInFlight: 256}
+
+// MaxMessage is the largest DNS message handled (the TCP transport's limit).
+const MaxMessage = 65535
+
+// Counters are the resolver's totals.
+type Counters struct{ Forwarded, Denied, Rebinding, Failed, Malformed, Busy int64 }
+
+// Resolver answers guest queries.
+type Resolver struct {
+	opts Options
+	eg   *egress.Service
+	sem  chan struct{}
+	c    counters
+}
+
+// New returns a resolver deciding with eg.
+func New(eg *egress.Service, o Options) *Resolver {
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultOptions.Timeout
+	}
+	if o.MaxInFlight <= 0 {
+		o.MaxInFlight = DefaultOptions.MaxInFlight
+	}
+	if o.Dial == nil {
+		o.Dial = (&net.Dialer{}).DialContext
+	}
+	return &Resolver{opts: o, eg: eg, sem: make(chan struct{}, o.MaxInFlight)}
+}
+
+// Counters returns a snapshot of the totals.
+func (r *Resolver) Counters() Counters { return r.c.snapshot() }
+
+// ErrMalformed is returned for a message that cannot be answered at all (no readable header).
+var ErrMalformed = errors.New("resolver: malformed query")
+
+// Answer returns the response to one query message from src over proto ("udp" or "tcp").
+func (r *Resolver) Answer(ctx context.Context, src netip.AddrPort, query []byte, proto policy.Protocol) ([]byte, error) {
+	var p dnsmessage.Parser
+	h, err := p.Start(query)
+	if err != nil || h.Response {
+		r.c.add(&r.c.malformed)
+		return nil, ErrMalformed
+	}
+	qs, err := p.AllQuestions()
+	if err != nil || len(qs) != 1 || h.OpCode != 0 {
+		r.c.add(&r.c.malformed)
+		return reply(h, qs, dnsmessage.RCodeFormatError)
+	}
+	q := qs[0]
+	name := q.Name.String()
+	d := r.eg.Query(src, name, typeName(q.Type), proto, 53)
+	if d.Action != policy.Allow {
+		r.c.add(&r.c.denied)
+		return reply(h, qs, dnsmessage.RCodeNameError)
+	}
+	select {
+	case r.sem <- struct{}{}:
+		defer func() { <-r.sem }()
+	default:
+		r.c.add(&r.c.busy)
+		return reply(h, qs, dnsmessage.RCodeServerFailure)
+	}
+	resp, err := r.forward(ctx, query, proto)
+	if err != nil {
+		r.c.add(&r.c.failed)
+		return reply(h, qs, dnsmessage.RCodeServerFailure)
+	}
+	r.c.add(&r.c.forwarded)
+	return r.inspect(h, qs, resp)
+}
+
+// inspect checks an upstream answer for rebinding and pins its addresses to the query name.
+func (r *Resolver) inspect(h dnsmessage.Header, qs []dnsmessage.Question, resp []byte) ([]byte, error) {
+	var p dnsmessage.Parser
+	rh, err := p.Start(resp)
+	if err != nil || rh.ID != h.ID {
+		r.c.add(&r.c.failed)
+		return reply(h, qs, dnsmessage.RCodeServerFailure)
+	}
+	if err := p.SkipAllQuestions(); err != nil {
+		return reply(h, qs, dnsmessage.RCodeServerFailure)
+	}
+	name := qs[0].Name.String()
+	pol, ctx := r.eg.Policy(), r.eg.Context()
+	type pin struct {
+		a   netip.Addr
+		ttl time.Duration
+	}
+	var pins []pin
+	for {
+		ah, err := p.AnswerHeader()
+		if errors.Is(err, dnsmessage.ErrSectionDone) {
+			break
+		}
+		if err != nil {
+			return reply(h, qs, dnsmessage.RCodeServerFailure)
+		}
+		var a netip.Addr
+		switch ah.Type {
+		case dnsmessage.TypeA:
+			rr, err := p.AResource()
+			if err != nil {
+				return reply(h, qs, dnsmessage.RCodeServerFailure)
+			}
+			a = netip.AddrFrom4(rr.A)
+		case dnsmessage.TypeAAAA:
+			rr, err := p.AAAAResource()
+			if err != nil {
+				return reply(h, qs, dnsmessage.RCodeServerFailure)
+			}
+			a = netip.AddrFrom16(rr.AAAA).Unmap()
+		default:
+			if err := p.SkipAnswer(); err != nil {
+				return reply(h, qs, dnsmessage.RCodeServerFailure)
+			}
+			continue
+		}
+		if !r.opts.AllowRebinding && policy.Classify(a, ctx) != policy.GroupPublic && !pol.AllowsPrivateAnswer(name, a, ctx) {
+			r.c.add(&r.c.rebinding)
+			return reply(h, qs, dnsmessage.RCodeNameError) // as microsandbox: the name does not exist
+		}
+		pins = append(pins, pin{a, time.Duration(ah.TTL) * time.Second})
+	}
+	for _, pn := range pins {
+		r.eg.Pins().Add(name, pn.ttl, pn.a)
+	}
+	return resp, nil
+}
+
+// forward sends the query to the upstreams in turn until one answers.
+func (r *Resolver) forward(ctx context.Context, query []byte, proto policy.Protocol) ([]byte, error) {
+	if len(r.opts.Upstreams) == 0 {
+		return nil, errors.New("resolver: no upstream resolvers configured")
+	}
+	var last error
+	for _, up := range r.opts.Upstreams {
+		// Upstream queries go over UDP; only an answer too big for it (TC set) is asked
+		// again over TCP, and only for a guest that asked over TCP (a UDP guest gets the
+		// truncated answer and retries over TCP itself).
+		resp, err := r.exchange(ctx, up, query, policy.UDP)
+		if err == nil && proto == policy.TCP && truncated(resp) {
+			resp, err = r.exchange(ctx, up, query, policy.TCP)
+		}
+		if err == nil {
+			return resp, nil
+		}
+		last = err
+	}
+	return nil, last
+}
+
+func truncated(msg []byte) bool { return len(msg) > 2 && msg[2]&0x02 != 0 }
+
+func (r *Resolver) exchange(ctx context.Context, up netip.AddrPort, query []byte, proto policy.Protocol) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.opts.Timeout)
+	defer cancel()
+	network := "udp"
+	if proto == policy.TCP {
+		network = "tcp"
+	}
+	c, err := r.opts.Dial(ctx, network, up.String())
+	if err != nil {
+		return nil, fmt.Errorf("resolver: upstream %s: %w", up, err)
+	}
+	defer c.Close()
+	dl, _ := ctx.Deadline()
+	c.SetDeadline(dl)
+	if network == "tcp" {
+		if err := WriteTCP(c, query); err != nil {
+			return nil, fmt.Errorf("resolver: upstream %s: %w", up, err)
+		}
+		return ReadTCP(c)
+	}
+	if _, err := c.Write(query); err != nil {
+		return nil, fmt.Errorf("resolver: upstream %s: %w", up, err)
+	}
+	buf := make([]byte, MaxMessage)
+	n, err := c.Read(buf)
+	if err != nil {
+		return nil, fmt.Errorf("resolver: upstream %s: %w", up, err)
+	}
+	return buf[:n], nil
+}
+
+// WriteTCP writes one message with its 2-byte length prefix (RFC 1035 4.2.2).
+func WriteTCP(w io.Writer, msg []byte) error {
+	b := make([]byte, 2+len(msg))
+	binary.BigEndian.PutUint16(b, uint16(len(msg)))
+	copy(b[2:], msg)
+	_, err := w.Write(b)
+	return err
+}
+
+// ReadTCP reads one length-prefixed message.
+func ReadTCP(rd io.Reader) ([]byte, error) {
+	var l [2]byte
+	if _, err := io.ReadFull(rd, l[:]); err != nil {
+		return nil, err
+	}
+	msg := make([]byte, binary.BigEndian.Uint16(l[:]))
+	if _, err := io.ReadFull(rd, msg); err != nil {
+		return nil, err
+	}
+	return msg, nil
+}
+
+// reply builds a response with no records and the given code, echoing the question.
+func reply(h dnsmessage.Header, qs []dnsmessage.Question, rc dnsmessage.RCode) ([]byte, error) {
+	rh := dnsmessage.Header{ID: h.ID, Response: true, OpCode: h.OpCode, RecursionDesired: h.RecursionDesired,
+		RecursionAvailable: true, RCode: rc}
+	b := dnsmessage.NewBuilder(make([]byte, 0, 512), rh)
+	b.EnableCompression()
+	if err := b.StartQuestions(); err != nil {
+		return nil, err
+	}
+	for _, q := range qs {
+		if err := b.Question(q); err != nil {
+			return nil, err
+		}
+	}
+	return b.Finish()
+}
+
+func typeName(t dnsmessage.Type) string {
+	s := t.String()
+	if len(s) > 4 && s[:4] == "Type" {
+		return s[4:]
+	}
+	return s
+}
+
+// Lookup resolves name for agentd itself (core.tcp destinations) through the same policy,
+// rebinding check and pins as a guest query. It returns IPv4 answers before IPv6.
+func (r *Resolver) Lookup(ctx context.Context, name string) ([]netip.Addr, error) {
+	fq := name
+	if len(fq) == 0 || fq[len(fq)-1] != '.' {
+		fq += "."
+	}
+	qn, err := dnsmessage.NewName(fq)
+	if err != nil {
+		return nil, fmt.Errorf("resolve %s: %w", name, err)
+	}
+	var out []netip.Addr
+	for i, t := range []dnsmessage.Type{dnsmessage.TypeA, dnsmessage.TypeAAAA} {
+		b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: uint16(0x4167 + i), RecursionDesired: true})
+		b.StartQuestions()
+		b.Question(dnsmessage.Question{Name: qn, Type: t, Class: dnsmessage.ClassINET})
+		q, err := b.Finish()
+		if err != nil {
+			return nil, fmt.Errorf("resolve %s: %w", name, err)
+		}
+		resp, err := r.Answer(ctx, netip.AddrPort{}, q, policy.UDP)
+		if err != nil {
+			return nil, fmt.Errorf("resolve %s: %w", name, err)
+		}
+		var p dnsmessage.Parser
+		h, err := p.Start(resp)
+		if err != nil {
+			return nil, fmt.Errorf("resolve %s: %w", name, err)
+		}
+		if h.RCode == dnsmessage.RCodeNameError {
+			return nil, fmt.Errorf("resolve %s: no such host (or denied by egress policy)", name)
+		}
+		p.SkipAllQuestions()
+		answers, _ := p.AllAnswers()
+		for _, a := range answers {
+			switch rr := a.Body.(type) {
+			case *dnsmessage.AResource:
+				out = append(out, netip.AddrFrom4(rr.A))
+			case *dnsmessage.AAAAResource:
+				out = append(out, netip.AddrFrom16(rr.AAAA))
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("resolve %s: no addresses", name)
+	}
+	return out, nil
+}
+
+type counters struct {
+	forwarded, denied, rebinding, failed, malformed, busy atomic.Int64
+}
+
+func (c *counters) add(n *atomic.Int64) { n.Add(1) }
+
+func (c *counters) snapshot() Counters {
+	return Counters{Forwarded: c.forwarded.Load(), Denied: c.denied.Load(), Rebinding: c.rebinding.Load(),
+		Failed: c.failed.Load(), Malformed: c.malformed.Load(), Busy: c.busy.Load()}
+}
