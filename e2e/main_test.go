@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -46,9 +47,10 @@ var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
 // agentd is a running agentd --standalone process and a client on its channel.
 type agentd struct {
-	cmd *exec.Cmd
-	c   *host.Client
-	log *logBuffer
+	cmd  *exec.Cmd
+	c    *host.Client
+	log  *logBuffer
+	wait func() error // cmd.Wait, once
 }
 
 func (a *agentd) pid() int { return a.cmd.Process.Pid }
@@ -56,6 +58,13 @@ func (a *agentd) pid() int { return a.cmd.Process.Pid }
 // startAgentd starts agentd on a channel of the given kind ("socket" or "pty") and performs
 // the host handshake with the given client options.
 func startAgentd(t *testing.T, kind string, opts host.Options, args ...string) *agentd {
+	t.Helper()
+	return startAgentdWrapped(t, nil, kind, opts, args...)
+}
+
+// startAgentdWrapped is startAgentd with agentd run under a wrapper command (such as
+// "ip netns exec NAME").
+func startAgentdWrapped(t *testing.T, wrap []string, kind string, opts host.Options, args ...string) *agentd {
 	t.Helper()
 	var (
 		hostEnd io.ReadWriteCloser
@@ -92,7 +101,9 @@ func startAgentd(t *testing.T, kind string, opts host.Options, args ...string) *
 		t.Fatalf("unknown channel kind %q", kind)
 	}
 	a := &agentd{log: &logBuffer{}}
-	a.cmd = exec.Command(filepath.Join(binDir, "agentd"), append([]string{"--standalone", "--port", port}, args...)...)
+	a.wait = sync.OnceValue(func() error { return a.cmd.Wait() })
+	argv := append(append(wrap, filepath.Join(binDir, "agentd"), "--standalone", "--port", port), args...)
+	a.cmd = exec.Command(argv[0], argv[1:]...)
 	a.cmd.Stderr = a.log
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -114,7 +125,7 @@ func startAgentd(t *testing.T, kind string, opts host.Options, args ...string) *
 	t.Cleanup(func() {
 		c.Close()
 		done := make(chan error, 1)
-		go func() { done <- a.cmd.Wait() }()
+		go func() { done <- a.wait() }()
 		select {
 		case err := <-done:
 			if err != nil {

@@ -79,6 +79,25 @@ func (s *Service) Context() policy.Context { return policy.Context{HostAddrs: s.
 // Decide rules on a flow without opening it (for explain and for the relay's name lookups).
 func (s *Service) Decide(f policy.Flow) policy.Decision { return s.pol.Load().Decide(f, s.Context()) }
 
+// Check decides a flow that agentd itself opens (a core.tcp destination) and records the
+// decision; the flow is not tracked.
+func (s *Service) Check(pf policy.Flow) policy.Decision {
+	pf.Names = append(slices.Clip(pf.Names), s.pins.Names(pf.Addr)...)
+	d := s.Decide(pf)
+	if d.Action == policy.Allow {
+		s.Counters.Allowed.Add(1)
+	} else {
+		s.Counters.Denied.Add(1)
+	}
+	r := Record{Event: "decision", Protocol: string(pf.Protocol), Dst: netip.AddrPortFrom(pf.Addr, pf.Port).String(),
+		Rule: d.RuleID, Verdict: string(d.Action), Reason: d.Reason}
+	if len(pf.Names) > 0 {
+		r.Name = pf.Names[0]
+	}
+	s.audit.record(r)
+	return d
+}
+
 // Flow is an admitted connection or UDP association.
 type Flow struct {
 	svc      *Service

@@ -23,7 +23,7 @@ import (
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/initfs"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/netstack"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 )
@@ -46,9 +46,8 @@ type options struct {
 	cpuProfile   string
 	maxSessions  int
 	heartbeat    string
-	policyFile   string
-	decide       func(policy.Flow) policy.Decision // from policyFile, loaded before any side effect
 	budget       int64
+	egress       egressOptions
 }
 
 func parseFlags(args []string) (options, error) {
@@ -77,9 +76,12 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.maxSessions, "tcp-max-sessions", agent.DefaultMaxTCPSessions, "most concurrent core.tcp sessions")
 	fs.Int64Var(&o.budget, "tcp-buffer-budget", agent.DefaultTCPBufferBudget, "`bytes` all TCP sessions together may buffer, per direction")
 	fs.StringVar(&o.heartbeat, "heartbeat", "", "write the heartbeat file to `PATH` every second (default "+heartbeat.DefaultPath+" as PID 1, none standalone)")
-	fs.StringVar(&o.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's JSON format) that core.tcp destinations must pass")
+	o.egress.register(fs)
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile to `FILE` (for benchmarks)")
 	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if err := flagsFromEnv(fs, os.Getenv); err != nil {
 		return o, err
 	}
 	if *showVersion {
@@ -103,7 +105,25 @@ func parseFlags(args []string) (options, error) {
 	case o.initAck <= 0:
 		return o, fmt.Errorf("--init-ack-timeout %s: must be positive", o.initAck)
 	}
-	return o, nil
+	return o, o.egress.check()
+}
+
+// flagsFromEnv sets each flag not given on the command line from AGENTD_<NAME> (upper case,
+// '-' as '_'), so a kernel command line or a microVM host that only passes environment
+// variables to init can configure agentd: AGENTD_EGRESS=netstack is --egress netstack.
+func flagsFromEnv(fs *flag.FlagSet, getenv func(string) string) error {
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "AGENTD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v := getenv(env); v != "" && !given[f.Name] && err == nil {
+			if serr := fs.Set(f.Name, v); serr != nil {
+				err = fmt.Errorf("%s=%q: %w", env, v, serr)
+			}
+		}
+	})
+	return err
 }
 
 func newLogger(level string) (*slog.Logger, error) {
@@ -139,16 +159,12 @@ func main() {
 		fmt.Fprintln(os.Stderr, "agentd: not PID 1; use --standalone to run the agent loop as an ordinary process")
 		os.Exit(2)
 	}
-	if o.policyFile != "" {
-		d, err := loadPolicy(o.policyFile)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
-			if !o.standalone {
-				initfs.PowerOff(log, 0) // as PID 1, exiting would panic the kernel
-			}
-			os.Exit(2)
+	if _, err := o.egress.loadPolicy(); err != nil { // a bad policy file stops agentd before any side effect
+		fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
+		if !o.standalone {
+			initfs.PowerOff(log, 0) // as PID 1, exiting would panic the kernel
 		}
-		o.decide = d
+		os.Exit(2)
 	}
 	if !o.standalone {
 		runInit(o, log, boot) // does not return: it powers the machine off
@@ -167,19 +183,6 @@ func main() {
 		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
-}
-
-// loadPolicy reads an egress policy file; errors name the file and the field.
-func loadPolicy(path string) (func(policy.Flow) policy.Decision, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("--egress-policy: %w", err)
-	}
-	pol, err := policy.Parse(data)
-	if err != nil {
-		return nil, fmt.Errorf("--egress-policy %s: %w", path, err)
-	}
-	return func(f policy.Flow) policy.Decision { return pol.Decide(f, policy.Context{}) }, nil
 }
 
 // execOptions derives the exec settings from the boot configuration: MSB_USER (the default
@@ -207,12 +210,19 @@ func run(o options, log *slog.Logger, boot uint64) error {
 	if err != nil {
 		return err
 	}
+	eg, err := startEgress(o.egress, log)
+	if err != nil {
+		return err
+	}
+	if eg != nil {
+		defer eg.stop()
+	}
 	port, err := channel.Open(o.port)
 	if err != nil {
 		return err
 	}
 	defer port.Close()
-	return serve(o, log, boot, initStart, port, execOpts, defaultUser, nil)
+	return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg, nil)
 }
 
 // runInit is agentd as PID 1: the init duties, then the agent loop, then power-off. Whatever
@@ -294,6 +304,22 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			}
 			mark("network", t)
 		}
+		var eg *egressRuntime
+		if o.egress.mode == "netstack" {
+			t = time.Now()
+			if o.egress.uplink == "" && conf.Net != nil {
+				o.egress.uplink = conf.Net.Iface // configured above; moved with its addresses and routes
+			}
+			if eg, err = startEgress(o.egress, log); err != nil {
+				return fmt.Errorf("init: egress: %w", err)
+			}
+			defer eg.stop()
+			// The guest resolves through the netstack's resolver, which forwards upstream.
+			if err := os.WriteFile("/etc/resolv.conf", []byte(netstack.DefaultGuestNet.ResolvConf()), 0o644); err != nil {
+				return fmt.Errorf("init: resolv.conf: %w", err)
+			}
+			mark("egress", t)
+		}
 		t = time.Now()
 		port, err := openPort(o.port, 10*time.Second)
 		if err != nil {
@@ -301,7 +327,7 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		}
 		defer port.Close()
 		mark("port", t)
-		return serve(o, log, boot, initStart, port, execOpts, defaultUser, func() { log.Info("init steps", steps...) })
+		return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg, func() { log.Info("init steps", steps...) })
 	}()
 	if err != nil {
 		log.Error("agentd stopping", "error", err)
@@ -325,7 +351,7 @@ func openPort(spec string, wait time.Duration) (io.ReadWriteCloser, error) {
 
 // serve runs the handshake and the agent loop on port; afterInit, if set, runs once the host
 // acknowledged init.
-func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, afterInit func()) error {
+func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, eg *egressRuntime, afterInit func()) error {
 	cfg := agent.Config{
 		Port:            port,
 		Log:             log,
@@ -345,7 +371,9 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	if o.noFlow {
 		cfg.Features = []string{}
 	}
-	cfg.Relay.Decide = o.decide
+	if eg != nil {
+		cfg.Relay.Decide = eg.svc.Check // core.tcp destinations pass the same policy, and are audited
+	}
 	a := agent.New(cfg)
 	hs := time.Now()
 	if err := a.Handshake(); err != nil {
@@ -359,6 +387,9 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	a.SetInitTime(cfg.InitTimeNs)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if eg != nil {
+		eg.watchReload(ctx, o.egress, log)
+	}
 	err := a.Serve(ctx)
 	switch {
 	case errors.Is(err, agent.ErrShutdown):

@@ -1,0 +1,317 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+
+	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/netns"
+	"github.com/agentd/agentd/netstack"
+	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/resolver"
+)
+
+// egressOptions are the --egress-* flags.
+type egressOptions struct {
+	mode       string // off or netstack
+	policyFile string
+	floorFile  string
+	auditPath  string
+	guestNetns string // standalone: the namespace the tun goes into (default: agentd's own)
+	uplink     string // interfaces moved into agentd's private uplink namespace
+	dns        string // upstream resolvers
+	tunName    string
+	mtu        uint
+	queues     int
+}
+
+func (e *egressOptions) register(fs *flag.FlagSet) {
+	fs.StringVar(&e.mode, "egress", "off", "guest egress: off, or netstack (the tun becomes the guest's default route and every flow passes the policy)")
+	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML); reloaded on SIGHUP. Without one, netstack egress allows everything but the floor")
+	fs.StringVar(&e.floorFile, "egress-floor", "", "policy `FILE` whose rules come before the policy's and cannot be widened by it (default: deny the metadata address)")
+	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr)")
+	fs.StringVar(&e.guestNetns, "egress-guest-netns", "", "move the tun into the network namespace at `PATH` (/var/run/netns/NAME) and route that namespace through it")
+	fs.StringVar(&e.uplink, "egress-uplink", "", "comma-separated `INTERFACES` moved into a namespace only agentd uses, so workloads have no path around the tun")
+	fs.StringVar(&e.dns, "egress-dns", "", "comma-separated upstream resolvers `ADDR[:PORT]` (default: the nameservers of /etc/resolv.conf at start)")
+	fs.StringVar(&e.tunName, "egress-tun", netstack.DefaultOptions.TunName, "tun device `NAME`")
+	fs.UintVar(&e.mtu, "egress-mtu", uint(netstack.DefaultOptions.MTU), "tun MTU")
+	fs.IntVar(&e.queues, "egress-queues", netstack.DefaultOptions.Queues, "tun queues (IFF_MULTI_QUEUE when more than 1)")
+}
+
+func (e *egressOptions) check() error {
+	switch e.mode {
+	case "off", "netstack":
+	default:
+		return fmt.Errorf("--egress %q: want off or netstack", e.mode)
+	}
+	if e.mtu < 1280 || e.mtu > 65520 {
+		return fmt.Errorf("--egress-mtu %d: must be between 1280 and 65520", e.mtu)
+	}
+	if e.queues < 1 || e.queues > 16 {
+		return fmt.Errorf("--egress-queues %d: must be between 1 and 16", e.queues)
+	}
+	_, err := e.upstreams()
+	return err
+}
+
+// upstreams parses --egress-dns ("" means: read /etc/resolv.conf when egress starts).
+func (e *egressOptions) upstreams() ([]netip.AddrPort, error) {
+	var out []netip.AddrPort
+	for _, s := range strings.Split(e.dns, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue
+		}
+		ap, err := netip.ParseAddrPort(s)
+		if err != nil {
+			a, aerr := netip.ParseAddr(s)
+			if aerr != nil {
+				return nil, fmt.Errorf("--egress-dns %q: not an address or address:port", s)
+			}
+			ap = netip.AddrPortFrom(a, 53)
+		}
+		out = append(out, ap)
+	}
+	return out, nil
+}
+
+// resolvConfServers reads the nameserver lines of a resolv.conf.
+func resolvConfServers(path string) []netip.AddrPort {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []netip.AddrPort
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 2 && fields[0] == "nameserver" {
+			if a, err := netip.ParseAddr(fields[1]); err == nil {
+				out = append(out, netip.AddrPortFrom(a, 53))
+			}
+		}
+	}
+	return out
+}
+
+// loadPolicyFile reads a policy file (JSON or YAML); errors name the file and the field.
+func loadPolicyFile(flagName, path string) (*policy.Policy, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flagName, err)
+	}
+	p, err := policy.Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", flagName, path, err)
+	}
+	return p, nil
+}
+
+// loadEgressPolicy is the policy in force: the floor, then the file's rules (or, with no
+// file, allow everything the floor does not deny).
+func (e *egressOptions) loadPolicy() (*policy.Policy, error) {
+	floor := policy.DefaultFloor
+	if e.floorFile != "" {
+		f, err := loadPolicyFile("--egress-floor", e.floorFile)
+		if err != nil {
+			return nil, err
+		}
+		floor = f.Rules
+	}
+	p := &policy.Policy{DefaultEgress: policy.Allow, DefaultIngress: policy.Allow}
+	if e.policyFile != "" {
+		var err error
+		if p, err = loadPolicyFile("--egress-policy", e.policyFile); err != nil {
+			return nil, err
+		}
+	}
+	return policy.WithFloor(floor, p)
+}
+
+// egressRuntime is the running egress path.
+type egressRuntime struct {
+	svc   *egress.Service
+	stack *netstack.Stack
+	audit *egress.Audit
+	res   *resolver.Resolver
+	up    *netns.NS
+	stop  func()
+}
+
+// startEgress builds the egress service and, for --egress netstack, the uplink namespace,
+// the resolver and the netstack on the guest's tun. It returns nil when there is nothing to
+// run (no netstack and no policy file).
+func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
+	if e.mode == "off" && e.policyFile == "" {
+		return nil, nil
+	}
+	pol, err := e.loadPolicy()
+	if err != nil {
+		return nil, err
+	}
+	rt := &egressRuntime{}
+	switch e.auditPath {
+	case "":
+	case "-":
+		rt.audit = egress.NewAudit(os.Stderr, log)
+	default:
+		f, err := os.OpenFile(e.auditPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("--egress-audit: %w", err)
+		}
+		rt.audit = egress.NewAudit(f, log)
+	}
+	gw := netstack.DefaultGuestNet
+	rt.svc = egress.New(pol, egress.Options{HostAddrs: gw.Gateways(), Audit: rt.audit})
+	rt.stop = func() { rt.audit.Close() }
+	if e.mode != "netstack" {
+		return rt, nil
+	}
+	ups, _ := e.upstreams()
+	if len(ups) == 0 {
+		ups = resolvConfServers("/etc/resolv.conf") // read before the guest's is rewritten
+	}
+	dial := (&net.Dialer{}).DialContext
+	if e.uplink != "" {
+		if rt.up, err = isolateUplink(strings.Split(e.uplink, ",")); err != nil {
+			return nil, err
+		}
+		dial = rt.up.DialContext
+	}
+	rt.res = resolver.New(rt.svc, resolver.Options{Upstreams: ups, Dial: dial})
+	st, err := netstack.New(netstack.Options{TunName: e.tunName, MTU: uint32(e.mtu), Queues: e.queues, Egress: rt.svc,
+		DNS: rt.res, Gateways: gw.Gateways(), Dial: dial, Log: log.With("component", "netstack")})
+	if err != nil {
+		return nil, err
+	}
+	rt.stack = st
+	nsFD, h := -1, &netlink.Handle{}
+	if e.guestNetns != "" {
+		fd, err := syscall.Open(e.guestNetns, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			st.Close()
+			return nil, fmt.Errorf("--egress-guest-netns: %w", err)
+		}
+		defer syscall.Close(fd)
+		nsFD = fd
+		if h, err = netlink.NewHandleAt(vnetns.NsHandle(fd)); err != nil {
+			st.Close()
+			return nil, fmt.Errorf("--egress-guest-netns: netlink: %w", err)
+		}
+		defer h.Close()
+	}
+	if err := netstack.AttachGuest(h, e.tunName, nsFD, uint32(e.mtu), gw); err != nil {
+		st.Close()
+		return nil, err
+	}
+	rt.stop = func() {
+		st.Close()
+		rt.audit.Close()
+		if rt.up != nil {
+			rt.up.Close()
+		}
+	}
+	log.Info("egress netstack up", "tun", e.tunName, "mtu", e.mtu, "resolver", gw.Gateway4, "upstream_dns", fmt.Sprint(ups),
+		"uplink_isolated", e.uplink != "", "rules", len(pol.Rules))
+	return rt, nil
+}
+
+// isolateUplink moves the named interfaces into a new network namespace that only agentd's
+// upstream sockets use: workloads, left with the tun, cannot bind to them, route to them or
+// send raw packets out of them. The interfaces keep their addresses and routes are added
+// again there (a move drops them).
+func isolateUplink(names []string) (*netns.NS, error) {
+	ns, err := netns.New()
+	if err != nil {
+		return nil, fmt.Errorf("--egress-uplink: %w", err)
+	}
+	h, err := netlink.NewHandleAt(vnetns.NsHandle(ns.FD()))
+	if err != nil {
+		ns.Close()
+		return nil, fmt.Errorf("--egress-uplink: netlink: %w", err)
+	}
+	defer h.Close()
+	if lo, err := h.LinkByName("lo"); err == nil {
+		h.LinkSetUp(lo)
+	}
+	for _, name := range names {
+		name = strings.TrimSpace(name)
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			ns.Close()
+			return nil, fmt.Errorf("--egress-uplink %s: %w", name, err)
+		}
+		addrs, _ := netlink.AddrList(l, netlink.FAMILY_ALL)
+		routes, _ := netlink.RouteList(l, netlink.FAMILY_ALL)
+		if err := netlink.LinkSetNsFd(l, ns.FD()); err != nil {
+			ns.Close()
+			return nil, fmt.Errorf("--egress-uplink %s: move into the uplink namespace: %w", name, err)
+		}
+		nl, err := h.LinkByName(name)
+		if err != nil {
+			ns.Close()
+			return nil, fmt.Errorf("--egress-uplink %s: %w", name, err)
+		}
+		for _, a := range addrs {
+			if a.IP.IsLinkLocalUnicast() {
+				continue
+			}
+			a := a
+			a.Label = ""
+			if err := h.AddrAdd(nl, &a); err != nil {
+				ns.Close()
+				return nil, fmt.Errorf("--egress-uplink %s: address %s: %w", name, a.IPNet, err)
+			}
+		}
+		if err := h.LinkSetUp(nl); err != nil {
+			ns.Close()
+			return nil, fmt.Errorf("--egress-uplink %s: up: %w", name, err)
+		}
+		for _, r := range routes {
+			if r.Protocol == netlink.RouteProtocol(2) { // kernel routes come back with the address
+				continue
+			}
+			r := r
+			r.LinkIndex = nl.Attrs().Index
+			h.RouteReplace(&r)
+		}
+	}
+	return ns, nil
+}
+
+// watchReload reloads the policy file on SIGHUP until ctx ends. A bad file keeps the policy in
+// force and says why.
+func (rt *egressRuntime) watchReload(ctx context.Context, e egressOptions, log *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				p, err := e.loadPolicy()
+				if err != nil {
+					log.Error("egress policy not reloaded; the previous one stays in force", "error", err)
+					continue
+				}
+				n := rt.svc.Reload(p)
+				log.Info("egress policy reloaded", "rules", len(p.Rules), "flows_revoked", n)
+			}
+		}
+	}()
+}
