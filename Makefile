@@ -12,9 +12,11 @@ FUZZ_TARGETS := \
 	./protocol:FuzzFsPayload \
 	./protocol:FuzzTCPPayload \
 	./initfs:FuzzLoadConfig \
-	./policy:FuzzParse
+	./policy:FuzzParse \
+	./resolver:FuzzAnswer \
+	./netstack:FuzzClientHelloSNI
 
-.PHONY: all build test unit fuzz-smoke fuzz bench bench-vm lint run initramfs vm clean
+.PHONY: all build test unit fuzz-smoke fuzz bench bench-egress bench-vm lint run initramfs vm clean
 
 all: build
 
@@ -57,6 +59,9 @@ bench:
 	$(GO) test ./bench -run TestReport -count=1 -v -args -report -channel socket
 
 # Boot the microVM 5 times: boot-to-ready, agentd's init_time_ns, artifact sizes.
+bench-egress:
+	$(GO) test ./bench -run TestEgressReport -count=1 -v -args -egress
+
 bench-vm:
 	$(GO) test ./bench -run TestBootReport -count=1 -v -args -report -boots 5
 

@@ -281,7 +281,13 @@ func rawPTY(t *testing.T, n int64, toSlave bool) float64 {
 }
 
 // startBinary runs agentd --standalone on the chosen channel and connects a client to it.
-func startBinary(t *testing.T, bin string) *host.Client {
+func startBinary(t *testing.T, bin string, extra ...string) *host.Client {
+	c, _ := startBinaryCmd(t, bin, extra...)
+	return c
+}
+
+// startBinaryCmd starts agentd with extra flags and returns the client and the process.
+func startBinaryCmd(t *testing.T, bin string, extra ...string) (*host.Client, *exec.Cmd) {
 	sock := filepath.Join(t.TempDir(), "chan.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -301,7 +307,7 @@ func startBinary(t *testing.T, bin string) *host.Client {
 		}
 		port = slave.Name()
 	}
-	args := []string{"--standalone", "--port", port, "--log-level", "warn"}
+	args := append([]string{"--standalone", "--port", port, "--log-level", "warn"}, extra...)
 	if *profile != "" {
 		args = append(args, "--cpu-profile", *profile)
 	}
@@ -326,7 +332,7 @@ func startBinary(t *testing.T, bin string) *host.Client {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return c
+	return c, cmd
 }
 
 // toGuest pushes n bytes through one stream to a sink and times it until the sink sees EOF.

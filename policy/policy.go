@@ -231,7 +231,11 @@ func inPrefixes(ps []netip.Prefix, a netip.Addr) bool {
 // with "{" is read as YAML). Omitted defaults are deny (fail closed); unknown fields and bad
 // values are errors that name the field.
 func Parse(data []byte) (*Policy, error) {
-	if t := bytes.TrimSpace(data); len(t) > 0 && t[0] != '{' {
+	t := bytes.TrimSpace(data)
+	if len(t) == 0 {
+		return nil, fmt.Errorf("policy: empty document")
+	}
+	if t[0] != '{' {
 		var doc any
 		if err := yaml.Unmarshal(data, &doc); err != nil {
 			return nil, fmt.Errorf("policy: yaml: %w", err)
