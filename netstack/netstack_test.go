@@ -26,6 +26,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/agentd/agentd/egress"
@@ -132,7 +133,7 @@ func setup(t testing.TB, pol string, tune func(*Options)) *env {
 	}
 	e.st = st
 	t.Cleanup(st.Close)
-	h, err := netlink.NewHandleAt(vnetns.NsHandle(tp.Guest.FD()))
+	h, err := netlink.NewHandleAt(vnetns.NsHandle(tp.Guest.FD()), unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,6 +38,10 @@ for applet in $("$root/bin/busybox" --list-full); do
 done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
+# The egress policy agentd starts with when booted with AGENTD_EGRESS_POLICY pointing here:
+# everything but the floor (the metadata address). Replace it (agentctl policy reload) to restrict.
+mkdir -p "$root/etc/agentd"
+printf '{"default_egress": "allow", "default_ingress": "allow", "rules": []}\n' >"$root/etc/agentd/egress.json"
 
 # Modules in dependency order (modules.dep of this kernel); agentd loads them as listed: first
 # what the agent channel needs, then networking in the background.

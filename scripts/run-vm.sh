@@ -10,9 +10,13 @@ BUILD=${BUILD:-build}
 RUN=${RUN:-/tmp/agentd-vm}
 rm -rf "$RUN" && mkdir -p "$RUN"
 [ -f "$BUILD/initramfs.cpio.gz" ] || scripts/mkinitramfs.sh "$BUILD"
+# qemu user networking: the guest is 10.0.2.15, the host 10.0.2.2, its DNS 10.0.2.3. agentd moves
+# eth0 into a namespace of its own and gives workloads only its tun, behind the egress policy.
+NET="MSB_NET=iface=eth0,mac=52:54:00:12:34:56,mtu=1500 MSB_NET_IPV4=addr=10.0.2.15/24,gw=10.0.2.2,dns=10.0.2.3"
+EGRESS="AGENTD_EGRESS=${EGRESS_MODE:-netstack} AGENTD_EGRESS_POLICY=/etc/agentd/egress.json"
 qemu-system-x86_64 -accel "${AGENTD_QEMU_ACCEL:-tcg}" -m "${MEM:-512}" -nographic -no-reboot \
 	-kernel "$BUILD/vmlinuz" -initrd "$BUILD/initramfs.cpio.gz" \
-	-append "console=ttyS0 quiet panic=-1 MSB_HOSTNAME=agentd-vm" \
+	-append "console=ttyS0 quiet panic=-1 MSB_HOSTNAME=agentd-vm $NET $EGRESS" \
 	-device virtio-serial -chardev "socket,id=agent,path=$RUN/agent.sock,server=on,wait=off" \
 	-device virtserialport,chardev=agent,name=agent \
 	-netdev user,id=n0 -device virtio-net-pci,netdev=n0 >"$RUN/console.log" 2>&1 &
@@ -28,6 +32,7 @@ agentd is PID 1 in the VM. Try:
   $BUILD/agentctl exec --connect $RUN/relay.sock -t -- sh
   $BUILD/agentctl fs --connect $RUN/relay.sock ls /
   $BUILD/agentctl forward --connect $RUN/relay.sock 127.0.0.1:8080 127.0.0.1:80
+  $BUILD/agentctl policy reload --connect $RUN/relay.sock my-policy.json
   $BUILD/agentctl shutdown --connect $RUN/relay.sock
 console: $RUN/console.log
 TEXT

@@ -20,6 +20,7 @@ commands:
   forward  listen locally and forward each connection to GUEST_HOST:PORT through the agent
   exec     run a program in the guest (-t for a terminal) and exit with its status
   fs       guest files: ls, stat, cat, get, put, mkdir, rm, mv
+  policy   check a policy file, explain which rule decides a flow, reload the guest's policy
   shutdown ask the agent to shut the guest down (core.shutdown)
   version  print the version
 
@@ -43,6 +44,8 @@ func main() {
 		err = fsCmd(args)
 	case "shutdown":
 		err = shutdownCmd(args)
+	case "policy":
+		err = policyCmd(args)
 	case "version", "--version", "-version":
 		fmt.Println("agentctl", version)
 	case "help", "-h", "--help":

@@ -10,11 +10,13 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/netns"
@@ -180,6 +182,11 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 	if e.mode != "netstack" {
 		return rt, nil
 	}
+	if e.guestNetns == "" && e.uplink == "" {
+		rt.audit.Close()
+		return nil, fmt.Errorf("--egress netstack needs --egress-uplink (as PID 1: MSB_NET) or --egress-guest-netns: " +
+			"otherwise agentd's own upstream sockets would route back into the tun")
+	}
 	ups, _ := e.upstreams()
 	if len(ups) == 0 {
 		ups = resolvConfServers("/etc/resolv.conf") // read before the guest's is rewritten
@@ -207,7 +214,7 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 		}
 		defer syscall.Close(fd)
 		nsFD = fd
-		if h, err = netlink.NewHandleAt(vnetns.NsHandle(fd)); err != nil {
+		if h, err = netlink.NewHandleAt(vnetns.NsHandle(fd), unix.NETLINK_ROUTE); err != nil {
 			st.Close()
 			return nil, fmt.Errorf("--egress-guest-netns: netlink: %w", err)
 		}
@@ -219,6 +226,7 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 	}
 	rt.stop = func() {
 		st.Close()
+		rt.logCounters(log)
 		rt.audit.Close()
 		if rt.up != nil {
 			rt.up.Close()
@@ -227,6 +235,29 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 	log.Info("egress netstack up", "tun", e.tunName, "mtu", e.mtu, "resolver", gw.Gateway4, "upstream_dns", fmt.Sprint(ups),
 		"uplink_isolated", e.uplink != "", "rules", len(pol.Rules))
 	return rt, nil
+}
+
+// logCounters logs the egress totals and the per-destination counters (at most 20, the most
+// denied first) when agentd stops.
+func (rt *egressRuntime) logCounters(log *slog.Logger) {
+	c, n := &rt.svc.Counters, &rt.stack.Counters
+	log.Info("egress totals", "allowed", c.Allowed.Load(), "denied", c.Denied.Load(), "revoked", c.Revoked.Load(),
+		"sni_denied", c.SNIDenied.Load(), "dns_queries", c.Queries.Load(), "dns_denied", c.QueriesDenied.Load(),
+		"dial_failed", n.DialFailed.Load(), "handshake_failed", n.HandshakeFailed.Load(), "flow_cap_drops", n.FlowCapDrop.Load(),
+		"dest_cap_drops", n.DestCapDrop.Load(), "inflight_drops", rt.stack.Stats().TCP.ForwardMaxInFlightDrop.Value(),
+		"udp_allowed", n.UDPAllowed.Load(), "udp_denied", n.UDPDenied.Load())
+	type dest struct {
+		a netip.Addr
+		s egress.DestStats
+	}
+	var ds []dest
+	for a, s := range rt.svc.Destinations() {
+		ds = append(ds, dest{a, s})
+	}
+	slices.SortFunc(ds, func(x, y dest) int { return int(y.s.Denied - x.s.Denied) })
+	for _, d := range ds[:min(len(ds), 20)] {
+		log.Info("egress destination", "addr", d.a, "allowed", d.s.Allowed, "denied", d.s.Denied, "bytes_up", d.s.BytesUp, "bytes_down", d.s.BytesDown)
+	}
 }
 
 // isolateUplink moves the named interfaces into a new network namespace that only agentd's
@@ -238,7 +269,7 @@ func isolateUplink(names []string) (*netns.NS, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--egress-uplink: %w", err)
 	}
-	h, err := netlink.NewHandleAt(vnetns.NsHandle(ns.FD()))
+	h, err := netlink.NewHandleAt(vnetns.NsHandle(ns.FD()), unix.NETLINK_ROUTE)
 	if err != nil {
 		ns.Close()
 		return nil, fmt.Errorf("--egress-uplink: netlink: %w", err)

@@ -296,8 +296,10 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			return fmt.Errorf("init: %w", err)
 		}
 		execOpts.BaseEnv = append(execOpts.BaseEnv, tlsEnv...) // for workloads, not agentd itself
-		if conf.Net != nil {                                   // the NIC's driver loads in the background: wait for the link
+		if conf.Net != nil || o.egress.mode == "netstack" {    // the NIC's and tun's drivers load in the background
 			bg.Wait()
+		}
+		if conf.Net != nil {
 			t = time.Now()
 			if err := initfs.ConfigureNetwork("/", conf); err != nil {
 				return fmt.Errorf("init: %w", err)
