@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -113,11 +114,15 @@ func (r *Resolver) Answer(ctx context.Context, src netip.AddrPort, query []byte,
 func (r *Resolver) inspect(h dnsmessage.Header, qs []dnsmessage.Question, resp []byte) ([]byte, error) {
 	var p dnsmessage.Parser
 	rh, err := p.Start(resp)
-	if err != nil || rh.ID != h.ID {
+	if err != nil || rh.ID != h.ID || !rh.Response {
 		r.c.add(&r.c.failed)
 		return reply(h, qs, dnsmessage.RCodeServerFailure)
 	}
-	if err := p.SkipAllQuestions(); err != nil {
+	// The answer must be to the question asked (a spoofed or confused upstream reply for
+	// another name must not pin addresses to this one).
+	rqs, err := p.AllQuestions()
+	if err != nil || len(rqs) != 1 || !sameQuestion(rqs[0], qs[0]) {
+		r.c.add(&r.c.failed)
 		return reply(h, qs, dnsmessage.RCodeServerFailure)
 	}
 	name := qs[0].Name.String()
@@ -187,6 +192,10 @@ func (r *Resolver) forward(ctx context.Context, query []byte, proto policy.Proto
 		last = err
 	}
 	return nil, last
+}
+
+func sameQuestion(a, b dnsmessage.Question) bool {
+	return a.Type == b.Type && a.Class == b.Class && strings.EqualFold(a.Name.String(), b.Name.String())
 }
 
 func truncated(msg []byte) bool { return len(msg) > 2 && msg[2]&0x02 != 0 }
