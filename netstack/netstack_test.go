@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"reflect"
 	"runtime/pprof"
 	"strings"
@@ -142,6 +143,13 @@ func setup(t testing.TB, pol string, tune func(*Options)) *env {
 		t.Fatal(err)
 	}
 	tp.UseResolver(t, gw.ResolvConf())
+	if dir := os.Getenv("AGENTD_TEST_PCAP"); dir != "" { // debugging aid: capture the guest's side of the tun
+		cap := tp.Cmd("tcpdump", "-i", o.TunName, "-s", "96", "-U", "-w", filepath.Join(dir, t.Name()+".pcap"))
+		if err := cap.Start(); err == nil {
+			time.Sleep(500 * time.Millisecond) // tcpdump has no readiness signal
+			t.Cleanup(func() { cap.Process.Signal(os.Interrupt); cap.Wait() })
+		}
+	}
 	return e
 }
 
