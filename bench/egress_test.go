@@ -40,8 +40,8 @@ func TestEgressReport(t *testing.T) {
 	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/agentd").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	defer nettest.Cleanup()
 	tp := nettest.New(t)
+	nettest.Hosts(t)
 	pol := filepath.Join(t.TempDir(), "policy.json")
 	os.WriteFile(pol, []byte(`{"default_egress":"deny","rules":[{"destination":{"cidr":"198.18.0.10/32"},"protocols":["tcp"],"action":"allow"}]}`), 0o644)
 	_, cmd := startBinaryCmd(t, bin, "--egress", "netstack", "--egress-guest-netns", "/var/run/netns/"+tp.Name,

@@ -254,8 +254,9 @@ func (st *Stack) configure(ep stack.LinkEndpoint) error {
 // Close stops the stack and waits for its flows to end.
 func (st *Stack) Close() {
 	st.cancel()
-	st.s.Close()
+	st.s.Close() // aborts every endpoint: the relays end
 	st.wg.Wait()
+	st.s.Wait() // removes the NIC, which stops the tun dispatchers and releases their eventfds
 	for _, fd := range st.fds {
 		unix.Close(fd)
 	}

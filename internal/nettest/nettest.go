@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -59,30 +60,35 @@ func New(t testing.TB) *Topology {
 	}
 	t.Cleanup(ns.Close)
 	tp.Guest = ns
-	ensureHosts(t)
 	return tp
 }
 
-// ensureHosts puts the test host addresses on a veth pair in this namespace (the kernel here
-// has no dummy driver). Shared by every test of the process; nothing is routed anywhere.
-func ensureHosts(t testing.TB) {
-	link := fmt.Sprintf("aghost%d", os.Getpid()%100000)
-	if exec.Command("ip", "link", "show", link).Run() == nil {
-		return
+// hostLink carries the test host addresses. One fixed link shared by every test process (test
+// packages run in parallel, and the same address on two links would leave it to chance which
+// one a removal takes down); it is created when missing and left in place.
+const hostLink = "aghost0"
+
+// Hosts puts the test host addresses (Good, Bad, Named and the IPv6 ones) on a veth pair in
+// this namespace (the kernel here has no dummy driver). Nothing is routed anywhere.
+func Hosts(t testing.TB) {
+	hostsMu.Lock()
+	defer hostsMu.Unlock()
+	if exec.Command("ip", "link", "show", hostLink).Run() != nil {
+		// Another test process may create it at the same moment: "File exists" is fine.
+		exec.Command("ip", "link", "add", hostLink, "type", "veth", "peer", "name", hostLink+"p").Run()
 	}
-	Run(t, "ip", "link", "add", link, "type", "veth", "peer", "name", link+"p")
+	link := hostLink
 	for _, a := range []string{Good.String() + "/32", Bad.String() + "/32", Named.String() + "/32"} {
-		Run(t, "ip", "addr", "add", a, "dev", link)
+		Run(t, "ip", "addr", "replace", a, "dev", link)
 	}
 	for _, a := range []string{Good6.String() + "/128", Bad6.String() + "/128"} {
-		Run(t, "ip", "addr", "add", a, "dev", link, "nodad")
+		Run(t, "ip", "addr", "replace", a, "dev", link, "nodad")
 	}
 	Run(t, "ip", "link", "set", link, "up")
 	Run(t, "ip", "link", "set", link+"p", "up")
 }
 
-// Cleanup removes the shared test hosts; call it from TestMain after the tests.
-func Cleanup() { exec.Command("ip", "link", "del", fmt.Sprintf("aghost%d", os.Getpid()%100000)).Run() }
+var hostsMu sync.Mutex
 
 // UseResolver makes programs run with Cmd use nameserver lines in resolv (ip netns exec
 // bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf).
