@@ -24,6 +24,7 @@ import (
 	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
+	"github.com/agentd/agentd/streams"
 )
 
 // ErrShutdown is returned by Serve when the host sent core.shutdown.
@@ -56,6 +57,10 @@ type Config struct {
 	// TCPBufferBudget caps the bytes buffered by all TCP sessions together, per direction, on
 	// top of the per-session limits in Relay: many sessions cannot add up to unbounded memory.
 	TCPBufferBudget int64
+
+	// Streams, when set, is offered to the host as feature "streams" (guest-initiated
+	// streams) and attached to the channel if the host enables it.
+	Streams *streams.Endpoint
 
 	Relay relay.Options
 	Exec  exec.Options
@@ -103,6 +108,9 @@ func New(cfg Config) *Agent {
 	}
 	if cfg.Features == nil {
 		cfg.Features = []string{protocol.FeatureFlow}
+	}
+	if cfg.Streams != nil && !protocol.HasFeature(cfg.Features, protocol.FeatureStreams) {
+		cfg.Features = append(cfg.Features, protocol.FeatureStreams)
 	}
 	if cfg.MaxTCPSessions <= 0 {
 		cfg.MaxTCPSessions = DefaultMaxTCPSessions
@@ -177,6 +185,10 @@ func (a *Agent) Serve(ctx context.Context) error {
 	a.cfg.Mux.Observe = a.observe
 	a.out = mux.NewWriter(a.cfg.Port, a.cfg.Mux)
 	a.fs = fs.New(a.out, a.cfg.Fs, a.log)
+	if a.cfg.Streams != nil && protocol.HasFeature(a.enabled, protocol.FeatureStreams) {
+		a.cfg.Streams.Attach(a.out)
+		defer a.cfg.Streams.Detach()
+	}
 	defer func() {
 		a.abortAll(syscall.SIGKILL) // the host is gone: nobody will read their output
 		a.all.Wait()
@@ -406,6 +418,13 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if !a.fs.Data(m.ID, data) {
 			msg := fmt.Sprintf("unknown write session: %d", m.ID)
 			return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+		}
+	case protocol.TypeStreamOpened, protocol.TypeStreamData, protocol.TypeStreamEOF, protocol.TypeStreamClose, protocol.TypeStreamCredit:
+		if a.cfg.Streams == nil || !protocol.HasFeature(a.enabled, protocol.FeatureStreams) {
+			return nil // never opened any: nothing to route to
+		}
+		if err := a.cfg.Streams.Handle(m); err != nil {
+			return a.badPayload(ctx, &m, err)
 		}
 	default:
 		// Guest -> host types (and init.ack after init) are ignored, as by the reference.

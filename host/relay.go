@@ -1,6 +1,8 @@
 package host
 
 import (
+	"bytes"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -25,6 +27,9 @@ type RelayOptions struct {
 	ToAgentQueue, ClientQueue int
 	HandshakeTimeout          time.Duration
 	Log                       *slog.Logger
+	// Streams, when set, serves guest-initiated streams: the relay asks for feature
+	// "streams" and dials out for the guest (agentctl serve --egress).
+	Streams *StreamOptions
 }
 
 // DefaultRelayOptions mirror microsandbox's relay (256 frames toward the guest, 64 per client).
@@ -51,6 +56,10 @@ type Relay struct {
 
 	mu      sync.Mutex
 	clients [protocol.RelayMaxClients]*relayClient
+
+	streams *streamServer // nil unless the agent enabled guest-initiated streams
+	// StreamCounters count guest-initiated streams.
+	StreamCounters StreamCounters
 }
 
 type relayClient struct {
@@ -80,12 +89,21 @@ func NewRelay(conn io.ReadWriteCloser, opts RelayOptions) (*Relay, error) {
 	if opts.Log == nil {
 		opts.Log = slog.Default()
 	}
-	c, err := Direct(conn, Options{Features: opts.Features, HandshakeTimeout: opts.HandshakeTimeout, Log: opts.Log, handshakeOnly: true})
+	features := opts.Features
+	if opts.Streams != nil {
+		features = append(append([]string(nil), features...), protocol.FeatureStreams)
+	}
+	c, err := Direct(conn, Options{Features: features, HandshakeTimeout: opts.HandshakeTimeout, Log: opts.Log, handshakeOnly: true})
 	if err != nil {
 		return nil, err
 	}
 	r := &Relay{conn: conn, opts: opts, log: opts.Log, fr: c.fr, ready: c.ReadyFrame,
 		toAgent: make(chan []byte, opts.ToAgentQueue), done: make(chan struct{})}
+	if opts.Streams != nil && c.HasFeature(protocol.FeatureStreams) {
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { <-r.done; cancel() }()
+		r.streams = newStreamServer(ctx, *opts.Streams, r.sendAgent, &r.StreamCounters)
+	}
 	r.log.Info("agent ready", "agent_version", c.Ready.AgentVersion, "generation", c.ReadyV, "features", c.Ready.Features)
 	go r.writeAgent()
 	go r.readAgent()
@@ -108,6 +126,9 @@ func (r *Relay) stop(err error) {
 	r.once.Do(func() {
 		r.err = err
 		close(r.done)
+		if r.streams != nil {
+			go r.streams.closeAll()
+		}
 		r.conn.Close()
 		r.mu.Lock()
 		for _, c := range r.clients {
@@ -171,6 +192,12 @@ func (r *Relay) readAgent() {
 			}
 			r.stop(err)
 			return
+		}
+		if r.streams != nil && isStreamFrame(f) {
+			if m, err := protocol.DecodeMessage(f); err == nil && isStreamType(m.Type) {
+				r.streams.handle(m) // guest-initiated: by type, before any id routing
+				continue
+			}
 		}
 		if f.ID == 0 {
 			continue // control frames after ready are not routed
@@ -313,4 +340,15 @@ func (r *Relay) Clients() int {
 		}
 	}
 	return n
+}
+
+// isStreamFrame reports whether a frame's type is agentd.stream.* without a full decode: the
+// envelope's "t" string sits in the first bytes of the body.
+func isStreamFrame(f protocol.Frame) bool {
+	n := min(len(f.Body), 48)
+	return bytes.Contains(f.Body[:n], []byte("agentd.stream."))
+}
+
+func isStreamType(t protocol.Type) bool {
+	return t >= protocol.TypeStreamOpen && t <= protocol.TypeStreamCredit
 }

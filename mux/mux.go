@@ -271,7 +271,7 @@ func (w *Writer) loop() {
 
 func isData(t protocol.Type) bool {
 	switch t {
-	case protocol.TypeTCPData, protocol.TypeExecStdout, protocol.TypeExecStderr, protocol.TypeExecStdin, protocol.TypeFsData:
+	case protocol.TypeTCPData, protocol.TypeExecStdout, protocol.TypeExecStderr, protocol.TypeExecStdin, protocol.TypeFsData, protocol.TypeStreamData:
 		return true
 	}
 	return false

@@ -222,7 +222,12 @@ func (t *tcpFlow) send(b []byte) bool {
 // toGuest copies destination -> guest, reading the kernel socket only when it is readable so
 // that the pooled buffer is held just while there is data.
 func (t *tcpFlow) toGuest() {
-	rc, err := t.up.(syscall.Conn).SyscallConn()
+	sc, ok := t.up.(syscall.Conn)
+	if !ok { // an upstream that is not a socket (a stream over the agent channel)
+		t.toGuestCopy()
+		return
+	}
+	rc, err := sc.SyscallConn()
 	if err != nil {
 		t.abort("upstream conn", err)
 		return
@@ -265,6 +270,30 @@ func (t *tcpFlow) toGuest() {
 		t.flow.Count(0, int64(n))
 		if werr != nil {
 			t.abort("guest write", werr)
+			return
+		}
+	}
+}
+
+// toGuestCopy is toGuest for upstreams without a file descriptor: a plain read loop.
+func (t *tcpFlow) toGuestCopy() {
+	bp := bufs.Get().(*[]byte)
+	defer bufs.Put(bp)
+	for {
+		n, err := t.up.Read(*bp)
+		if n > 0 {
+			if _, werr := t.guest.Write((*bp)[:n]); werr != nil {
+				t.abort("guest write", werr)
+				return
+			}
+			t.flow.Count(0, int64(n))
+		}
+		if errors.Is(err, io.EOF) {
+			t.guest.CloseWrite()
+			return
+		}
+		if err != nil {
+			t.abort("upstream read", err)
 			return
 		}
 	}

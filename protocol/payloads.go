@@ -22,7 +22,7 @@ func NewPayload(t Type) any {
 		return &ExecRequest{Rows: DefaultRows, Cols: DefaultCols}
 	case TypeExecStarted:
 		return &ExecStarted{}
-	case TypeExecStdin, TypeExecStdout, TypeExecStderr, TypeFsData, TypeTCPData:
+	case TypeExecStdin, TypeExecStdout, TypeExecStderr, TypeFsData, TypeTCPData, TypeStreamData:
 		return &Data{}
 	case TypeExecStdinError:
 		return &ExecStdinError{}
@@ -48,6 +48,16 @@ func NewPayload(t Type) any {
 		return &TCPFailed{}
 	case TypeFlowCredit:
 		return &FlowCredit{}
+	case TypeStreamOpen:
+		return &StreamOpen{}
+	case TypeStreamOpened:
+		return &StreamOpened{}
+	case TypeStreamEOF:
+		return &Empty{}
+	case TypeStreamClose:
+		return &StreamClose{}
+	case TypeStreamCredit:
+		return &StreamCredit{}
 	}
 	return nil
 }

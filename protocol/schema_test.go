@@ -86,7 +86,8 @@ func TestTypeTable(t *testing.T) {
 		t.Fatal("core.unknown is known")
 	}
 	flags := map[Type]byte{TypeError: 1, TypeExecExited: 1, TypeExecFailed: 1, TypeFsResponse: 1,
-		TypeTCPClosed: 1, TypeTCPFailed: 1, TypeExecRequest: 2, TypeFsRequest: 2, TypeTCPConnect: 2, TypeShutdown: 4}
+		TypeTCPClosed: 1, TypeTCPFailed: 1, TypeExecRequest: 2, TypeFsRequest: 2, TypeTCPConnect: 2, TypeShutdown: 4,
+		TypeStreamOpen: 2, TypeStreamClose: 1}
 	for _, ty := range AllTypes() {
 		if ty.Flags() != flags[ty] {
 			t.Errorf("%s flags %d want %d", ty, ty.Flags(), flags[ty])

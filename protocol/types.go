@@ -55,6 +55,15 @@ const (
 	// It is only ever sent to a peer that announced the "flow" feature (see ext.go).
 	TypeFlowCredit
 
+	// Guest-initiated streams (feature "streams", see streams.go): agentd asks the host to
+	// open a connection on the guest's behalf.
+	TypeStreamOpen
+	TypeStreamOpened
+	TypeStreamData
+	TypeStreamEOF
+	TypeStreamClose
+	TypeStreamCredit
+
 	numTypes
 )
 
@@ -97,6 +106,12 @@ var typeTable = [numTypes]TypeInfo{
 	TypeTCPClosed:               {"core.tcp.closed", FlagTerminal, 4, false},
 	TypeTCPFailed:               {"core.tcp.failed", FlagTerminal, 4, false},
 	TypeFlowCredit:              {"agentd.flow.credit", 0, 0, true},
+	TypeStreamOpen:              {"agentd.stream.open", FlagSessionStart, 0, true},
+	TypeStreamOpened:            {"agentd.stream.opened", 0, 0, true},
+	TypeStreamData:              {"agentd.stream.data", 0, 0, true},
+	TypeStreamEOF:               {"agentd.stream.eof", 0, 0, true},
+	TypeStreamClose:             {"agentd.stream.close", FlagTerminal, 0, true},
+	TypeStreamCredit:            {"agentd.stream.credit", 0, 0, true},
 }
 
 // schemaOrder is the reference's enum declaration order (its schema snapshot order), which

@@ -3,11 +3,13 @@ package main
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"time"
 
 	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/policy"
 )
 
 func serve(args []string) error {
@@ -16,6 +18,9 @@ func serve(args []string) error {
 	listen := fs.String("listen", "", "unix socket `PATH` clients connect to")
 	clock := fs.Duration("clock-sync", 60*time.Second, "interval of core.clock.sync (0 disables)")
 	noFlow := fs.Bool("no-flow-control", false, "do not negotiate the flow-control extension")
+	egress := fs.Bool("egress", false, "serve guest-initiated streams: dial out from this host for a guest that has no network of its own")
+	policyFile := fs.String("egress-policy", "", "host-side policy `FILE` (microsandbox's format) the guest's streams must also pass")
+	dns := fs.String("egress-dns", "", "resolver `ADDR:PORT` for the guest's DNS (default: this host's /etc/resolv.conf)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -40,6 +45,34 @@ func serve(args []string) error {
 	opts := host.RelayOptions{ClockSyncEvery: *clock, Log: log}
 	if *noFlow {
 		opts.Features = []string{}
+	}
+	if *egress {
+		so := &host.StreamOptions{Log: log.With("component", "egress")}
+		if *policyFile != "" {
+			p, _, err := readPolicy(*policyFile)
+			if err != nil {
+				return err
+			}
+			if p, err = policy.WithFloor(policy.DefaultFloor, p); err != nil {
+				return err
+			}
+			so.Decide = func(proto string, dst netip.AddrPort) (bool, string) {
+				pr := policy.Protocol(proto)
+				if proto == "dns" {
+					pr = policy.UDP
+				}
+				d := p.Decide(policy.Flow{Direction: policy.Egress, Protocol: pr, Addr: dst.Addr(), Port: dst.Port()}, policy.Context{})
+				return d.Action == policy.Allow, "rule " + d.RuleID
+			}
+		}
+		if *dns != "" {
+			ap, err := netip.ParseAddrPort(*dns)
+			if err != nil {
+				return usageError{fmt.Errorf("--egress-dns %q: want ADDR:PORT", *dns)}
+			}
+			so.DNS = []netip.AddrPort{ap}
+		}
+		opts.Streams = so
 	}
 	r, err := host.NewRelay(conn, opts)
 	if err != nil {

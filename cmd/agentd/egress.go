@@ -23,6 +23,7 @@ import (
 	"github.com/agentd/agentd/netstack"
 	"github.com/agentd/agentd/policy"
 	"github.com/agentd/agentd/resolver"
+	"github.com/agentd/agentd/streams"
 )
 
 // egressOptions are the --egress-* flags.
@@ -40,7 +41,7 @@ type egressOptions struct {
 }
 
 func (e *egressOptions) register(fs *flag.FlagSet) {
-	fs.StringVar(&e.mode, "egress", "off", "guest egress: off, or netstack (the tun becomes the guest's default route and every flow passes the policy)")
+	fs.StringVar(&e.mode, "egress", "off", "guest egress: off; netstack (the tun becomes the guest's default route, every flow passes the policy, agentd dials out); or channel (the same, but each allowed flow is a stream over the agent channel that the host dials: for a guest with no network device)")
 	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML); reloaded on SIGHUP. Without one, netstack egress allows everything but the floor")
 	fs.StringVar(&e.floorFile, "egress-floor", "", "policy `FILE` whose rules come before the policy's and cannot be widened by it (default: deny the metadata address)")
 	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr)")
@@ -54,9 +55,9 @@ func (e *egressOptions) register(fs *flag.FlagSet) {
 
 func (e *egressOptions) check() error {
 	switch e.mode {
-	case "off", "netstack":
+	case "off", "netstack", "channel":
 	default:
-		return fmt.Errorf("--egress %q: want off or netstack", e.mode)
+		return fmt.Errorf("--egress %q: want off, netstack or channel", e.mode)
 	}
 	if e.mtu < 1280 || e.mtu > 65520 {
 		return fmt.Errorf("--egress-mtu %d: must be between 1280 and 65520", e.mtu)
@@ -149,8 +150,10 @@ type egressRuntime struct {
 	stack *netstack.Stack
 	audit *egress.Audit
 	res   *resolver.Resolver
-	up    *netns.NS
-	stop  func()
+	// streams carries flows to the host in channel mode (handed to the agent loop).
+	streams *streams.Endpoint
+	up      *netns.NS
+	stop    func()
 }
 
 // startEgress builds the egress service and, for --egress netstack, the uplink namespace,
@@ -179,10 +182,10 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 	gw := netstack.DefaultGuestNet
 	rt.svc = egress.New(pol, egress.Options{HostAddrs: gw.Gateways(), Audit: rt.audit})
 	rt.stop = func() { rt.audit.Close() }
-	if e.mode != "netstack" {
+	if e.mode == "off" {
 		return rt, nil
 	}
-	if e.guestNetns == "" && e.uplink == "" {
+	if e.mode == "netstack" && e.guestNetns == "" && e.uplink == "" {
 		rt.audit.Close()
 		return nil, fmt.Errorf("--egress netstack needs --egress-uplink (as PID 1: MSB_NET) or --egress-guest-netns: " +
 			"otherwise agentd's own upstream sockets would route back into the tun")
@@ -192,13 +195,26 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 		ups = resolvConfServers("/etc/resolv.conf") // read before the guest's is rewritten
 	}
 	dial := (&net.Dialer{}).DialContext
-	if e.uplink != "" {
+	resDial := dial
+	if e.mode == "channel" {
+		// Every flow is a stream the host dials; DNS goes to the host's resolver as datagrams.
+		rt.streams = streams.New(streams.Options{})
+		dial = rt.streams.DialContext
+		ups = []netip.AddrPort{netip.MustParseAddrPort("0.0.0.0:53")} // stands for the host's resolver
+		resDial = func(ctx context.Context, network, address string) (net.Conn, error) {
+			if network != "udp" {
+				return nil, fmt.Errorf("dns over %s is not carried over the channel", network)
+			}
+			return rt.streams.DialContext(ctx, "dns", address)
+		}
+	} else if e.uplink != "" {
 		if rt.up, err = isolateUplink(strings.Split(e.uplink, ",")); err != nil {
 			return nil, err
 		}
 		dial = rt.up.DialContext
+		resDial = dial
 	}
-	rt.res = resolver.New(rt.svc, resolver.Options{Upstreams: ups, Dial: dial})
+	rt.res = resolver.New(rt.svc, resolver.Options{Upstreams: ups, Dial: resDial})
 	st, err := netstack.New(netstack.Options{TunName: e.tunName, MTU: uint32(e.mtu), Queues: e.queues, Egress: rt.svc,
 		DNS: rt.res, Gateways: gw.Gateways(), Dial: dial, Log: log.With("component", "netstack")})
 	if err != nil {

@@ -307,9 +307,9 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			mark("network", t)
 		}
 		var eg *egressRuntime
-		if o.egress.mode == "netstack" {
+		if o.egress.mode != "off" {
 			t = time.Now()
-			if o.egress.uplink == "" && conf.Net != nil {
+			if o.egress.mode == "netstack" && o.egress.uplink == "" && conf.Net != nil {
 				o.egress.uplink = conf.Net.Iface // configured above; moved with its addresses and routes
 			}
 			if eg, err = startEgress(o.egress, log); err != nil {
@@ -375,6 +375,7 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	}
 	if eg != nil {
 		cfg.Relay.Decide = eg.svc.Check // core.tcp destinations pass the same policy, and are audited
+		cfg.Streams = eg.streams
 	}
 	a := agent.New(cfg)
 	hs := time.Now()

@@ -1,0 +1,395 @@
+package host
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/agentd/agentd/budget"
+	"github.com/agentd/agentd/internal/oserr"
+	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sink"
+)
+
+// StreamOptions make a relay serve guest-initiated streams (feature "streams"): the host dials
+// out for the guest, which has no network device of its own.
+type StreamOptions struct {
+	// Dial opens destinations (default: kernel sockets).
+	Dial func(ctx context.Context, network, address string) (net.Conn, error)
+	// Decide is the host's own policy (nil: allow every stream agentd asks for). It returns
+	// false and a reason to refuse.
+	Decide func(proto string, dst netip.AddrPort) (ok bool, reason string)
+	// DNS are the resolvers "dns" streams go to (default: /etc/resolv.conf's nameservers).
+	DNS []netip.AddrPort
+	// Window is the receive window granted to agentd per stream (default 256 KiB).
+	Window int
+	// MaxStreams bounds open streams; more are refused.
+	MaxStreams     int
+	ConnectTimeout time.Duration
+	Log            *slog.Logger
+}
+
+// DefaultStreamOptions are used for zero fields.
+var DefaultStreamOptions = StreamOptions{Window: 256 << 10, MaxStreams: 4096, ConnectTimeout: 30 * time.Second}
+
+// StreamCounters are a stream server's totals.
+type StreamCounters struct {
+	Opened, Refused, Active, BytesUp, BytesDown atomic.Int64
+}
+
+// streamServer is the host end of guest-initiated streams on one channel.
+type streamServer struct {
+	opts     StreamOptions
+	send     func(frame []byte) bool // to the agent, in order
+	log      *slog.Logger
+	ctx      context.Context
+	Counters *StreamCounters
+
+	mu      sync.Mutex
+	streams map[uint32]*hostStream
+}
+
+func newStreamServer(ctx context.Context, o StreamOptions, send func([]byte) bool, c *StreamCounters) *streamServer {
+	d := DefaultStreamOptions
+	if o.Window <= 0 {
+		o.Window = d.Window
+	}
+	if o.MaxStreams <= 0 {
+		o.MaxStreams = d.MaxStreams
+	}
+	if o.ConnectTimeout <= 0 {
+		o.ConnectTimeout = d.ConnectTimeout
+	}
+	if o.Dial == nil {
+		o.Dial = (&net.Dialer{}).DialContext
+	}
+	if o.DNS == nil {
+		o.DNS = hostResolvers("/etc/resolv.conf")
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	return &streamServer{opts: o, send: send, log: o.Log, ctx: ctx, Counters: c, streams: map[uint32]*hostStream{}}
+}
+
+func hostResolvers(path string) []netip.AddrPort {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []netip.AddrPort
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if fields := strings.Fields(sc.Text()); len(fields) >= 2 && fields[0] == "nameserver" {
+			if a, err := netip.ParseAddr(fields[1]); err == nil {
+				out = append(out, netip.AddrPortFrom(a, 53))
+			}
+		}
+	}
+	return out
+}
+
+func (s *streamServer) msg(id uint32, t protocol.Type, v any) bool {
+	f, err := protocol.EncodeFrame(id, t, v)
+	if err != nil {
+		return false
+	}
+	return s.send(f)
+}
+
+// handle takes one agentd.stream.* message from the agent (called by the relay's reader, so
+// it never blocks on a destination).
+func (s *streamServer) handle(m protocol.Message) {
+	if m.Type == protocol.TypeStreamOpen {
+		var p protocol.StreamOpen
+		if err := protocol.Unmarshal(m.Payload, &p); err != nil {
+			s.msg(m.ID, protocol.TypeStreamClose, protocol.StreamClose{Error: "bad open: " + err.Error()})
+			return
+		}
+		s.open(m.ID, p)
+		return
+	}
+	s.mu.Lock()
+	st := s.streams[m.ID]
+	s.mu.Unlock()
+	if st == nil {
+		return // ended here first
+	}
+	switch m.Type {
+	case protocol.TypeStreamData:
+		data, err := protocol.DecodeData(m.Payload)
+		if err != nil {
+			st.abort("bad data frame")
+			return
+		}
+		st.fromGuest(data)
+	case protocol.TypeStreamEOF:
+		if in := st.sink(); in != nil {
+			in.CloseWrite()
+		}
+	case protocol.TypeStreamCredit:
+		var p protocol.StreamCredit
+		if protocol.Unmarshal(m.Payload, &p) == nil {
+			st.credit.Add(int64(p.Bytes))
+		}
+	case protocol.TypeStreamClose:
+		st.end("", false)
+	}
+}
+
+// hostStream is one guest-initiated stream on the host.
+type hostStream struct {
+	s        *streamServer
+	id       uint32
+	proto    string
+	dst      string
+	ctx      context.Context
+	cancel   context.CancelFunc
+	credit   *budget.Credit // agentd's grant for host -> guest data
+	start    time.Time
+	up, down atomic.Int64
+
+	mu   sync.Mutex
+	in   *sink.Sink // guest -> destination bytes (tcp)
+	conn net.Conn
+	once sync.Once
+}
+
+func (s *streamServer) open(id uint32, p protocol.StreamOpen) {
+	dst := net.JoinHostPort(p.Addr, fmt.Sprint(p.Port))
+	var ap netip.AddrPort
+	refuse := func(why string) {
+		s.Counters.Refused.Add(1)
+		s.log.Info("stream refused", "id", id, "proto", p.Proto, "dst", dst, "reason", why)
+		s.msg(id, protocol.TypeStreamClose, protocol.StreamClose{Error: why})
+	}
+	switch p.Proto {
+	case "tcp", "udp":
+		var err error
+		if ap, err = netip.ParseAddrPort(dst); err != nil {
+			refuse("bad destination " + dst)
+			return
+		}
+	case "dns":
+		if len(s.opts.DNS) == 0 {
+			refuse("no resolver on the host")
+			return
+		}
+		ap = s.opts.DNS[0]
+		dst = ap.String()
+	default:
+		refuse("unsupported protocol " + p.Proto)
+		return
+	}
+	if s.opts.Decide != nil {
+		if ok, why := s.opts.Decide(p.Proto, ap); !ok {
+			refuse("denied by the host's policy: " + why)
+			return
+		}
+	}
+	ctx, cancel := context.WithCancel(s.ctx)
+	st := &hostStream{s: s, id: id, proto: p.Proto, dst: dst, ctx: ctx, cancel: cancel,
+		credit: budget.NewCredit(int64(p.Window)), start: time.Now()}
+	s.mu.Lock()
+	if len(s.streams) >= s.opts.MaxStreams || s.streams[id] != nil {
+		s.mu.Unlock()
+		cancel()
+		refuse("too many streams (or a duplicate id)")
+		return
+	}
+	s.streams[id] = st
+	s.mu.Unlock()
+	go st.run(p.Window)
+}
+
+func (st *hostStream) run(window uint32) {
+	s := st.s
+	network := "tcp"
+	if st.proto != "tcp" {
+		network = "udp"
+	}
+	dctx, cancel := context.WithTimeout(st.ctx, s.opts.ConnectTimeout)
+	conn, err := s.opts.Dial(dctx, network, st.dst)
+	cancel()
+	if err != nil {
+		s.Counters.Refused.Add(1)
+		st.end(oserr.Text(err), true)
+		return
+	}
+	st.mu.Lock()
+	st.conn = conn
+	st.mu.Unlock()
+	if st.ctx.Err() != nil { // the guest gave up while we dialed
+		st.end("", false)
+		return
+	}
+	if st.proto == "tcp" {
+		in := sink.New(st.ctx, sink.Config{Limit: s.opts.Window, Grant: func(n int) {
+			s.msg(st.id, protocol.TypeStreamCredit, protocol.StreamCredit{Bytes: uint32(n)})
+		}})
+		st.mu.Lock()
+		st.in = in
+		st.mu.Unlock()
+	}
+	s.Counters.Opened.Add(1)
+	s.Counters.Active.Add(1)
+	defer s.Counters.Active.Add(-1)
+	s.log.Info("stream opened", "id", st.id, "proto", st.proto, "dst", st.dst)
+	if !s.msg(st.id, protocol.TypeStreamOpened, protocol.StreamOpened{Window: uint32(s.opts.Window)}) {
+		st.end("", false)
+		return
+	}
+	var wg sync.WaitGroup
+	if in := st.sink(); in != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := in.Run(countingWriter{conn, &st.up})
+			if errors.Is(err, io.EOF) {
+				if hc, ok := conn.(interface{ CloseWrite() error }); ok {
+					hc.CloseWrite() // the guest's half-close
+				}
+			} else if err != nil {
+				st.end(oserr.Text(err), true)
+			}
+		}()
+	}
+	st.toGuest(conn)
+	wg.Wait()
+}
+
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Int64
+}
+
+func (c countingWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// maxChunk is the largest data frame a stream sends (and the largest UDP datagram).
+const maxChunk = 64 << 10
+
+// toGuest reads the destination within agentd's grants and sends data frames.
+func (st *hostStream) toGuest(conn net.Conn) {
+	buf := make([]byte, maxChunk) // also the largest datagram
+	packet := st.proto != "tcp"
+	for {
+		want := len(buf)
+		got := 0
+		for got < want { // a datagram needs room for the largest one; a stream any credit
+			n, ok := st.credit.Take(st.ctx, want-got)
+			if !ok {
+				st.end("", false)
+				return
+			}
+			got += n
+			if !packet {
+				break
+			}
+		}
+		n, err := conn.Read(buf[:got])
+		st.credit.Add(int64(got - max(n, 0)))
+		if n > 0 {
+			st.down.Add(int64(n))
+			f, ferr := protocol.AppendData(nil, st.id, protocol.TypeStreamData, buf[:n])
+			if ferr != nil || !st.s.send(f) {
+				st.end("", false)
+				return
+			}
+		}
+		if err != nil {
+			if packet && errors.Is(err, os.ErrDeadlineExceeded) {
+				continue
+			}
+			if errors.Is(err, io.EOF) {
+				st.s.msg(st.id, protocol.TypeStreamEOF, protocol.Empty{})
+				return // the guest closes the stream when it is done with its side
+			}
+			st.end(oserr.Text(err), true)
+			return
+		}
+	}
+}
+
+// fromGuest takes guest data: into the sink for tcp, straight out as one datagram for udp.
+func (st *hostStream) sink() *sink.Sink {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.in
+}
+
+func (st *hostStream) fromGuest(data []byte) {
+	if in := st.sink(); in != nil {
+		if in.Write(data) != nil {
+			st.abort("write to the destination failed")
+		}
+		return
+	}
+	st.mu.Lock()
+	conn := st.conn
+	st.mu.Unlock()
+	if conn != nil {
+		if _, err := conn.Write(data); err != nil { // a datagram: lost or sent, as UDP is
+			st.s.log.Debug("datagram not sent", "id", st.id, "dst", st.dst, "error", err)
+		}
+		st.up.Add(int64(len(data)))
+	}
+	st.s.msg(st.id, protocol.TypeStreamCredit, protocol.StreamCredit{Bytes: uint32(len(data))})
+}
+
+func (st *hostStream) abort(why string) { st.end(why, true) }
+
+// end closes the stream once; tell says whether agentd must be told (it did not end it).
+func (st *hostStream) end(why string, tell bool) {
+	st.once.Do(func() {
+		s := st.s
+		s.mu.Lock()
+		if s.streams[st.id] == st {
+			delete(s.streams, st.id)
+		}
+		s.mu.Unlock()
+		st.cancel()
+		if in := st.sink(); in != nil {
+			in.Close()
+		}
+		st.mu.Lock()
+		if st.conn != nil {
+			st.conn.Close()
+		}
+		st.mu.Unlock()
+		if tell {
+			s.msg(st.id, protocol.TypeStreamClose, protocol.StreamClose{Error: why})
+		}
+		s.log.Info("stream closed", "id", st.id, "proto", st.proto, "dst", st.dst, "bytes_up", st.up.Load(),
+			"bytes_down", st.down.Load(), "duration", time.Since(st.start).Round(time.Millisecond).String(), "error", why)
+		s.Counters.BytesUp.Add(st.up.Load())
+		s.Counters.BytesDown.Add(st.down.Load())
+	})
+}
+
+// closeAll ends every stream (the channel is gone).
+func (s *streamServer) closeAll() {
+	s.mu.Lock()
+	all := make([]*hostStream, 0, len(s.streams))
+	for _, st := range s.streams {
+		all = append(all, st)
+	}
+	s.mu.Unlock()
+	for _, st := range all {
+		st.end("", false)
+	}
+}
