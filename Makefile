@@ -16,7 +16,7 @@ FUZZ_TARGETS := \
 	./resolver:FuzzAnswer \
 	./netstack:FuzzClientHelloSNI
 
-.PHONY: all build test unit fuzz-smoke fuzz bench bench-egress bench-vm lint run initramfs vm clean
+.PHONY: all build test unit fuzz-smoke fuzz bench bench-egress bench-streams bench-vm lint run initramfs vm clean
 
 all: build
 
@@ -61,6 +61,9 @@ bench:
 # Boot the microVM 5 times: boot-to-ready, agentd's init_time_ns, artifact sizes.
 bench-egress:
 	$(GO) test ./bench -run TestEgressReport -count=1 -v -args -egress
+
+bench-streams:
+	$(GO) test ./bench -run TestStreamsReport -count=1 -v -args -streams
 
 bench-vm:
 	$(GO) test ./bench -run TestBootReport -count=1 -v -args -report -boots 5

@@ -49,7 +49,7 @@ type Relay struct {
 	log     *slog.Logger
 	fr      *protocol.FrameReader
 	ready   []byte
-	toAgent chan []byte
+	toAgent chan agentFrame
 	done    chan struct{}
 	once    sync.Once
 	err     error
@@ -98,11 +98,11 @@ func NewRelay(conn io.ReadWriteCloser, opts RelayOptions) (*Relay, error) {
 		return nil, err
 	}
 	r := &Relay{conn: conn, opts: opts, log: opts.Log, fr: c.fr, ready: c.ReadyFrame,
-		toAgent: make(chan []byte, opts.ToAgentQueue), done: make(chan struct{})}
+		toAgent: make(chan agentFrame, opts.ToAgentQueue), done: make(chan struct{})}
 	if opts.Streams != nil && c.HasFeature(protocol.FeatureStreams) {
 		ctx, cancel := context.WithCancel(context.Background())
 		go func() { <-r.done; cancel() }()
-		r.streams = newStreamServer(ctx, *opts.Streams, r.sendAgent, &r.StreamCounters)
+		r.streams = newStreamServer(ctx, *opts.Streams, r.sendAgentThen, &r.StreamCounters)
 	}
 	r.log.Info("agent ready", "agent_version", c.Ready.AgentVersion, "generation", c.ReadyV, "features", c.Ready.Features)
 	go r.writeAgent()
@@ -143,11 +143,21 @@ func (r *Relay) stop(err error) {
 // Close ends the relay.
 func (r *Relay) Close() { r.stop(ErrClosed) }
 
+// agentFrame is a frame for the channel and what to do once it is written (or dropped).
+type agentFrame struct {
+	b     []byte
+	after func()
+}
+
 func (r *Relay) writeAgent() {
 	for {
 		select {
 		case f := <-r.toAgent:
-			if _, err := r.conn.Write(f); err != nil {
+			_, err := r.conn.Write(f.b)
+			if f.after != nil {
+				f.after()
+			}
+			if err != nil {
 				r.stop(fmt.Errorf("write agent channel: %w", err))
 				return
 			}
@@ -157,11 +167,19 @@ func (r *Relay) writeAgent() {
 	}
 }
 
-func (r *Relay) sendAgent(frame []byte) bool {
+func (r *Relay) sendAgent(frame []byte) bool { return r.sendAgentThen(frame, nil) }
+
+// sendAgentThen queues a frame for the channel; after runs once it was written (a stream uses
+// it to keep at most one data frame of its own in the queue, so a bulk stream cannot build a
+// long line in front of an interactive one).
+func (r *Relay) sendAgentThen(frame []byte, after func()) bool {
 	select {
-	case r.toAgent <- frame:
+	case r.toAgent <- agentFrame{frame, after}:
 		return true
 	case <-r.done:
+		if after != nil {
+			after()
+		}
 		return false
 	}
 }

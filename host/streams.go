@@ -50,7 +50,7 @@ type StreamCounters struct {
 // streamServer is the host end of guest-initiated streams on one channel.
 type streamServer struct {
 	opts     StreamOptions
-	send     func(frame []byte) bool // to the agent, in order
+	send     func(frame []byte, after func()) bool // to the agent, in order; after runs once written
 	log      *slog.Logger
 	ctx      context.Context
 	Counters *StreamCounters
@@ -59,7 +59,7 @@ type streamServer struct {
 	streams map[uint32]*hostStream
 }
 
-func newStreamServer(ctx context.Context, o StreamOptions, send func([]byte) bool, c *StreamCounters) *streamServer {
+func newStreamServer(ctx context.Context, o StreamOptions, send func([]byte, func()) bool, c *StreamCounters) *streamServer {
 	d := DefaultStreamOptions
 	if o.Window <= 0 {
 		o.Window = d.Window
@@ -105,7 +105,7 @@ func (s *streamServer) msg(id uint32, t protocol.Type, v any) bool {
 	if err != nil {
 		return false
 	}
-	return s.send(f)
+	return s.send(f, nil)
 }
 
 // handle takes one agentd.stream.* message from the agent (called by the relay's reader, so
@@ -287,6 +287,10 @@ const maxChunk = 64 << 10
 func (st *hostStream) toGuest(conn net.Conn) {
 	buf := make([]byte, maxChunk) // also the largest datagram
 	packet := st.proto != "tcp"
+	// One data frame of this stream at a time in the channel's queue: the queue stays short
+	// for everyone else, and the stream still keeps the channel busy (the next read overlaps
+	// the write of the previous frame).
+	slot := make(chan struct{}, 1)
 	for {
 		want := len(buf)
 		got := 0
@@ -306,7 +310,13 @@ func (st *hostStream) toGuest(conn net.Conn) {
 		if n > 0 {
 			st.down.Add(int64(n))
 			f, ferr := protocol.AppendData(nil, st.id, protocol.TypeStreamData, buf[:n])
-			if ferr != nil || !st.s.send(f) {
+			select {
+			case slot <- struct{}{}:
+			case <-st.ctx.Done():
+				st.end("", false)
+				return
+			}
+			if ferr != nil || !st.s.send(f, func() { <-slot }) {
 				st.end("", false)
 				return
 			}

@@ -14,7 +14,10 @@ import (
 // fakeAgent collects the frames a stream server sends toward the agent.
 type fakeAgent struct{ ch chan protocol.Message }
 
-func (f *fakeAgent) send(frame []byte) bool {
+func (f *fakeAgent) send(frame []byte, after func()) bool {
+	if after != nil {
+		defer after()
+	}
 	fr, err := protocol.NewFrameReader(bytes.NewReader(frame)).Next()
 	if err != nil {
 		return false
