@@ -83,7 +83,8 @@ var (
 	coreFamily = []Type{TypeReady, TypeInitResolved, TypeInitAck, TypeRelayClientDisconnected, TypeClockSync, TypeError, TypeFlowCredit}
 	execFamily = []Type{TypeExecRequest, TypeExecStarted, TypeExecStdin, TypeExecStdinError, TypeExecStdout, TypeExecStderr, TypeExecExited, TypeExecFailed, TypeExecResize, TypeExecSignal}
 	fsFamily   = []Type{TypeFsRequest, TypeFsResponse, TypeFsData}
-	tcpFamily  = []Type{TypeTCPConnect, TypeTCPConnected, TypeTCPData, TypeTCPEOF, TypeTCPClose, TypeTCPClosed, TypeTCPFailed}
+	tcpFamily  = []Type{TypeTCPConnect, TypeTCPConnected, TypeTCPData, TypeTCPEOF, TypeTCPClose, TypeTCPClosed, TypeTCPFailed,
+		TypeStreamOpen, TypeStreamOpened, TypeStreamData, TypeStreamEOF, TypeStreamClose, TypeStreamCredit}
 )
 
 func FuzzCorePayload(f *testing.F) {
