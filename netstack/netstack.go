@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 	"gvisor.dev/gvisor/pkg/tcpip/link/tun"
@@ -314,4 +315,40 @@ func setDefault[T int | time.Duration](v *T, d T) {
 	if *v <= 0 {
 		*v = d
 	}
+}
+
+// DialContext connects to address through the stack itself: the connection leaves through the
+// tun into the guest, from the gateway address, as a peer outside the guest would reach a
+// guest service. It is the "netstack" dialer for core.tcp destinations (relay.Dialer); address
+// is an IP literal and port.
+func (st *Stack) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	if network != "tcp" && network != "tcp4" && network != "tcp6" {
+		return nil, fmt.Errorf("netstack dial %s: unsupported network %q", address, network)
+	}
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return nil, fmt.Errorf("netstack dial %s: %w", address, err)
+	}
+	dst := ap.Addr().Unmap()
+	var local netip.Addr
+	for _, g := range st.opts.Gateways {
+		if g.Is4() == dst.Is4() {
+			local = g
+			break
+		}
+	}
+	if !local.IsValid() {
+		return nil, fmt.Errorf("netstack dial %s: no gateway address of that family", address)
+	}
+	proto := ipv4.ProtocolNumber
+	if dst.Is6() {
+		proto = ipv6.ProtocolNumber
+	}
+	c, err := gonet.DialTCPWithBind(ctx, st.s,
+		tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(local.AsSlice())},
+		tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.AsSlice()), Port: ap.Port()}, proto)
+	if err != nil {
+		return nil, fmt.Errorf("netstack dial %s: %w", address, err)
+	}
+	return c, nil
 }

@@ -644,3 +644,35 @@ func tcpStats(st *Stack) string {
 	parts = append(parts, fmt.Sprintf("icmp-unreachable-sent=%d tcp-resets-sent=%d", ic.DstUnreachable.Value(), st.Stats().TCP.ResetsSent.Value()))
 	return strings.Join(parts, " ")
 }
+
+// TestDialIntoGuest: the netstack dialer reaches a service in the guest through the tun, from
+// the gateway address (core.tcp's "netstack" dialer).
+func TestDialIntoGuest(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	// A TCP server inside the guest namespace: socat via ip netns exec.
+	port := testutil.ClosedPort(t)
+	srv := e.tp.Cmd("socat", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", port, DefaultGuestNet.Addr4.Addr()), "EXEC:cat")
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { srv.Process.Kill(); srv.Wait() }()
+	dst := netip.AddrPortFrom(DefaultGuestNet.Addr4.Addr(), uint16(port)).String()
+	var c net.Conn
+	var err error
+	testutil.WaitFor(t, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		c, err = e.st.DialContext(ctx, "tcp", dst)
+		return err == nil
+	}, "the guest's socat to listen")
+	defer c.Close()
+	c.Write([]byte("into the guest"))
+	buf := make([]byte, 14)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "into the guest" {
+		t.Fatalf("echo: %q %v", buf, err)
+	}
+	if got := c.LocalAddr().String(); !strings.HasPrefix(got, DefaultGuestNet.Gateway4.String()+":") {
+		t.Fatalf("local address %s, want the gateway", got)
+	}
+}

@@ -47,6 +47,7 @@ type options struct {
 	maxSessions  int
 	heartbeat    string
 	budget       int64
+	tcpDialer    string
 	egress       egressOptions
 }
 
@@ -76,6 +77,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.maxSessions, "tcp-max-sessions", agent.DefaultMaxTCPSessions, "most concurrent core.tcp sessions")
 	fs.Int64Var(&o.budget, "tcp-buffer-budget", agent.DefaultTCPBufferBudget, "`bytes` all TCP sessions together may buffer, per direction")
 	fs.StringVar(&o.heartbeat, "heartbeat", "", "write the heartbeat file to `PATH` every second (default "+heartbeat.DefaultPath+" as PID 1, none standalone)")
+	fs.StringVar(&o.tcpDialer, "tcp-dialer", "kernel", "how core.tcp.connect reaches its destination: kernel (sockets in agentd's namespace, the guest's) or netstack (through the egress netstack and the tun, from the gateway address; needs --egress)")
 	o.egress.register(fs)
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile to `FILE` (for benchmarks)")
 	if err := fs.Parse(args); err != nil {
@@ -104,6 +106,12 @@ func parseFlags(args []string) (options, error) {
 		return o, fmt.Errorf("--tcp-buffer-budget %d: must be at least --tcp-inbound-limit (%d)", o.budget, o.inboundLimit)
 	case o.initAck <= 0:
 		return o, fmt.Errorf("--init-ack-timeout %s: must be positive", o.initAck)
+	}
+	switch {
+	case o.tcpDialer != "kernel" && o.tcpDialer != "netstack":
+		return o, fmt.Errorf("--tcp-dialer %q: want kernel or netstack", o.tcpDialer)
+	case o.tcpDialer == "netstack" && o.egress.mode == "off":
+		return o, fmt.Errorf("--tcp-dialer netstack needs --egress netstack or channel")
 	}
 	return o, o.egress.check()
 }
@@ -376,6 +384,9 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	if eg != nil {
 		cfg.Relay.Decide = eg.svc.Check // core.tcp destinations pass the same policy, and are audited
 		cfg.Streams = eg.streams
+		if o.tcpDialer == "netstack" && eg.stack != nil {
+			cfg.Relay.Dialer = eg.stack
+		}
 	}
 	a := agent.New(cfg)
 	hs := time.Now()
