@@ -1,7 +1,6 @@
 package host
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -10,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,6 +16,7 @@ import (
 	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/resolver"
 	"github.com/agentd/agentd/sink"
 )
 
@@ -74,30 +73,12 @@ func newStreamServer(ctx context.Context, o StreamOptions, send func([]byte, fun
 		o.Dial = (&net.Dialer{}).DialContext
 	}
 	if o.DNS == nil {
-		o.DNS = hostResolvers("/etc/resolv.conf")
+		o.DNS = resolver.SystemServers("/etc/resolv.conf")
 	}
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
 	return &streamServer{opts: o, send: send, log: o.Log, ctx: ctx, Counters: c, streams: map[uint32]*hostStream{}}
-}
-
-func hostResolvers(path string) []netip.AddrPort {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	var out []netip.AddrPort
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if fields := strings.Fields(sc.Text()); len(fields) >= 2 && fields[0] == "nameserver" {
-			if a, err := netip.ParseAddr(fields[1]); err == nil {
-				out = append(out, netip.AddrPortFrom(a, 53))
-			}
-		}
-	}
-	return out
 }
 
 func (s *streamServer) msg(id uint32, t protocol.Type, v any) bool {

@@ -278,19 +278,35 @@ func (st *Stack) isGateway(a netip.Addr) bool {
 	return false
 }
 
-// reserve takes a slot for a flow to dst, or says which cap refused it.
-func (st *Stack) reserve(dst netip.AddrPort) (ok bool, perDest bool) {
+// reserve takes a slot for a flow to dst, or counts which cap refused it.
+func (st *Stack) reserve(dst netip.AddrPort) bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if st.flows >= st.opts.MaxFlows {
-		return false, false
+		st.Counters.FlowCapDrop.Add(1)
+		return false
 	}
 	if st.dests[dst] >= st.opts.MaxFlowsPerDest {
-		return false, true
+		st.Counters.DestCapDrop.Add(1)
+		return false
 	}
 	st.flows++
 	st.dests[dst]++
-	return true, false
+	return true
+}
+
+// runFlow runs an admitted flow's relay in its own goroutine, counted in active, and releases
+// its slot and closes its egress record when the relay ends.
+func (st *Stack) runFlow(active *atomic.Int64, dst netip.AddrPort, flow *egress.Flow, relay func()) {
+	active.Add(1)
+	st.wg.Add(1)
+	go func() {
+		defer st.wg.Done()
+		defer active.Add(-1)
+		defer st.release(dst)
+		defer flow.Close()
+		relay()
+	}()
 }
 
 func (st *Stack) release(dst netip.AddrPort) {

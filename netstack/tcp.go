@@ -40,12 +40,7 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
-	if ok, perDest := st.reserve(dst); !ok {
-		if perDest {
-			st.Counters.DestCapDrop.Add(1)
-		} else {
-			st.Counters.FlowCapDrop.Add(1)
-		}
+	if !st.reserve(dst) {
 		r.Complete(true)
 		return
 	}
@@ -81,16 +76,8 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	ep.SocketOptions().SetKeepAlive(true) // notice a guest that vanished
 	st.Counters.Allowed.Add(1)
-	st.Counters.Active.Add(1)
-	st.wg.Add(1)
-	go func() {
-		defer st.wg.Done()
-		defer st.Counters.Active.Add(-1)
-		defer st.release(dst)
-		defer flow.Close()
-		t := &tcpFlow{st: st, ep: ep, wq: &wq, guest: gonet.NewTCPConn(&wq, ep), up: up, flow: flow}
-		t.run()
-	}()
+	t := &tcpFlow{st: st, ep: ep, wq: &wq, guest: gonet.NewTCPConn(&wq, ep), up: up, flow: flow}
+	st.runFlow(&st.Counters.Active, dst, flow, t.run)
 }
 
 // tcpFlow relays one allowed connection.

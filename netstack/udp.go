@@ -44,12 +44,7 @@ func (st *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 		}()
 		return true
 	}
-	if ok, perDest := st.reserve(dst); !ok {
-		if perDest {
-			st.Counters.DestCapDrop.Add(1)
-		} else {
-			st.Counters.FlowCapDrop.Add(1)
-		}
+	if !st.reserve(dst) {
 		return false
 	}
 	flow, _ := st.eg.Admit(policy.UDP, src, dst)
@@ -66,15 +61,8 @@ func (st *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 		return true
 	}
 	st.Counters.UDPAllowed.Add(1)
-	st.Counters.UDPActive.Add(1)
-	st.wg.Add(1)
-	go func() {
-		defer st.wg.Done()
-		defer st.Counters.UDPActive.Add(-1)
-		defer st.release(dst)
-		defer flow.Close()
-		st.relayUDP(gonet.NewUDPConn(&wq, ep), dst, flow)
-	}()
+	guest := gonet.NewUDPConn(&wq, ep)
+	st.runFlow(&st.Counters.UDPActive, dst, flow, func() { st.relayUDP(guest, dst, flow) })
 	return true
 }
 

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"flag"
 	"fmt"
@@ -90,26 +89,6 @@ func (e *egressOptions) upstreams() ([]netip.AddrPort, error) {
 	return out, nil
 }
 
-// resolvConfServers reads the nameserver lines of a resolv.conf.
-func resolvConfServers(path string) []netip.AddrPort {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	var out []netip.AddrPort
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) >= 2 && fields[0] == "nameserver" {
-			if a, err := netip.ParseAddr(fields[1]); err == nil {
-				out = append(out, netip.AddrPortFrom(a, 53))
-			}
-		}
-	}
-	return out
-}
-
 // loadPolicyFile reads a policy file (JSON or YAML); errors name the file and the field.
 func loadPolicyFile(flagName, path string) (*policy.Policy, error) {
 	data, err := os.ReadFile(path)
@@ -192,7 +171,7 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 	}
 	ups, _ := e.upstreams()
 	if len(ups) == 0 {
-		ups = resolvConfServers("/etc/resolv.conf") // read before the guest's is rewritten
+		ups = resolver.SystemServers("/etc/resolv.conf") // read before the guest's is rewritten
 	}
 	dial := (&net.Dialer{}).DialContext
 	resDial := dial
