@@ -27,6 +27,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 
@@ -674,5 +676,42 @@ func TestDialIntoGuest(t *testing.T) {
 	}
 	if got := c.LocalAddr().String(); !strings.HasPrefix(got, DefaultGuestNet.Gateway4.String()+":") {
 		t.Fatalf("local address %s, want the gateway", got)
+	}
+}
+
+// TestICMPEcho: the gateway answers echo requests itself (a guest can ping its resolver);
+// echo to other hosts is not forwarded, allowed or not, so it reveals nothing beyond the tun.
+func TestICMPEcho(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	for _, c := range []struct {
+		dst   string
+		reply bool
+	}{{DefaultGuestNet.Gateway4.String(), true}, {nettest.Good.String(), false}, {nettest.Bad.String(), false}} {
+		fd, err := e.tp.Guest.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := os.NewFile(uintptr(fd), "icmp")
+		pc, err := net.FilePacketConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg, _ := (&icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: 7, Seq: 1, Data: []byte("agentd")}}).Marshal(nil)
+		pc.WriteTo(msg, &net.IPAddr{IP: net.ParseIP(c.dst)})
+		pc.SetReadDeadline(time.Now().Add(500 * time.Millisecond)) // proving silence needs a wait
+		buf := make([]byte, 1500)
+		n, _, err := pc.ReadFrom(buf)
+		pc.Close()
+		if !c.reply {
+			if err == nil {
+				t.Errorf("%s: echo answered, want silence", c.dst)
+			}
+			continue
+		}
+		m, perr := icmp.ParseMessage(1, buf[:max(n, 0)])
+		if err != nil || perr != nil || m.Type != ipv4.ICMPTypeEchoReply {
+			t.Errorf("%s: want an echo reply: %v %v", c.dst, err, perr)
+		}
 	}
 }
