@@ -187,7 +187,7 @@ func TestVM(t *testing.T) {
 }
 
 // bootVM boots the initramfs with extra kernel parameters and returns a connected client.
-func bootVM(t *testing.T, appendArgs string) (*host.Client, *vm.VM) {
+func bootVM(t *testing.T, appendArgs string, disks ...vm.Disk) (*host.Client, *vm.VM) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		if os.Getenv("CI") != "" {
@@ -199,7 +199,7 @@ func bootVM(t *testing.T, appendArgs string) (*host.Client, *vm.VM) {
 		t.Fatalf("mkinitramfs: %v\n%s", err, out)
 	}
 	v, err := vm.Boot(vm.Options{Kernel: filepath.Join(binDir, "vmlinuz"), Initrd: filepath.Join(binDir, "initramfs.cpio.gz"),
-		Dir: t.TempDir(), Accel: vm.Accel(), Net: true, Append: appendArgs})
+		Dir: t.TempDir(), Accel: vm.Accel(), Net: true, Append: appendArgs, Disks: disks})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,4 +304,48 @@ func mustPort(t *testing.T, addr string) uint16 {
 		t.Fatal(err)
 	}
 	return uint16(p)
+}
+
+// TestVMBlockRoot: MSB_BLOCK_ROOT=kind=disk-image: agentd mounts an ext4 image from a virtio
+// disk, moves it onto / and runs everything from there (exec, fs, power-off with the root
+// remounted read-only, so what was written survives).
+func TestVMBlockRoot(t *testing.T) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
+	}
+	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
+		t.Fatalf("mkinitramfs: %v\n%s", err, out)
+	}
+	// The image: the initramfs's own tree (busybox, passwd) plus a marker, as ext4.
+	tree := filepath.Join(binDir, "vm", "rootfs")
+	if err := os.WriteFile(filepath.Join(tree, "etc", "block-root-marker"), []byte("on the block root\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(filepath.Join(tree, "etc", "block-root-marker"))
+	img := filepath.Join(t.TempDir(), "root.img")
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", tree, img, "64M").CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4 -d: %v\n%s", err, out)
+	}
+	c, v := bootVM(t, "MSB_BLOCK_ROOT=kind=disk-image,device=/dev/vda,fstype=ext4", vm.Disk{Path: img, Serial: "root"})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, _, code, err := c.Run(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "cat /etc/block-root-marker; grep ' / ' /proc/mounts"}}, nil)
+	if err != nil || code != 0 || !strings.HasPrefix(string(out), "on the block root\n/dev/vda / ext4 ") {
+		t.Fatalf("exec on the block root: %q %d %v", out, code, err)
+	}
+	if _, err := c.WriteFile(ctx, "/root/written", 0o644, strings.NewReader("kept\n")); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown()
+	select {
+	case err := <-v.Exited:
+		if err != nil {
+			t.Fatalf("qemu exited with %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the VM did not power off within 5 s of core.shutdown")
+	}
+	if out, err := exec.Command("debugfs", "-R", "cat /root/written", img).Output(); err != nil || string(out) != "kept\n" {
+		t.Fatalf("file on the root image after power-off: %q %v", out, err)
+	}
 }

@@ -54,3 +54,45 @@ func LoadModules(dir, list string, log *slog.Logger) (loaded int, err error) {
 	log.Debug("kernel modules loaded", "count", loaded)
 	return loaded, sc.Err()
 }
+
+// OpenModules opens the modules listed in dir/list, in order, without loading them: a caller
+// that is about to leave this root (MSB_BLOCK_ROOT) keeps the files it will load later.
+func OpenModules(dir, list string) ([]*os.File, error) {
+	data, err := os.ReadFile(filepath.Join(dir, list))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open modules: %w", err)
+	}
+	var files []*os.File
+	for _, name := range strings.Split(string(data), "\n") {
+		name = strings.TrimSpace(name)
+		if name == "" || strings.HasPrefix(name, "#") {
+			continue
+		}
+		f, err := os.Open(filepath.Join(dir, name))
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			return nil, fmt.Errorf("open module %s: %w", name, err)
+		}
+		files = append(files, f)
+	}
+	return files, nil
+}
+
+// LoadOpened loads opened module files in order with finit_module and closes them.
+func LoadOpened(files []*os.File, log *slog.Logger) error {
+	var first error
+	for _, f := range files {
+		err := unix.FinitModule(int(f.Fd()), "", 0)
+		if err != nil && !errors.Is(err, unix.EEXIST) && first == nil {
+			first = fmt.Errorf("load module %s: %w", f.Name(), err)
+		}
+		f.Close()
+	}
+	log.Debug("kernel modules loaded", "count", len(files))
+	return first
+}

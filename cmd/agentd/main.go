@@ -266,15 +266,28 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.LoadOrder, log); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
+		// Not needed for the channel: they load while the handshake runs, from files opened
+		// now (a block root is about to replace the initramfs as /).
+		bgModules, err := initfs.OpenModules(initfs.ModulesDir, initfs.BackgroundOrder)
+		if err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		mark("modules", t)
+		if conf.BlockRoot != nil {
+			t = time.Now()
+			if err := initfs.MountBlockRoot(conf.BlockRoot); err != nil {
+				return fmt.Errorf("init: %w", err)
+			}
+			mark("block root", t)
+		}
 		var bg sync.WaitGroup
 		bg.Add(1)
-		go func() { // not needed for the channel: load while the handshake runs
+		go func() {
 			defer bg.Done()
-			if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.BackgroundOrder, log); err != nil {
+			if err := initfs.LoadOpened(bgModules, log); err != nil {
 				log.Error("kernel modules", "error", err)
 			}
 		}()
-		mark("modules", t)
 		t = time.Now()
 		if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
 			return fmt.Errorf("init: %w", err)
@@ -288,7 +301,7 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if err := initfs.EnsureProfileBlock("/etc/profile"); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
-		for name, set := range map[string]bool{"MSB_BLOCK_ROOT": conf.BlockRoot != nil, "MSB_DIR_MOUNTS": len(conf.DirMounts) > 0,
+		for name, set := range map[string]bool{"MSB_DIR_MOUNTS": len(conf.DirMounts) > 0,
 			"MSB_FILE_MOUNTS":  len(conf.FileMounts) > 0,
 			"MSB_HANDOFF_INIT": conf.Handoff != nil} {
 			if set {
