@@ -167,6 +167,21 @@ func (a *Agent) Handshake() error {
 	return nil
 }
 
+// Negotiated returns what the handshake settled: the host's generation and the features
+// enabled (for handing the channel to another process, see Adopt).
+func (a *Agent) Negotiated() (hostGen uint8, features []string) { return a.hostGen, a.enabled }
+
+// Adopt takes the outcome of a handshake another agentd process made on this channel (PID 1
+// before it handed off to another init), instead of running Handshake.
+func (a *Agent) Adopt(hostGen uint8, features []string) {
+	a.hostGen = hostGen
+	for _, f := range features {
+		if protocol.HasFeature(a.cfg.Features, f) {
+			a.enabled = append(a.enabled, f)
+		}
+	}
+}
+
 // deadline arranges for a blocked read to end after d and returns a func that cancels it.
 // Ports with deadlines (sockets, ttys, pipes) use them; anything else is closed, which ends
 // the read for good.

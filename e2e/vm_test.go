@@ -316,16 +316,7 @@ func TestVMBlockRoot(t *testing.T) {
 	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
 		t.Fatalf("mkinitramfs: %v\n%s", err, out)
 	}
-	// The image: the initramfs's own tree (busybox, passwd) plus a marker, as ext4.
-	tree := filepath.Join(binDir, "vm", "rootfs")
-	if err := os.WriteFile(filepath.Join(tree, "etc", "block-root-marker"), []byte("on the block root\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	defer os.Remove(filepath.Join(tree, "etc", "block-root-marker"))
-	img := filepath.Join(t.TempDir(), "root.img")
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", tree, img, "64M").CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4 -d: %v\n%s", err, out)
-	}
+	img := rootImage(t, map[string]string{"etc/block-root-marker": "on the block root\n"})
 	c, v := bootVM(t, "MSB_BLOCK_ROOT=kind=disk-image,device=/dev/vda,fstype=ext4", vm.Disk{Path: img, Serial: "root"})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -347,5 +338,75 @@ func TestVMBlockRoot(t *testing.T) {
 	}
 	if out, err := exec.Command("debugfs", "-R", "cat /root/written", img).Output(); err != nil || string(out) != "kept\n" {
 		t.Fatalf("file on the root image after power-off: %q %v", out, err)
+	}
+}
+
+// rootImage makes an ext4 image of the initramfs's own tree (busybox, passwd; run
+// mkinitramfs first) plus extra files (path -> content; executable under sbin/).
+func rootImage(t *testing.T, extra map[string]string) string {
+	t.Helper()
+	tree := filepath.Join(t.TempDir(), "tree")
+	if out, err := exec.Command("cp", "-a", filepath.Join(binDir, "vm", "rootfs"), tree).CombinedOutput(); err != nil {
+		t.Fatalf("copy the tree: %v %s", err, out)
+	}
+	for p, content := range extra {
+		mode := os.FileMode(0o644)
+		if strings.HasPrefix(p, "sbin/") {
+			mode = 0o755
+		}
+		if err := os.WriteFile(filepath.Join(tree, p), []byte(content), mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img := filepath.Join(t.TempDir(), "root.img")
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", tree, img, "64M").CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4 -d: %v\n%s", err, out)
+	}
+	return img
+}
+
+// TestVMHandoff: MSB_HANDOFF_INIT on a block root. agentd does the init duties and the
+// handshake as PID 1, then hands PID 1 to the image's own init and goes on as its child:
+// exec works, PID 1 is the new init, and core.shutdown asks that init to power off
+// (SIGRTMIN+4, systemd's way), which it does.
+func TestVMHandoff(t *testing.T) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
+	}
+	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
+		t.Fatalf("mkinitramfs: %v\n%s", err, out)
+	}
+	img := rootImage(t, map[string]string{"sbin/testinit": `#!/bin/sh
+echo "pid $$ env ${HANDOFF_MARK}" > /run/handoff-init
+trap 'sync; poweroff -f' 38 15
+while :; do sleep 0.1; done
+`})
+	c, v := bootVM(t, "MSB_BLOCK_ROOT=kind=disk-image,device=/dev/vda,fstype=ext4 MSB_HANDOFF_INIT=/sbin/testinit MSB_HANDOFF_INIT_ENV=HANDOFF_MARK=set",
+		vm.Disk{Path: img, Serial: "root"})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var out []byte
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		var err error
+		out, _, _, err = c.Run(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "cat /run/handoff-init && tr '\\0' ' ' < /proc/1/cmdline"}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasPrefix(string(out), "pid 1 env set\n") || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond) // the new init writes its file once it runs
+	}
+	if !strings.HasPrefix(string(out), "pid 1 env set\n") || !strings.Contains(string(out), "/sbin/testinit") {
+		t.Fatalf("after the handoff: %q", out)
+	}
+	c.Shutdown()
+	select {
+	case err := <-v.Exited:
+		if err != nil {
+			t.Fatalf("qemu exited with %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the VM did not power off within 10 s of core.shutdown")
 	}
 }

@@ -147,6 +147,9 @@ func main() {
 	if exec.IsHelper() {
 		exec.HelperMain() // agentd started as its own pre-exec helper; does not return
 	}
+	if isHandoffAgent() {
+		os.Exit(handoffAgentMain(boot)) // the agent half of PID 1 after a handoff
+	}
 	o, err := parseFlags(os.Args[1:])
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -230,7 +233,7 @@ func run(o options, log *slog.Logger, boot uint64) error {
 		return err
 	}
 	defer port.Close()
-	return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg, nil)
+	return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg, serveHooks{})
 }
 
 // runInit is agentd as PID 1: the init duties, then the agent loop, then power-off. Whatever
@@ -302,8 +305,7 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			return fmt.Errorf("init: %w", err)
 		}
 		for name, set := range map[string]bool{"MSB_DIR_MOUNTS": len(conf.DirMounts) > 0,
-			"MSB_FILE_MOUNTS":  len(conf.FileMounts) > 0,
-			"MSB_HANDOFF_INIT": conf.Handoff != nil} {
+			"MSB_FILE_MOUNTS": len(conf.FileMounts) > 0} {
 			if set {
 				log.Warn("boot setting parsed but not applied by this agentd yet", "variable", name)
 			}
@@ -328,19 +330,12 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			mark("network", t)
 		}
 		var eg *egressRuntime
-		if o.egress.mode != "off" {
+		if o.egress.mode != "off" && conf.Handoff == nil { // with a handoff, the agent child runs it
 			t = time.Now()
-			if o.egress.mode == "netstack" && o.egress.uplink == "" && conf.Net != nil {
-				o.egress.uplink = conf.Net.Iface // configured above; moved with its addresses and routes
-			}
-			if eg, err = startEgress(o.egress, log); err != nil {
-				return fmt.Errorf("init: egress: %w", err)
+			if eg, err = startGuestEgress(o.egress, conf, log); err != nil {
+				return err
 			}
 			defer eg.stop()
-			// The guest resolves through the netstack's resolver, which forwards upstream.
-			if err := os.WriteFile("/etc/resolv.conf", []byte(netstack.DefaultGuestNet.ResolvConf()), 0o644); err != nil {
-				return fmt.Errorf("init: resolv.conf: %w", err)
-			}
 			mark("egress", t)
 		}
 		t = time.Now()
@@ -350,13 +345,32 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		}
 		defer port.Close()
 		mark("port", t)
-		return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg, func() { log.Info("init steps", steps...) })
+		return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg,
+			serveHooks{afterInit: func() { log.Info("init steps", steps...) }, handoff: conf.Handoff})
 	}()
 	if err != nil {
 		log.Error("agentd stopping", "error", err)
 	}
 	initfs.PowerOff(log, initfs.DefaultGrace)
 	os.Exit(1) // only if the power-off itself failed
+}
+
+// startGuestEgress starts egress for the whole guest (agentd as its init): the MSB_NET
+// interface, configured already, becomes the private uplink, and the guest resolves through
+// the netstack's resolver.
+func startGuestEgress(e egressOptions, conf initfs.Config, log *slog.Logger) (*egressRuntime, error) {
+	if e.mode == "netstack" && e.uplink == "" && conf.Net != nil {
+		e.uplink = conf.Net.Iface // moved with its addresses and routes
+	}
+	eg, err := startEgress(e, log)
+	if err != nil {
+		return nil, fmt.Errorf("init: egress: %w", err)
+	}
+	if err := os.WriteFile("/etc/resolv.conf", []byte(netstack.DefaultGuestNet.ResolvConf()), 0o644); err != nil {
+		eg.stop()
+		return nil, fmt.Errorf("init: resolv.conf: %w", err)
+	}
+	return eg, nil
 }
 
 // openPort opens the channel, waiting for the virtio port to appear (its driver binds, and
@@ -374,7 +388,16 @@ func openPort(spec string, wait time.Duration) (io.ReadWriteCloser, error) {
 
 // serve runs the handshake and the agent loop on port; afterInit, if set, runs once the host
 // acknowledged init.
-func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, eg *egressRuntime, afterInit func()) error {
+// serveHooks change serve for PID 1: afterInit runs once the host acknowledged init; with
+// handoff set, PID 1 hands the channel to an agent child and becomes another init; adopted
+// is the child's side (the handshake was made by PID 1).
+type serveHooks struct {
+	afterInit func()
+	handoff   *initfs.Handoff
+	adopted   *handoffState
+}
+
+func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, eg *egressRuntime, hooks serveHooks) error {
 	cfg := agent.Config{
 		Port:            port,
 		Log:             log,
@@ -402,16 +425,24 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 		}
 	}
 	a := agent.New(cfg)
-	hs := time.Now()
-	if err := a.Handshake(); err != nil {
-		return fmt.Errorf("init: %w", err)
+	if hooks.adopted != nil {
+		a.Adopt(hooks.adopted.HostGen, hooks.adopted.Features)
+		a.SetInitTime(hooks.adopted.InitNs)
+	} else {
+		hs := time.Now()
+		if err := a.Handshake(); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		if hooks.afterInit != nil {
+			log.Info("handshake", "took", time.Since(hs).Round(time.Microsecond).String())
+			hooks.afterInit()
+		}
+		cfg.InitTimeNs = agent.BootTimeNs() - initStart
+		a.SetInitTime(cfg.InitTimeNs)
 	}
-	if afterInit != nil {
-		log.Info("handshake", "took", time.Since(hs).Round(time.Microsecond).String())
-		afterInit()
+	if hooks.handoff != nil {
+		return handOff(log, hooks.handoff, a, port, cfg.InitTimeNs) // returns only on failure
 	}
-	cfg.InitTimeNs = agent.BootTimeNs() - initStart
-	a.SetInitTime(cfg.InitTimeNs)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if eg != nil {
@@ -419,6 +450,10 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	}
 	err := a.Serve(ctx)
 	switch {
+	case errors.Is(err, agent.ErrShutdown) && hooks.adopted != nil:
+		log.Info("shut down: asking the init to power off")
+		powerOffViaInit()
+		return nil
 	case errors.Is(err, agent.ErrShutdown):
 		log.Info("shut down")
 		return nil

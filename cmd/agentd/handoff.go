@@ -1,0 +1,129 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/agentd/agentd/agent"
+	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/heartbeat"
+	"github.com/agentd/agentd/initfs"
+)
+
+// With MSB_HANDOFF_INIT, PID 1 must become another init while the agent keeps the channel. A
+// Go process cannot fork without exec'ing, so the roles swap the other way round from the
+// reference: PID 1, after the handshake, starts agentd again as a child (argv[0]
+// handoffAgentName) that inherits the channel as fd 3 and the handshake's outcome in
+// AGENTD_HANDOFF_STATE, then execs the new init. The child sends core.ready and serves.
+
+const (
+	handoffAgentName = "agentd-handoff-agent"
+	handoffStateEnv  = "AGENTD_HANDOFF_STATE"
+	// handoffPoweroffTimeout is how long the init gets to power off (SIGRTMIN+4, systemd's
+	// poweroff) before it gets SIGTERM, as in the reference.
+	handoffPoweroffTimeout = 5 * time.Second
+	sigRTMinPlus4          = syscall.Signal(38) // glibc's SIGRTMIN (34) + 4
+)
+
+// handoffState is what the agent child needs from PID 1's handshake.
+type handoffState struct {
+	HostGen  uint8    `json:"host_gen"`
+	Features []string `json:"features"`
+	InitNs   uint64   `json:"init_ns"`
+}
+
+func isHandoffAgent() bool { return len(os.Args) > 0 && os.Args[0] == handoffAgentName }
+
+// handOff starts the agent child on port and execs the new init. It returns only on failure.
+func handOff(log *slog.Logger, h *initfs.Handoff, a *agent.Agent, port io.ReadWriteCloser, initNs uint64) error {
+	path, err := initfs.ResolveHandoff(h)
+	if err != nil {
+		return err
+	}
+	f, ok := port.(*os.File)
+	if !ok {
+		return fmt.Errorf("handoff: the channel is not a file (%T)", port)
+	}
+	gen, features := a.Negotiated()
+	state, _ := json.Marshal(handoffState{HostGen: gen, Features: features, InitNs: initNs})
+	if err := os.MkdirAll("/run/microsandbox", 0o755); err != nil {
+		return fmt.Errorf("handoff: %w", err)
+	}
+	logf, err := os.OpenFile(initfs.HandoffLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("handoff: %w", err)
+	}
+	null, err := os.Open(os.DevNull)
+	if err != nil {
+		return fmt.Errorf("handoff: %w", err)
+	}
+	argv := append([]string{handoffAgentName}, os.Args[1:]...)
+	env := append(os.Environ(), handoffStateEnv+"="+string(state))
+	child, err := os.StartProcess("/proc/self/exe", argv, &os.ProcAttr{Env: env, Files: []*os.File{null, logf, logf, f}})
+	if err != nil {
+		return fmt.Errorf("handoff: start the agent: %w", err)
+	}
+	log.Info("handing PID 1 to another init", "init", path, "agent_pid", child.Pid, "agent_log", initfs.HandoffLog)
+	// The channel's fd is close-on-exec here: the new init does not inherit it.
+	return initfs.ExecInit(path, initfs.HandoffArgv(path, h), initfs.HandoffEnv(os.Environ(), h))
+}
+
+// handoffAgentMain is the agent child: the same flags as PID 1, the channel on fd 3.
+func handoffAgentMain(boot uint64) int {
+	o, err := parseFlags(os.Args[1:])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "agentd (handoff agent): %v\n", err)
+		return 2
+	}
+	log, _ := newLogger(o.logLevel)
+	if o.heartbeat == "" {
+		o.heartbeat = heartbeat.DefaultPath
+	}
+	var st handoffState
+	if err := json.Unmarshal([]byte(os.Getenv(handoffStateEnv)), &st); err != nil {
+		log.Error("handoff state", "error", err)
+		return 1
+	}
+	os.Unsetenv(handoffStateEnv)
+	err = func() error {
+		conf, err := initfs.LoadConfig(os.Getenv)
+		if err != nil {
+			return err
+		}
+		execOpts, defaultUser, err := execOptions(conf)
+		if err != nil {
+			return err
+		}
+		var eg *egressRuntime
+		if o.egress.mode != "off" {
+			if eg, err = startGuestEgress(o.egress, conf, log); err != nil {
+				return err
+			}
+			defer eg.stop()
+		}
+		port, err := channel.Pollable(os.NewFile(3, "agent-channel"))
+		if err != nil {
+			return err
+		}
+		defer port.Close()
+		return serve(o, log, boot, 0, port, execOpts, defaultUser, eg, serveHooks{adopted: &st})
+	}()
+	if err != nil {
+		log.Error("agent stopped", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// powerOffViaInit asks the init that took PID 1 to power off (systemd's SIGRTMIN+4), and
+// after handoffPoweroffTimeout sends it SIGTERM.
+func powerOffViaInit() {
+	syscall.Kill(1, sigRTMinPlus4)
+	time.Sleep(handoffPoweroffTimeout) // the power-off ends this process; nothing to await
+	syscall.Kill(1, syscall.SIGTERM)
+}
