@@ -188,6 +188,11 @@ func TestVM(t *testing.T) {
 
 // bootVM boots the initramfs with extra kernel parameters and returns a connected client.
 func bootVM(t *testing.T, appendArgs string, disks ...vm.Disk) (*host.Client, *vm.VM) {
+	return bootVMWith(t, vm.Options{Append: appendArgs, Disks: disks, Net: true})
+}
+
+// bootVMWith boots with o (kernel, initrd, dir and accel filled in).
+func bootVMWith(t *testing.T, o vm.Options) (*host.Client, *vm.VM) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		if os.Getenv("CI") != "" {
@@ -198,8 +203,8 @@ func bootVM(t *testing.T, appendArgs string, disks ...vm.Disk) (*host.Client, *v
 	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
 		t.Fatalf("mkinitramfs: %v\n%s", err, out)
 	}
-	v, err := vm.Boot(vm.Options{Kernel: filepath.Join(binDir, "vmlinuz"), Initrd: filepath.Join(binDir, "initramfs.cpio.gz"),
-		Dir: t.TempDir(), Accel: vm.Accel(), Net: true, Append: appendArgs, Disks: disks})
+	o.Kernel, o.Initrd, o.Dir, o.Accel = filepath.Join(binDir, "vmlinuz"), filepath.Join(binDir, "initramfs.cpio.gz"), t.TempDir(), vm.Accel()
+	v, err := vm.Boot(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -408,5 +413,46 @@ while :; do sleep 0.1; done
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the VM did not power off within 10 s of core.shutdown")
+	}
+}
+
+// TestVMVolumes: MSB_DIR_MOUNTS and MSB_FILE_MOUNTS over virtio-fs (qemu's virtiofsd): a host
+// directory mounted in the guest both ways, a read-only one refusing writes, and a single file
+// bound onto a guest path.
+func TestVMVolumes(t *testing.T) {
+	if _, err := os.Stat(vm.Virtiofsd); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("virtiofsd is missing: qemu-system-x86 (Debian) ships it; .ci/run installs that")
+		}
+		t.Skip("no virtiofsd")
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
+	}
+	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
+		t.Fatalf("mkinitramfs: %v\n%s", err, out)
+	}
+	work, ro, files := t.TempDir(), t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(work, "from-host"), []byte("host wrote this\n"), 0o644)
+	os.WriteFile(filepath.Join(ro, "readme"), []byte("read only\n"), 0o644)
+	os.WriteFile(filepath.Join(files, "app.conf"), []byte("key=value\n"), 0o644)
+	c, v := bootVMWith(t, vm.Options{
+		Append: "MSB_DIR_MOUNTS=work:/work;ro:/ro:ro MSB_FILE_MOUNTS=cfg:app.conf:/etc/app/app.conf:ro",
+		Shares: []vm.Share{{Tag: "work", Dir: work}, {Tag: "ro", Dir: ro}, {Tag: "cfg", Dir: files}},
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, errOut, code, err := c.Run(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c",
+		`cat /work/from-host && echo guest wrote this > /work/from-guest && cat /ro/readme && ` +
+			`(echo x > /ro/new 2>/dev/null && echo WRITABLE || echo refused) && cat /etc/app/app.conf && ` +
+			`grep -c virtiofs /proc/mounts`}}, nil)
+	want := "host wrote this\nread only\nrefused\nkey=value\n"
+	if err != nil || code != 0 || !strings.HasPrefix(string(out), want) {
+		t.Fatalf("volumes in the guest: %q %q %d %v", out, errOut, code, err)
+	}
+	c.Shutdown()
+	<-v.Exited
+	if b, err := os.ReadFile(filepath.Join(work, "from-guest")); err != nil || string(b) != "guest wrote this\n" {
+		t.Fatalf("the guest's file on the host: %q %v", b, err)
 	}
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds build/initramfs.cpio.gz and build/vmlinuz: agentd as /init, busybox for workloads, and
-# the kernel modules agentd loads (virtio, virtio_pci, virtio_console, virtio_blk, virtio_net, tun) from the
+# the kernel modules agentd loads (virtio, virtio_pci, virtio_console, virtio_blk, virtio_net, tun,
+# fuse and virtiofs) from the
 # same Debian cloud kernel package. Uses apt-get download + dpkg-deb -x: nothing is installed.
 #
 #   scripts/mkinitramfs.sh [BUILD_DIR]
@@ -52,6 +53,7 @@ channel=(
 	drivers/char/virtio_console.ko drivers/block/virtio_blk.ko
 )
 network=(net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/net/tun.ko)
+virtiofs=(fs/fuse/fuse.ko fs/fuse/virtiofs.ko) # loaded only when a virtio-fs device exists
 list() { # list FILE MODULES...
 	local file=$1; shift
 	: >"$root/lib/modules/$file"
@@ -65,6 +67,7 @@ list() { # list FILE MODULES...
 }
 list agentd.load "${channel[@]}"
 list agentd.load.background "${network[@]}"
+list agentd.load.virtiofs "${virtiofs[@]}"
 
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet | gzip -6) >"$OUT/initramfs.cpio.gz"
 echo "$OUT/initramfs.cpio.gz ($(du -k "$OUT/initramfs.cpio.gz" | cut -f1) KiB) and $OUT/vmlinuz ($kver)"

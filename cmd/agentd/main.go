@@ -263,10 +263,10 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		}
 		execOpts.Waiter = initfs.StartReaper()
 		t = time.Now()
-		initfs.MountRuntime(log)
-		mark("runtime share", t)
-		t = time.Now()
 		if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.LoadOrder, log); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		if err := initfs.LoadVirtiofs(log); err != nil { // only with a virtio-fs device
 			return fmt.Errorf("init: %w", err)
 		}
 		// Not needed for the channel: they load while the handshake runs, from files opened
@@ -276,6 +276,9 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			return fmt.Errorf("init: %w", err)
 		}
 		mark("modules", t)
+		t = time.Now()
+		initfs.MountRuntime(log)
+		mark("runtime share", t)
 		if conf.BlockRoot != nil {
 			t = time.Now()
 			if err := initfs.MountBlockRoot(conf.BlockRoot); err != nil {
@@ -295,6 +298,12 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
+		if err := initfs.MountDirs(conf.DirMounts, conf.Restricted); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		if err := initfs.MountFiles(conf.FileMounts, conf.Restricted); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
 		if err := initfs.MountDisks(conf.DiskMounts, conf.Restricted); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
@@ -303,12 +312,6 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		}
 		if err := initfs.EnsureProfileBlock("/etc/profile"); err != nil {
 			return fmt.Errorf("init: %w", err)
-		}
-		for name, set := range map[string]bool{"MSB_DIR_MOUNTS": len(conf.DirMounts) > 0,
-			"MSB_FILE_MOUNTS": len(conf.FileMounts) > 0} {
-			if set {
-				log.Warn("boot setting parsed but not applied by this agentd yet", "variable", name)
-			}
 		}
 		if err := initfs.LoopbackUp(); err != nil {
 			log.Warn("loopback not up", "error", err)

@@ -28,7 +28,15 @@ type Options struct {
 	Net bool
 	// Disks are raw images attached as virtio-blk devices with the given serials.
 	Disks []Disk
+	// Shares are host directories exported over virtio-fs (qemu's virtiofsd) by tag.
+	Shares []Share
 }
+
+// Share is a host directory and the virtio-fs tag the guest mounts (MSB_DIR_MOUNTS tags).
+type Share struct{ Tag, Dir string }
+
+// Virtiofsd is the virtio-fs daemon qemu's Debian package ships.
+const Virtiofsd = "/usr/lib/qemu/virtiofsd"
 
 // Disk is a raw disk image and the serial the guest sees (MSB_DISK_MOUNTS ids).
 type Disk struct{ Path, Serial string }
@@ -40,6 +48,7 @@ type VM struct {
 	Started time.Time
 	Exited  chan error // receives qemu's exit once
 	console lockedBuffer
+	daemons []*exec.Cmd // virtiofsd per share
 }
 
 // Boot starts qemu.
@@ -61,6 +70,26 @@ func Boot(o Options) (*VM, error) {
 		args = append(args, "-drive", fmt.Sprintf("file=%s,if=none,id=d%d,format=raw", d.Path, i),
 			"-device", fmt.Sprintf("virtio-blk-pci,drive=d%d,serial=%s", i, d.Serial))
 	}
+	if len(o.Shares) > 0 {
+		// vhost-user needs the guest's memory shared with the daemon.
+		args = append(args, "-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem")
+	}
+	for i, sh := range o.Shares {
+		sock := filepath.Join(o.Dir, fmt.Sprintf("fs%d.sock", i))
+		d := exec.Command(Virtiofsd, "--socket-path="+sock, "-o", "source="+sh.Dir, "-o", "cache=none", "-f")
+		d.Stdout, d.Stderr = &v.console, &v.console
+		if err := d.Start(); err != nil {
+			v.stopDaemons()
+			return nil, fmt.Errorf("start virtiofsd for %s: %w", sh.Dir, err)
+		}
+		v.daemons = append(v.daemons, d)
+		if err := waitSocket(sock, 5*time.Second); err != nil {
+			v.stopDaemons()
+			return nil, err
+		}
+		args = append(args, "-chardev", fmt.Sprintf("socket,id=fs%d,path=%s", i, sock),
+			"-device", fmt.Sprintf("vhost-user-fs-pci,chardev=fs%d,tag=%s", i, sh.Tag))
+	}
 	if o.Net {
 		args = append(args, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0")
 	} else {
@@ -70,10 +99,37 @@ func Boot(o Options) (*VM, error) {
 	v.Cmd.Stdout, v.Cmd.Stderr = &v.console, &v.console
 	v.Started = time.Now()
 	if err := v.Cmd.Start(); err != nil {
+		v.stopDaemons()
 		return nil, fmt.Errorf("start qemu: %w", err)
 	}
-	go func() { v.Exited <- v.Cmd.Wait() }()
+	go func() {
+		err := v.Cmd.Wait()
+		v.stopDaemons()
+		v.Exited <- err
+	}()
 	return v, nil
+}
+
+func (v *VM) stopDaemons() {
+	for _, d := range v.daemons {
+		d.Process.Kill()
+		d.Wait()
+	}
+	v.daemons = nil
+}
+
+// waitSocket waits for a daemon's socket to appear (it gives no other readiness signal).
+func waitSocket(path string, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s never appeared", path)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Connect dials the channel socket once qemu has created it.
