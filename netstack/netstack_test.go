@@ -748,3 +748,27 @@ func TestBufferBudget(t *testing.T) {
 		t.Fatalf("%d buffers still taken", n)
 	}
 }
+
+// TestCloseWithOpenFlows: closing the stack ends every flow, a half-closed one whose upstream
+// stays silent included (Close used to wait for it forever).
+func TestCloseWithOpenFlows(t *testing.T) {
+	e := setup(t, testPolicy, nil)
+	quiet := make(chan struct{})
+	defer close(quiet)
+	silent := serve(t, nettest.Good, 0, func(c *net.TCPConn) { io.Copy(io.Discard, c); <-quiet; c.Close() })
+	c, err := e.dial("tcp", silent.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("hello"))
+	c.(*net.TCPConn).CloseWrite() // the guest's side is done; the server never answers
+	testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 1 }, "the flow to be relayed")
+	done := make(chan struct{})
+	go func() { e.st.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return with a half-closed flow open")
+	}
+}

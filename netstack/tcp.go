@@ -126,6 +126,10 @@ func (t *tcpFlow) abort(why string, err any) {
 }
 
 func (t *tcpFlow) run() {
+	// A closing stack ends every flow, half-closed ones included (their upstream may never
+	// send again, and nothing else would wake the relay waiting on it).
+	stop := context.AfterFunc(t.st.ctx, func() { t.abort("stack closing", nil) })
+	defer stop()
 	t.flow.OnRevoke(func() {
 		t.st.Counters.Revoked.Add(1)
 		t.abort("revoked by a policy reload", nil)
@@ -150,7 +154,8 @@ func (t *tcpFlow) toUpstream() {
 	checked := false
 	for {
 		bp := t.getBuf()
-		if bp == nil {
+		if bp == nil { // the flow or the stack is ending: make sure both sides do
+			t.abort("stopping", nil)
 			return
 		}
 		w := tcpip.SliceWriter(*bp)
@@ -264,7 +269,8 @@ func (t *tcpFlow) toGuest() {
 			return
 		}
 		bp := t.getBuf()
-		if bp == nil {
+		if bp == nil { // the flow or the stack is ending: make sure both sides do
+			t.abort("stopping", nil)
 			return
 		}
 		var n int

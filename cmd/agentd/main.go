@@ -286,14 +286,23 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			}
 			mark("block root", t)
 		}
+		// The network modules load in the background: right away when init needs them
+		// (MSB_NET, egress), otherwise once the host acknowledged init, so that they do not
+		// compete with the init steps for the CPU (under emulation that is most of the cost).
 		var bg sync.WaitGroup
 		bg.Add(1)
-		go func() {
-			defer bg.Done()
-			if err := initfs.LoadOpened(bgModules, log); err != nil {
-				log.Error("kernel modules", "error", err)
-			}
-		}()
+		loadBackground := sync.OnceFunc(func() {
+			go func() {
+				defer bg.Done()
+				if err := initfs.LoadOpened(bgModules, log); err != nil {
+					log.Error("kernel modules", "error", err)
+				}
+			}()
+		})
+		defer loadBackground() // an init that fails before the handshake still closes the files
+		if conf.Net != nil || o.egress.mode != "off" {
+			loadBackground()
+		}
 		t = time.Now()
 		if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
 			return fmt.Errorf("init: %w", err)
@@ -349,7 +358,13 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		defer port.Close()
 		mark("port", t)
 		return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg,
-			serveHooks{afterInit: func() { log.Info("init steps", steps...) }, handoff: conf.Handoff})
+			serveHooks{afterInit: func() {
+				loadBackground()
+				if conf.Handoff != nil {
+					bg.Wait() // exec'ing the new init must not cut a module load short
+				}
+				log.Info("init steps", steps...)
+			}, handoff: conf.Handoff})
 	}()
 	if err != nil {
 		log.Error("agentd stopping", "error", err)
