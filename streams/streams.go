@@ -199,7 +199,7 @@ func (e *Endpoint) DialContext(ctx context.Context, network, address string) (ne
 	}
 	c := &Conn{ep: e, id: e.next, proto: proto, remote: ap, window: e.opts.Window, out: e.out,
 		q: e.out.NewQueue(e.opts.QueueHigh, e.opts.QueueLow), credit: budget.NewCredit(0),
-		opened: make(chan error, 1), notify: make(chan struct{}, 1), done: make(chan struct{})}
+		opened: make(chan error, 1), notify: make(chan struct{}, 1)}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	e.conns[c.id] = c
 	e.mu.Unlock()
@@ -248,7 +248,6 @@ type Conn struct {
 	err      error // set when the stream failed or was closed
 	rdl, wdl time.Time
 	notify   chan struct{}
-	done     chan struct{}
 }
 
 func (c *Conn) packet() bool { return c.proto != "tcp" }
@@ -289,7 +288,6 @@ func (c *Conn) fail(err error) {
 	c.mu.Lock()
 	if c.err == nil {
 		c.err = err
-		close(c.done)
 	}
 	c.mu.Unlock()
 	c.cancel()
@@ -439,7 +437,6 @@ func (c *Conn) Close() error {
 		open := c.err == nil
 		if open {
 			c.err = net.ErrClosed
-			close(c.done)
 		}
 		c.mu.Unlock()
 		c.cancel()
