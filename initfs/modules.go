@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,8 +23,9 @@ const (
 	BackgroundOrder = "agentd.load.background"
 )
 
-// LoadModules loads every module listed in dir/list with finit_module. A module that is
-// already loaded or built in is fine; no list at all means a kernel with the drivers built in.
+// LoadModules loads every module listed in dir/list with finit_module, a line each: the file
+// name, then optional parameters ("virtio_pci.ko async_probe=1"). A module that is already
+// loaded or built in is fine; no list at all means a kernel with the drivers built in.
 func LoadModules(dir, list string, log *slog.Logger) (loaded int, err error) {
 	f, err := os.Open(filepath.Join(dir, list))
 	if errors.Is(err, os.ErrNotExist) {
@@ -39,13 +41,16 @@ func LoadModules(dir, list string, log *slog.Logger) (loaded int, err error) {
 		if name == "" || strings.HasPrefix(name, "#") {
 			continue
 		}
+		name, params, _ := strings.Cut(name, " ") // "file.ko [param=value ...]"
 		path := filepath.Join(dir, name)
 		mf, err := os.Open(path)
 		if err != nil {
 			return loaded, fmt.Errorf("load module %s: %w", path, err)
 		}
-		err = unix.FinitModule(int(mf.Fd()), "", 0)
+		start := time.Now()
+		err = unix.FinitModule(int(mf.Fd()), strings.TrimSpace(params), 0)
 		mf.Close()
+		log.Debug("kernel module", "name", name, "took", time.Since(start).Round(time.Microsecond).String())
 		if err != nil && !errors.Is(err, unix.EEXIST) {
 			return loaded, fmt.Errorf("load module %s: %w", path, err)
 		}
