@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -22,16 +23,7 @@ import (
 // recipe) and checks the mission end to end on a real kernel: the first frame, ready, exec,
 // fs, a port forward to a server in the guest, orphan reaping, and a clean power-off.
 func TestVM(t *testing.T) {
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("qemu-system-x86_64 is missing: .ci/run should have installed it")
-		}
-		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
-	}
-	mk := exec.Command("../scripts/mkinitramfs.sh", binDir)
-	if out, err := mk.CombinedOutput(); err != nil {
-		t.Fatalf("mkinitramfs: %v\n%s", err, out)
-	}
+	needVM(t)
 	disk := filepath.Join(t.TempDir(), "data.img")
 	if err := os.WriteFile(disk, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -194,15 +186,7 @@ func bootVM(t *testing.T, appendArgs string, disks ...vm.Disk) (*host.Client, *v
 // bootVMWith boots with o (kernel, initrd, dir and accel filled in).
 func bootVMWith(t *testing.T, o vm.Options) (*host.Client, *vm.VM) {
 	t.Helper()
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("qemu-system-x86_64 is missing: .ci/run should have installed it")
-		}
-		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
-	}
-	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
-		t.Fatalf("mkinitramfs: %v\n%s", err, out)
-	}
+	needVM(t)
 	o.Kernel, o.Initrd, o.Dir, o.Accel = filepath.Join(binDir, "vmlinuz"), filepath.Join(binDir, "initramfs.cpio.gz"), t.TempDir(), vm.Accel()
 	v, err := vm.Boot(o)
 	if err != nil {
@@ -315,12 +299,7 @@ func mustPort(t *testing.T, addr string) uint16 {
 // disk, moves it onto / and runs everything from there (exec, fs, power-off with the root
 // remounted read-only, so what was written survives).
 func TestVMBlockRoot(t *testing.T) {
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
-	}
-	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
-		t.Fatalf("mkinitramfs: %v\n%s", err, out)
-	}
+	needVM(t)
 	img := rootImage(t, map[string]string{"etc/block-root-marker": "on the block root\n"})
 	c, v := bootVM(t, "MSB_BLOCK_ROOT=kind=disk-image,device=/dev/vda,fstype=ext4", vm.Disk{Path: img, Serial: "root"})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -375,12 +354,7 @@ func rootImage(t *testing.T, extra map[string]string) string {
 // exec works, PID 1 is the new init, and core.shutdown asks that init to power off
 // (SIGRTMIN+4, systemd's way), which it does.
 func TestVMHandoff(t *testing.T) {
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
-	}
-	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
-		t.Fatalf("mkinitramfs: %v\n%s", err, out)
-	}
+	needVM(t)
 	img := rootImage(t, map[string]string{"sbin/testinit": `#!/bin/sh
 echo "pid $$ env ${HANDOFF_MARK}" > /run/handoff-init
 trap 'sync; poweroff -f' 38 15
@@ -426,12 +400,7 @@ func TestVMVolumes(t *testing.T) {
 		}
 		t.Skip("no virtiofsd")
 	}
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
-	}
-	if out, err := exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput(); err != nil {
-		t.Fatalf("mkinitramfs: %v\n%s", err, out)
-	}
+	needVM(t)
 	work, ro, files := t.TempDir(), t.TempDir(), t.TempDir()
 	os.WriteFile(filepath.Join(work, "from-host"), []byte("host wrote this\n"), 0o644)
 	os.WriteFile(filepath.Join(ro, "readme"), []byte("read only\n"), 0o644)
@@ -454,5 +423,24 @@ func TestVMVolumes(t *testing.T) {
 	<-v.Exited
 	if b, err := os.ReadFile(filepath.Join(work, "from-guest")); err != nil || string(b) != "guest wrote this\n" {
 		t.Fatalf("the guest's file on the host: %q %v", b, err)
+	}
+}
+
+var initramfs = sync.OnceValues(func() ([]byte, error) {
+	return exec.Command("../scripts/mkinitramfs.sh", binDir).CombinedOutput()
+})
+
+// needVM skips the test without qemu (fails it in CI, where .ci/run installs it) and builds
+// the initramfs and kernel into binDir, once per test process.
+func needVM(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("qemu-system-x86_64 is missing: .ci/run should have installed it")
+		}
+		t.Skip("qemu-system-x86_64 is not installed (.ci/run installs it)")
+	}
+	if out, err := initramfs(); err != nil {
+		t.Fatalf("mkinitramfs: %v\n%s", err, out)
 	}
 }

@@ -155,25 +155,6 @@ func (ns *NS) DialContext(ctx context.Context, network, address string) (net.Con
 	return c, nil
 }
 
-// ListenUDP binds a UDP socket inside the namespace (an unspecified address takes any).
-func (ns *NS) ListenUDP(laddr netip.AddrPort) (*net.UDPConn, error) {
-	domain, sa := sockaddr(laddr)
-	fd, err := ns.Socket(domain, unix.SOCK_DGRAM, 0)
-	if err != nil {
-		return nil, err
-	}
-	f := os.NewFile(uintptr(fd), "socket")
-	defer f.Close()
-	if err := unix.Bind(fd, sa); err != nil {
-		return nil, fmt.Errorf("bind %s: %w", laddr, err)
-	}
-	c, err := net.FilePacketConn(f)
-	if err != nil {
-		return nil, err
-	}
-	return c.(*net.UDPConn), nil
-}
-
 func sockaddr(ap netip.AddrPort) (int, unix.Sockaddr) {
 	a := ap.Addr().Unmap()
 	if a.Is4() {

@@ -2,7 +2,6 @@ package netstack
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -66,29 +65,16 @@ type env struct {
 	tp    *nettest.Topology
 	st    *Stack
 	eg    *egress.Service
-	audit *syncBuffer
+	audit *testutil.Buffer
 	aud   *egress.Audit
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
 }
 
 // records returns the audit records written so far (after flushing the audit queue).
 func (e *env) records(t *testing.T) []egress.Record {
 	t.Helper()
 	e.aud.Close()
-	e.audit.mu.Lock()
-	defer e.audit.mu.Unlock()
 	var out []egress.Record
-	sc := bufio.NewScanner(bytes.NewReader(e.audit.b.Bytes()))
+	sc := bufio.NewScanner(strings.NewReader(e.audit.String()))
 	for sc.Scan() {
 		var r egress.Record
 		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
@@ -115,7 +101,7 @@ func mustPolicy(t testing.TB, src string) *policy.Policy {
 func setup(t testing.TB, pol string, tune func(*Options)) *env {
 	tp := nettest.New(t)
 	nettest.Hosts(t)
-	e := &env{tp: tp, audit: &syncBuffer{}}
+	e := &env{tp: tp, audit: &testutil.Buffer{}}
 	gw := DefaultGuestNet
 	e.aud = egress.NewAudit(e.audit, testLog(t))
 	t.Cleanup(e.aud.Close)
@@ -172,21 +158,7 @@ func (e *env) dial(network, addr string) (net.Conn, error) {
 
 // serve starts a TCP server on ip:port (0: any port) that runs fn per connection.
 func serve(t testing.TB, ip netip.Addr, port int, fn func(*net.TCPConn)) netip.AddrPort {
-	l, err := net.Listen("tcp", netip.AddrPortFrom(ip, uint16(port)).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go fn(c.(*net.TCPConn))
-		}
-	}()
-	return netip.MustParseAddrPort(l.Addr().String())
+	return testutil.ServeAt(t, netip.AddrPortFrom(ip, uint16(port)).String(), fn).Addr.AddrPort()
 }
 
 func TestTCPPolicy(t *testing.T) {

@@ -80,34 +80,34 @@ func (r *Resolver) Answer(ctx context.Context, src netip.AddrPort, query []byte,
 	var p dnsmessage.Parser
 	h, err := p.Start(query)
 	if err != nil || h.Response {
-		r.c.add(&r.c.malformed)
+		r.c.malformed.Add(1)
 		return nil, ErrMalformed
 	}
 	qs, err := p.AllQuestions()
 	if err != nil || len(qs) != 1 || h.OpCode != 0 {
-		r.c.add(&r.c.malformed)
+		r.c.malformed.Add(1)
 		return reply(h, qs, dnsmessage.RCodeFormatError)
 	}
 	q := qs[0]
 	name := q.Name.String()
 	d := r.eg.Query(src, name, typeName(q.Type), proto, 53)
 	if d.Action != policy.Allow {
-		r.c.add(&r.c.denied)
+		r.c.denied.Add(1)
 		return reply(h, qs, dnsmessage.RCodeNameError)
 	}
 	select {
 	case r.sem <- struct{}{}:
 		defer func() { <-r.sem }()
 	default:
-		r.c.add(&r.c.busy)
+		r.c.busy.Add(1)
 		return reply(h, qs, dnsmessage.RCodeServerFailure)
 	}
 	resp, err := r.forward(ctx, query, proto)
 	if err != nil {
-		r.c.add(&r.c.failed)
+		r.c.failed.Add(1)
 		return reply(h, qs, dnsmessage.RCodeServerFailure)
 	}
-	r.c.add(&r.c.forwarded)
+	r.c.forwarded.Add(1)
 	return r.inspect(h, qs, resp)
 }
 
@@ -116,14 +116,14 @@ func (r *Resolver) inspect(h dnsmessage.Header, qs []dnsmessage.Question, resp [
 	var p dnsmessage.Parser
 	rh, err := p.Start(resp)
 	if err != nil || rh.ID != h.ID || !rh.Response {
-		r.c.add(&r.c.failed)
+		r.c.failed.Add(1)
 		return reply(h, qs, dnsmessage.RCodeServerFailure)
 	}
 	// The answer must be to the question asked (a spoofed or confused upstream reply for
 	// another name must not pin addresses to this one).
 	rqs, err := p.AllQuestions()
 	if err != nil || len(rqs) != 1 || !sameQuestion(rqs[0], qs[0]) {
-		r.c.add(&r.c.failed)
+		r.c.failed.Add(1)
 		return reply(h, qs, dnsmessage.RCodeServerFailure)
 	}
 	name := qs[0].Name.String()
@@ -162,7 +162,7 @@ func (r *Resolver) inspect(h dnsmessage.Header, qs []dnsmessage.Question, resp [
 			continue
 		}
 		if !r.opts.AllowRebinding && policy.Classify(a, ctx) != policy.GroupPublic && !pol.AllowsPrivateAnswer(name, a, ctx) {
-			r.c.add(&r.c.rebinding)
+			r.c.rebinding.Add(1)
 			return reply(h, qs, dnsmessage.RCodeNameError) // as microsandbox: the name does not exist
 		}
 		pins = append(pins, pin{a, time.Duration(ah.TTL) * time.Second})
@@ -348,8 +348,6 @@ func (r *Resolver) Lookup(ctx context.Context, name string) ([]netip.Addr, error
 type counters struct {
 	forwarded, denied, rebinding, failed, malformed, busy atomic.Int64
 }
-
-func (c *counters) add(n *atomic.Int64) { n.Add(1) }
 
 func (c *counters) snapshot() Counters {
 	return Counters{Forwarded: c.forwarded.Load(), Denied: c.denied.Load(), Rebinding: c.rebinding.Load(),

@@ -37,6 +37,8 @@ type egressOptions struct {
 	tunName    string
 	mtu        uint
 	queues     int
+	// initial is the policy main read to check it before any side effect (nil: not read yet).
+	initial *policy.Policy
 }
 
 func (e *egressOptions) register(fs *flag.FlagSet) {
@@ -142,9 +144,11 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 	if e.mode == "off" && e.policyFile == "" {
 		return nil, nil
 	}
-	pol, err := e.loadPolicy()
-	if err != nil {
-		return nil, err
+	pol, err := e.initial, error(nil)
+	if pol == nil {
+		if pol, err = e.loadPolicy(); err != nil {
+			return nil, err
+		}
 	}
 	rt := &egressRuntime{}
 	switch e.auditPath {

@@ -91,11 +91,7 @@ func handoffAgentMain(boot uint64) int {
 	}
 	os.Unsetenv(handoffStateEnv)
 	err = func() error {
-		conf, err := initfs.LoadConfig(os.Getenv)
-		if err != nil {
-			return err
-		}
-		execOpts, defaultUser, err := execOptions(conf)
+		conf, execOpts, defaultUser, err := configFromEnv()
 		if err != nil {
 			return err
 		}

@@ -170,7 +170,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "agentd: not PID 1; use --standalone to run the agent loop as an ordinary process")
 		os.Exit(2)
 	}
-	if _, err := o.egress.loadPolicy(); err != nil { // a bad policy file stops agentd before any side effect
+	if o.egress.initial, err = o.egress.loadPolicy(); err != nil { // a bad policy file stops agentd before any side effect
 		fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
 		if !o.standalone {
 			initfs.PowerOff(log, 0) // as PID 1, exiting would panic the kernel
@@ -211,13 +211,19 @@ func execOptions(c initfs.Config) (exec.Options, protocol.UserIDs, error) {
 	return opts, ids, nil
 }
 
-func run(o options, log *slog.Logger, boot uint64) error {
-	initStart := agent.BootTimeNs()
+// configFromEnv reads the MSB_* boot configuration and the exec settings derived from it.
+func configFromEnv() (initfs.Config, exec.Options, protocol.UserIDs, error) {
 	conf, err := initfs.LoadConfig(os.Getenv)
 	if err != nil {
-		return err
+		return conf, exec.Options{}, protocol.UserIDs{}, err
 	}
 	execOpts, defaultUser, err := execOptions(conf)
+	return conf, execOpts, defaultUser, err
+}
+
+func run(o options, log *slog.Logger, boot uint64) error {
+	initStart := agent.BootTimeNs()
+	_, execOpts, defaultUser, err := configFromEnv()
 	if err != nil {
 		return err
 	}

@@ -46,7 +46,13 @@ func Serve(t testing.TB, fn func(*net.TCPConn)) *Server { return ServeOn(t, "127
 // ServeOn is Serve on another local address.
 func ServeOn(t testing.TB, ip string, fn func(*net.TCPConn)) *Server {
 	t.Helper()
-	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+	return ServeAt(t, net.JoinHostPort(ip, "0"), fn)
+}
+
+// ServeAt is Serve on a given address and port.
+func ServeAt(t testing.TB, addr string, fn func(*net.TCPConn)) *Server {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

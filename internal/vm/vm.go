@@ -3,15 +3,15 @@
 package vm
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"time"
+
+	"github.com/agentd/agentd/internal/testutil"
 )
 
 // Options describe one boot.
@@ -47,7 +47,7 @@ type VM struct {
 	Sock    string
 	Started time.Time
 	Exited  chan error // receives qemu's exit once
-	console lockedBuffer
+	console testutil.Buffer
 	daemons []*exec.Cmd // virtiofsd per share
 }
 
@@ -160,23 +160,6 @@ type Replay struct {
 }
 
 func (c *Replay) Read(p []byte) (int, error) { return c.R.Read(p) }
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // Accel returns the accelerator chosen by AGENTD_QEMU_ACCEL ("tcg" by default).
 func Accel() string {
