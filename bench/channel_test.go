@@ -3,17 +3,13 @@ package bench
 import (
 	"flag"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
 
-	"github.com/creack/pty"
-
-	"github.com/agentd/agentd/channel"
-	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/internal/testutil"
 )
 
 var streamsReport = flag.Bool("streams", false, "run the guest-initiated streams benchmark and print its report")
@@ -34,31 +30,8 @@ func TestStreamsReport(t *testing.T) {
 	}
 	tp := nettest.New(t)
 	nettest.Hosts(t)
-	master, slave, err := pty.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slave.Close()
-	hostEnd, err := channel.Pollable(master)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := tp.Cmd(bin, "--standalone", "--port", slave.Name(), "--egress", "channel", "--egress-tun", "agtun"+tp.ID, "--log-level", "warn")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	r, err := host.NewRelay(hostEnd, host.RelayOptions{Log: quiet, Streams: &host.StreamOptions{Log: quiet}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	srv := exec.Command("iperf3", "-s", "-B", nettest.Good.String(), "-p", "5213")
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
-	testutil.WaitFor(t, func() bool { return exec.Command("sh", "-c", "ss -ltn | grep -q '198.18.0.10:5213'").Run() == nil }, "iperf3 to listen")
+	tp.ChannelAgent(t, bin, os.Stderr)
+	nettest.Iperf3Server(t, nettest.Good, 5213, false)
 
 	fmt.Printf("guest-initiated streams over a pty channel: iperf3 %d s per run, one stream\n\n", *iperfSecs)
 	fmt.Printf("%-40s %10s %10s %8s\n", "direction", "raw pty", "streams", "ratio")

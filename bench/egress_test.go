@@ -47,12 +47,7 @@ func TestEgressReport(t *testing.T) {
 	_, cmd := startBinaryCmd(t, bin, "--egress", "netstack", "--egress-guest-netns", "/var/run/netns/"+tp.Name,
 		"--egress-policy", pol, "--egress-tun", "agtun"+tp.ID)
 	pid := cmd.Process.Pid
-	srv := exec.Command("iperf3", "-s", "-B", nettest.Good.String(), "-p", "5201")
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
-	waitListening(t, nettest.Good.String()+":5201")
+	nettest.Iperf3Server(t, nettest.Good, 5201, false)
 
 	fmt.Printf("agentd egress benchmark: iperf3 %d s per run; guest namespace -> tun (MTU 65520) -> netstack -> kernel socket -> iperf3 server\n\n", *iperfSecs)
 	fmt.Printf("%-34s %10s %10s %8s %12s\n", "run", "loopback", "netstack", "ratio", "agentd CPU-s/GB")
@@ -174,15 +169,4 @@ func connRate(t *testing.T, n, par int, dial func(context.Context) (net.Conn, er
 		t.Fatal(err)
 	}
 	return float64(n) / time.Since(start).Seconds()
-}
-
-func waitListening(t *testing.T, addr string) {
-	for i := 0; i < 200; i++ {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return
-		}
-		time.Sleep(10 * time.Millisecond) // iperf3 gives no readiness signal
-	}
-	t.Fatalf("%s never listened", addr)
 }

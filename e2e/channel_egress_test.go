@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/internal/testutil"
 	"github.com/agentd/agentd/netstack"
 )
 
@@ -83,15 +82,7 @@ func TestChannelEgress(t *testing.T) {
 		t.Logf("%s: refused in %v", c.name, time.Since(start).Round(time.Millisecond))
 	}
 	// iperf3 both ways through the channel.
-	srv := exec.Command("iperf3", "-s", "-1", "-B", nettest.Good.String(), "-p", "5211")
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
-	testutil.WaitFor(t, func() bool {
-		c := exec.Command("sh", "-c", "ss -ltn | grep -q '198.18.0.10:5211'")
-		return c.Run() == nil
-	}, "iperf3 to listen")
+	nettest.Iperf3Server(t, nettest.Good, 5211, true)
 	out, err = tp.Cmd("iperf3", "-c", nettest.Good.String(), "-p", "5211", "-t", "2", "-J").CombinedOutput()
 	if err != nil {
 		t.Fatalf("iperf3: %v\n%s", err, tail(string(out), 2000))

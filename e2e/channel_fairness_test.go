@@ -4,17 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"io"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/creack/pty"
-
-	"github.com/agentd/agentd/channel"
-	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/internal/nettest"
 	"github.com/agentd/agentd/internal/testutil"
 )
@@ -26,33 +21,10 @@ import (
 func TestChannelFairness(t *testing.T) {
 	tp := nettest.New(t)
 	nettest.Hosts(t)
-	master, slave, err := pty.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slave.Close()
-	hostEnd, err := channel.Pollable(master)
-	if err != nil {
-		t.Fatal(err)
-	}
 	agentLog := &logBuffer{}
-	agentd := exec.Command("ip", "netns", "exec", tp.Name, filepath.Join(binDir, "agentd"), "--standalone", "--port", slave.Name(),
-		"--egress", "channel", "--egress-tun", "agtun"+tp.ID, "--log-level", "warn")
-	agentd.Stderr = agentLog
-	startProc(t, agentd, agentLog)
-	r, err := host.NewRelay(hostEnd, host.RelayOptions{Log: quiet, Streams: &host.StreamOptions{Log: quiet}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-
+	tp.ChannelAgent(t, filepath.Join(binDir, "agentd"), agentLog)
 	echo := testutil.ServeOn(t, nettest.Good.String(), testutil.Echo).Addr.String()
-	srv := exec.Command("iperf3", "-s", "-1", "-B", nettest.Good.String(), "-p", "5212")
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
-	testutil.WaitFor(t, func() bool { return exec.Command("sh", "-c", "ss -ltn | grep -q '198.18.0.10:5212'").Run() == nil }, "iperf3 to listen")
+	nettest.Iperf3Server(t, nettest.Good, 5212, true)
 
 	bulk := tp.Cmd("iperf3", "-c", nettest.Good.String(), "-p", "5212", "-R", "-P", "8", "-t", "4", "-J")
 	var bulkOut strings.Builder

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,25 +33,10 @@ func TestVM(t *testing.T) {
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", disk).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
 	}
-	v, err := vm.Boot(vm.Options{Kernel: filepath.Join(binDir, "vmlinuz"), Initrd: filepath.Join(binDir, "initramfs.cpio.gz"),
-		Dir: t.TempDir(), Accel: vm.Accel(), Net: true, Disks: []vm.Disk{{Path: disk, Serial: "data1"}},
+	v, conn := startVM(t, vm.Options{Net: true, Disks: []vm.Disk{{Path: disk, Serial: "data1"}},
 		Append: "MSB_HOSTNAME=agentd-vm MSB_TMPFS=/scratch:size=16,noexec MSB_RLIMITS=nofile=4096:8192 " +
 			"MSB_NET=iface=eth0,mac=52:54:00:ab:cd:ef,mtu=1400 MSB_NET_IPV4=addr=10.0.2.15/24,gw=10.0.2.2,dns=10.0.2.3 " +
 			"MSB_HOST_ALIAS=host.microsandbox.internal MSB_DISK_MOUNTS=data1:/data:fstype=ext4"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		v.Kill()
-		if t.Failed() {
-			t.Logf("console:\n%s", tail(v.Console(), 4000))
-		}
-	}()
-	conn, err := v.Connect(30 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
 	start, exited := v.Started, v.Exited
 
 	// The first frame must be core.init.resolved.
@@ -183,8 +169,20 @@ func bootVM(t *testing.T, appendArgs string, disks ...vm.Disk) (*host.Client, *v
 	return bootVMWith(t, vm.Options{Append: appendArgs, Disks: disks, Net: true})
 }
 
-// bootVMWith boots with o (kernel, initrd, dir and accel filled in).
+// bootVMWith boots with o and performs the host handshake.
 func bootVMWith(t *testing.T, o vm.Options) (*host.Client, *vm.VM) {
+	t.Helper()
+	v, conn := startVM(t, o)
+	c, err := host.Direct(conn, host.Options{Log: quiet, HandshakeTimeout: 60 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, v
+}
+
+// startVM boots with o (kernel, initrd, dir and accel filled in) and connects to the agent
+// channel; qemu is killed and its console shown (on failure) when the test ends.
+func startVM(t *testing.T, o vm.Options) (*vm.VM, net.Conn) {
 	t.Helper()
 	needVM(t)
 	o.Kernel, o.Initrd, o.Dir, o.Accel = filepath.Join(binDir, "vmlinuz"), filepath.Join(binDir, "initramfs.cpio.gz"), t.TempDir(), vm.Accel()
@@ -203,11 +201,7 @@ func bootVMWith(t *testing.T, o vm.Options) (*host.Client, *vm.VM) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	c, err := host.Direct(conn, host.Options{Log: quiet, HandshakeTimeout: 60 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c, v
+	return v, conn
 }
 
 // TestVMEgress: agentd as PID 1 with the egress netstack on. The guest's uplink (virtio-net on
