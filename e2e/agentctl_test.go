@@ -16,6 +16,12 @@ import (
 
 // relayed starts agentd behind agentctl serve and returns the relay socket.
 func relayed(t *testing.T) string {
+	sock, _, _ := relayedWith(t)
+	return sock
+}
+
+// relayedWith is relayed with extra agentd flags; it also returns the agentd process and log.
+func relayedWith(t *testing.T, agentdArgs ...string) (string, *exec.Cmd, *logBuffer) {
 	dir := t.TempDir()
 	chanSock, relaySock := filepath.Join(dir, "chan.sock"), filepath.Join(dir, "relay.sock")
 	serveLog, agentLog := &logBuffer{}, &logBuffer{}
@@ -23,11 +29,11 @@ func relayed(t *testing.T) string {
 	serve.Stderr = serveLog
 	startProc(t, serve, serveLog)
 	waitPath(t, chanSock)
-	ad := exec.Command(filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:"+chanSock)
+	ad := exec.Command(filepath.Join(binDir, "agentd"), append([]string{"--standalone", "--port", "unix:" + chanSock}, agentdArgs...)...)
 	ad.Stderr = agentLog
 	startProc(t, ad, agentLog)
 	waitLog(t, serveLog, "serving clients")
-	return relaySock
+	return relaySock, ad, agentLog
 }
 
 // agentctl runs one agentctl command against the relay.

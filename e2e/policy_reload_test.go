@@ -20,16 +20,7 @@ func TestAgentctlPolicyReload(t *testing.T) {
 	srv := testutil.Serve(t, testutil.Echo)
 	guestPolicy := filepath.Join(dir, "guest.json")
 	os.WriteFile(guestPolicy, []byte(`{"default_egress": "allow"}`), 0o644)
-	chanSock, relaySock := filepath.Join(dir, "chan.sock"), filepath.Join(dir, "relay.sock")
-	serveLog, agentLog := &logBuffer{}, &logBuffer{}
-	serve := exec.Command(filepath.Join(binDir, "agentctl"), "serve", "--port", "unix-listen:"+chanSock, "--listen", relaySock)
-	serve.Stderr = serveLog
-	startProc(t, serve, serveLog)
-	waitPath(t, chanSock)
-	ad := exec.Command(filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:"+chanSock, "--egress-policy", guestPolicy)
-	ad.Stderr = agentLog
-	startProc(t, ad, agentLog)
-	waitLog(t, serveLog, "serving clients")
+	relaySock, ad, agentLog := relayedWith(t, "--egress-policy", guestPolicy)
 	c, err := host.Connect(relaySock, host.Options{Log: quiet})
 	if err != nil {
 		t.Fatal(err)
