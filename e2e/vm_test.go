@@ -270,15 +270,7 @@ func TestVMEgress(t *testing.T) {
 	if _, err := c.DialTCP(ctx, "10.0.2.2", mustPort(t, denied)); err == nil {
 		t.Fatal("core.tcp.connect to the denied server succeeded")
 	}
-	c.Shutdown()
-	select {
-	case err := <-v.Exited:
-		if err != nil {
-			t.Fatalf("qemu exited with %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the VM did not power off within 5 s of core.shutdown")
-	}
+	shutdownVM(t, c, v, 5*time.Second)
 }
 
 func mustPort(t *testing.T, addr string) uint16 {
@@ -305,15 +297,7 @@ func TestVMBlockRoot(t *testing.T) {
 	if _, err := c.WriteFile(ctx, "/root/written", 0o644, strings.NewReader("kept\n")); err != nil {
 		t.Fatal(err)
 	}
-	c.Shutdown()
-	select {
-	case err := <-v.Exited:
-		if err != nil {
-			t.Fatalf("qemu exited with %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the VM did not power off within 5 s of core.shutdown")
-	}
+	shutdownVM(t, c, v, 5*time.Second)
 	if out, err := exec.Command("debugfs", "-R", "cat /root/written", img).Output(); err != nil || string(out) != "kept\n" {
 		t.Fatalf("file on the root image after power-off: %q %v", out, err)
 	}
@@ -373,15 +357,7 @@ while :; do sleep 0.1; done
 	if !strings.HasPrefix(string(out), "pid 1 env set\n") || !strings.Contains(string(out), "/sbin/testinit") {
 		t.Fatalf("after the handoff: %q", out)
 	}
-	c.Shutdown()
-	select {
-	case err := <-v.Exited:
-		if err != nil {
-			t.Fatalf("qemu exited with %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the VM did not power off within 10 s of core.shutdown")
-	}
+	shutdownVM(t, c, v, 10*time.Second)
 }
 
 // TestVMVolumes: MSB_DIR_MOUNTS and MSB_FILE_MOUNTS over virtio-fs (qemu's virtiofsd): a host
@@ -436,5 +412,19 @@ func needVM(t *testing.T) {
 	}
 	if out, err := initramfs(); err != nil {
 		t.Fatalf("mkinitramfs: %v\n%s", err, out)
+	}
+}
+
+// shutdownVM sends core.shutdown and requires qemu to exit cleanly (0) within limit.
+func shutdownVM(t *testing.T, c *host.Client, v *vm.VM, limit time.Duration) {
+	t.Helper()
+	c.Shutdown()
+	select {
+	case err := <-v.Exited:
+		if err != nil {
+			t.Fatalf("qemu exited with %v", err)
+		}
+	case <-time.After(limit):
+		t.Fatalf("the VM did not power off within %v of core.shutdown", limit)
 	}
 }
