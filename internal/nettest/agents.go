@@ -75,4 +75,3 @@ func Iperf3Server(t testing.TB, ip netip.Addr, port int, once bool) {
 		time.Sleep(10 * time.Millisecond) // iperf3 gives no readiness signal
 	}
 }
-
