@@ -1,4 +1,4 @@
-package resolver
+package resolver_test
 
 import (
 	"context"
@@ -12,6 +12,7 @@ import (
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/internal/nettest"
 	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/resolver"
 )
 
 func query(t testing.TB, id uint16, name string, typ dnsmessage.Type) []byte {
@@ -49,7 +50,7 @@ func TestAnswer(t *testing.T) {
 		"intranet.example.org.":    {ip("10.99.0.1")},
 		"nonexistent.example.com.": nil, // known to the upstream, no addresses
 	})
-	r := New(eg, Options{Upstreams: []netip.AddrPort{up}, Timeout: 2 * time.Second})
+	r := resolver.New(eg, resolver.Options{Upstreams: []netip.AddrPort{up}, Timeout: 2 * time.Second})
 	cases := []struct {
 		name  string
 		typ   dnsmessage.Type
@@ -93,7 +94,7 @@ func TestAnswer(t *testing.T) {
 		t.Errorf("counters %+v", c)
 	}
 	// Malformed input: no header at all is an error; a header with no question gets FORMERR.
-	if _, err := r.Answer(context.Background(), netip.AddrPort{}, []byte{1, 2, 3}, policy.UDP); err != ErrMalformed {
+	if _, err := r.Answer(context.Background(), netip.AddrPort{}, []byte{1, 2, 3}, policy.UDP); err != resolver.ErrMalformed {
 		t.Errorf("3 bytes: %v", err)
 	}
 	resp, err := r.Answer(context.Background(), netip.AddrPort{}, []byte{0, 7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0}, policy.UDP)
@@ -102,7 +103,7 @@ func TestAnswer(t *testing.T) {
 		t.Errorf("no question: %v %+v", err, msg.Header)
 	}
 	// A dead upstream: SERVFAIL, not a hang.
-	dead := New(eg, Options{Upstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}, Timeout: 200 * time.Millisecond})
+	dead := resolver.New(eg, resolver.Options{Upstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}, Timeout: 200 * time.Millisecond})
 	resp, err = dead.Answer(context.Background(), netip.AddrPort{}, query(t, 9, "www.example.com.", dnsmessage.TypeA), policy.UDP)
 	if err != nil || msg.Unpack(resp) != nil || msg.RCode != dnsmessage.RCodeServerFailure {
 		t.Errorf("dead upstream: %v %+v", err, msg.Header)
@@ -121,7 +122,7 @@ func FuzzAnswer(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, q, upstream []byte) {
 		eg := egress.New(p, egress.Options{MaxPins: 64})
-		r := New(eg, Options{Upstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:53")}, Timeout: time.Second,
+		r := resolver.New(eg, resolver.Options{Upstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:53")}, Timeout: time.Second,
 			Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
 				a, b := net.Pipe()
 				go func() {
