@@ -12,6 +12,7 @@ FUZZ_TARGETS := \
 	./protocol:FuzzFsPayload \
 	./protocol:FuzzTCPPayload \
 	./initfs:FuzzLoadConfig \
+	./initfs:FuzzParseModuleList \
 	./policy:FuzzParse \
 	./resolver:FuzzAnswer \
 	./netstack:FuzzClientHelloSNI

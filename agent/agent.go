@@ -163,7 +163,6 @@ func (a *Agent) Handshake() error {
 			a.enabled = append(a.enabled, f)
 		}
 	}
-	a.log.Info("host acknowledged init", "host_generation", m.V, "features", a.enabled)
 	return nil
 }
 

@@ -17,7 +17,8 @@ const NewRoot = "/newroot"
 // root, as the reference does: a disk-image device (fstype given, or every block filesystem
 // the kernel has, in order), or an oci-erofs lower image with a writable upper filesystem
 // under an overlay. Then /.msb is bind-mounted into it, the new root is moved onto / and
-// chrooted into, and the base mounts are made again inside it. Errors name the step.
+// chrooted into, and devtmpfs, proc and sysfs are mounted again inside it (MountRest follows).
+// Errors name the step.
 func MountBlockRoot(b *BlockRoot) error {
 	if err := os.MkdirAll(NewRoot, 0o755); err != nil {
 		return fmt.Errorf("block root: mkdir %s: %w", NewRoot, err)
@@ -73,7 +74,8 @@ func MountBlockRoot(b *BlockRoot) error {
 	return pivot()
 }
 
-// pivot moves /newroot onto / and chroots into it (an initramfs cannot be pivot_root'ed away).
+// pivot moves /newroot onto / and chroots into it (an initramfs cannot be pivot_root'ed away),
+// then mounts devtmpfs, proc and sysfs there.
 func pivot() error {
 	if _, err := os.Stat(RuntimeDir); err == nil {
 		target := filepath.Join(NewRoot, RuntimeDir)
@@ -96,7 +98,8 @@ func pivot() error {
 	if err := unix.Chdir("/"); err != nil {
 		return fmt.Errorf("block root: chdir /: %w", err)
 	}
-	if err := MountBase(); err != nil {
+	// The rest of the base mounts (MountRest) are init's next steps, in this root.
+	if err := MountEarly(); err != nil {
 		return fmt.Errorf("block root: base mounts in the new root: %w", err)
 	}
 	return nil

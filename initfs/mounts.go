@@ -18,7 +18,9 @@ type mount struct {
 	data                   string
 }
 
-// baseMounts are the reference's, in its order.
+// baseMounts are the reference's, in its order. The first earlyMounts of them are what the
+// agent channel needs (devtmpfs for the port's node, proc and sysfs to find the machine's
+// devices); the rest can wait until the handshake is under way.
 var baseMounts = []mount{
 	{"devtmpfs", "/dev", "devtmpfs", unix.MS_RELATIME, ""},
 	{"proc", "/proc", "proc", unix.MS_NODEV | unix.MS_NOEXEC | unix.MS_NOSUID | unix.MS_RELATIME, ""},
@@ -28,16 +30,16 @@ var baseMounts = []mount{
 	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOEXEC | unix.MS_NOSUID | unix.MS_RELATIME, ""},
 }
 
-// MountBase mounts devtmpfs, proc, sysfs, cgroup2, devpts and /dev/shm (EBUSY: already
-// mounted), links /dev/fd, and makes /tmp, /var/tmp (1777), /run and /run/microsandbox.
-func MountBase() error {
-	for _, m := range baseMounts {
-		if err := os.MkdirAll(m.target, 0o755); err != nil {
-			return fmt.Errorf("mount %s: mkdir %s: %w", m.fstype, m.target, err)
-		}
-		if err := unix.Mount(m.source, m.target, m.fstype, m.flags, m.data); err != nil && !errors.Is(err, unix.EBUSY) {
-			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.target, err)
-		}
+const earlyMounts = 3
+
+// MountEarly mounts devtmpfs, proc and sysfs (EBUSY: already mounted).
+func MountEarly() error { return mountAll(baseMounts[:earlyMounts]) }
+
+// MountRest mounts cgroup2, devpts and /dev/shm (EBUSY: already mounted), links /dev/fd, and
+// makes /tmp, /var/tmp (1777), /run and /run/microsandbox.
+func MountRest() error {
+	if err := mountAll(baseMounts[earlyMounts:]); err != nil {
+		return err
 	}
 	if _, err := os.Lstat("/dev/fd"); os.IsNotExist(err) {
 		if err := os.Symlink("/proc/self/fd", "/dev/fd"); err != nil {
@@ -55,6 +57,18 @@ func MountBase() error {
 	for _, d := range []string{"/run", "/run/microsandbox"} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return fmt.Errorf("mkdir %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+func mountAll(mounts []mount) error {
+	for _, m := range mounts {
+		if err := os.MkdirAll(m.target, 0o755); err != nil {
+			return fmt.Errorf("mount %s: mkdir %s: %w", m.fstype, m.target, err)
+		}
+		if err := unix.Mount(m.source, m.target, m.fstype, m.flags, m.data); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.target, err)
 		}
 	}
 	return nil

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds build/initramfs.cpio.gz and build/vmlinuz: agentd as /init, busybox for workloads, and
-# the kernel modules agentd loads (virtio, virtio_pci, virtio_console, virtio_blk, virtio_net, tun,
-# fuse and virtiofs) from the
-# same Debian cloud kernel package. Uses apt-get download + dpkg-deb -x: nothing is installed.
+# the kernel modules agentd loads (virtio, virtio_pci or virtio_mmio, virtio_console, virtio_blk,
+# virtio_net, tun, fuse and virtiofs) from the same Debian cloud kernel package. Uses apt-get
+# download + dpkg-deb -x: nothing is installed.
 #
 #   scripts/mkinitramfs.sh [BUILD_DIR]
 set -euo pipefail
@@ -37,6 +37,10 @@ cp "$VM/busybox/bin/busybox" "$root/bin/busybox"
 for applet in $("$root/bin/busybox" --list-full); do
 	[ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
 done
+# No modprobe: the kernel runs /sbin/modprobe for every module it would like (six crypto
+# algorithms during boot alone), and busybox's cannot load any here (no modules.dep tree), so
+# each is a process spawned for nothing. agentd loads the modules the guest needs.
+rm "$root/sbin/modprobe"
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 # The egress policy agentd starts with when booted with AGENTD_EGRESS_POLICY pointing here:
@@ -45,27 +49,33 @@ mkdir -p "$root/etc/agentd"
 printf '{"default_egress": "allow", "default_ingress": "allow", "rules": []}\n' >"$root/etc/agentd/egress.json"
 
 # Modules in dependency order (modules.dep of this kernel); agentd loads them as listed: first
-# what the agent channel needs, then networking in the background.
+# what the agent channel needs (only the virtio transport the machine has: PCI on a standard
+# machine, MMIO on a microVM), virtio_blk only when init mounts a disk, then networking in the
+# background. A line is "file.ko [when=CONDITION] [param=value ...]" (initfs.ParseModuleList).
 kmod=$VM/kernel/lib/modules/$kver/kernel
 channel=(
 	drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
-	drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci.ko
-	drivers/char/virtio_console.ko drivers/block/virtio_blk.ko
+	"drivers/virtio/virtio_pci_legacy_dev.ko when=virtio-pci" "drivers/virtio/virtio_pci_modern_dev.ko when=virtio-pci"
+	"drivers/virtio/virtio_pci.ko when=virtio-pci" "drivers/virtio/virtio_mmio.ko when=virtio-mmio"
+	drivers/char/virtio_console.ko
 )
+block=(drivers/block/virtio_blk.ko)
 network=(net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/net/tun.ko)
 virtiofs=(fs/fuse/fuse.ko fs/fuse/virtiofs.ko) # loaded only when a virtio-fs device exists
-list() { # list FILE MODULES...
-	local file=$1; shift
+list() { # list FILE "MODULE [OPTIONS]"...
+	local file=$1 entry m opts; shift
 	: >"$root/lib/modules/$file"
-	for m in "$@"; do
+	for entry in "$@"; do
+		read -r m opts <<<"$entry"
 		cp "$kmod/$m" "$root/lib/modules/"
 		# Drop the appended signature: checking it is most of finit_module's time under TCG,
 		# and this kernel loads unsigned modules (MODULE_SIG_FORCE is off; it logs a taint).
 		if command -v strip >/dev/null; then strip --strip-debug "$root/lib/modules/$(basename "$m")"; fi
-		basename "$m" >>"$root/lib/modules/$file"
+		echo "$(basename "$m")${opts:+ $opts}" >>"$root/lib/modules/$file"
 	done
 }
 list agentd.load "${channel[@]}"
+list agentd.load.block "${block[@]}"
 list agentd.load.background "${network[@]}"
 list agentd.load.virtiofs "${virtiofs[@]}"
 

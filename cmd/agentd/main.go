@@ -244,12 +244,15 @@ func run(o options, log *slog.Logger, boot uint64) error {
 
 // runInit is agentd as PID 1: the init duties, then the agent loop, then power-off. Whatever
 // happens, it ends by powering off (returning would panic the kernel).
+//
+// The steps run in the reference's order, except that those it runs after its early
+// handshake (initSetup: volumes, hosts, tmpfs, network, /etc/profile, loopback; then TLS)
+// come before the handshake here, so that egress can take over the configured uplink before
+// the agent starts. (Running them alongside the handshake instead gained nothing measurable
+// on one emulated CPU.)
 func runInit(o options, log *slog.Logger, boot uint64) {
 	initStart := agent.BootTimeNs()
-	var steps []any // step durations, logged once init is done
-	mark := func(step string, since time.Time) {
-		steps = append(steps, step, time.Since(since).Round(time.Microsecond).String())
-	}
+	var steps initSteps // step durations, logged once init is done
 	err := func() error {
 		t := time.Now()
 		conf, err := initfs.LoadConfig(os.Getenv) // all of it, before any side effect
@@ -259,15 +262,13 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if err := initfs.ApplyRlimits(conf.Rlimits); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
-		if err := initfs.MountBase(); err != nil {
+		steps.mark("config", t)
+		t = time.Now()
+		if err := initfs.MountEarly(); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
-		mark("config+mounts", t)
-		execOpts, defaultUser, err := execOptions(conf)
-		if err != nil {
-			return fmt.Errorf("config: %w", err)
-		}
-		execOpts.Waiter = initfs.StartReaper()
+		steps.mark("base mounts", t)
+		reaper := initfs.StartReaper()
 		t = time.Now()
 		if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.LoadOrder, log); err != nil {
 			return fmt.Errorf("init: %w", err)
@@ -275,26 +276,44 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if err := initfs.LoadVirtiofs(log); err != nil { // only with a virtio-fs device
 			return fmt.Errorf("init: %w", err)
 		}
-		// Not needed for the channel: they load while the handshake runs, from files opened
-		// now (a block root is about to replace the initramfs as /).
+		disks := conf.BlockRoot != nil || len(conf.DiskMounts) > 0
+		if disks {
+			if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.BlockOrder, log); err != nil {
+				return fmt.Errorf("init: %w", err)
+			}
+		}
+		// Not needed for the channel: they load in the background, from files opened now (a
+		// block root is about to replace the initramfs as /).
 		bgModules, err := initfs.OpenModules(initfs.ModulesDir, initfs.BackgroundOrder)
 		if err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
-		mark("modules", t)
+		if !disks { // a workload may still attach a disk
+			block, err := initfs.OpenModules(initfs.ModulesDir, initfs.BlockOrder)
+			if err != nil {
+				return fmt.Errorf("init: %w", err)
+			}
+			bgModules = append(block, bgModules...)
+		}
+		steps.mark("modules", t)
 		t = time.Now()
 		initfs.MountRuntime(log)
-		mark("runtime share", t)
+		steps.mark("runtime share", t)
 		if conf.BlockRoot != nil {
 			t = time.Now()
 			if err := initfs.MountBlockRoot(conf.BlockRoot); err != nil {
 				return fmt.Errorf("init: %w", err)
 			}
-			mark("block root", t)
+			steps.mark("block root", t)
 		}
-		// The network modules load in the background: right away when init needs them
-		// (MSB_NET, egress), otherwise once the host acknowledged init, so that they do not
-		// compete with the init steps for the CPU (under emulation that is most of the cost).
+		execOpts, defaultUser, err := execOptions(conf) // after the pivot: the image's passwd
+		if err != nil {
+			return fmt.Errorf("config: %w", err)
+		}
+		execOpts.Waiter = reaper
+		// The background modules load right away when init needs them (MSB_NET, egress),
+		// otherwise once the host acknowledged init, so that they do not compete with the
+		// init steps for the CPU (under emulation that is most of the cost).
 		var bg sync.WaitGroup
 		bg.Add(1)
 		loadBackground := sync.OnceFunc(func() {
@@ -309,52 +328,25 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if conf.Net != nil || o.egress.mode != "off" {
 			loadBackground()
 		}
+		if err := initSetup(conf, bg.Wait, &steps, log); err != nil {
+			return err
+		}
 		t = time.Now()
-		if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		if err := initfs.MountDirs(conf.DirMounts, conf.Restricted); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		if err := initfs.MountFiles(conf.FileMounts, conf.Restricted); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		if err := initfs.MountDisks(conf.DiskMounts, conf.Restricted); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		if err := initfs.ApplyHostname("/", conf, true); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		if err := initfs.EnsureProfileBlock("/etc/profile"); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		if err := initfs.LoopbackUp(); err != nil {
-			log.Warn("loopback not up", "error", err)
-		}
-		mark("tmpfs+hosts+lo", t)
 		tlsEnv, err := initfs.InstallTLS("/", log)
 		if err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
 		execOpts.BaseEnv = append(execOpts.BaseEnv, tlsEnv...) // for workloads, not agentd itself
-		if conf.Net != nil || o.egress.mode == "netstack" {    // the NIC's and tun's drivers load in the background
-			bg.Wait()
-		}
-		if conf.Net != nil {
-			t = time.Now()
-			if err := initfs.ConfigureNetwork("/", conf); err != nil {
-				return fmt.Errorf("init: %w", err)
-			}
-			mark("network", t)
-		}
+		steps.mark("tls", t)
 		var eg *egressRuntime
 		if o.egress.mode != "off" && conf.Handoff == nil { // with a handoff, the agent child runs it
+			bg.Wait() // the tun driver
 			t = time.Now()
 			if eg, err = startGuestEgress(o.egress, conf, log); err != nil {
 				return err
 			}
 			defer eg.stop()
-			mark("egress", t)
+			steps.mark("egress", t)
 		}
 		t = time.Now()
 		port, err := openPort(o.port, 10*time.Second)
@@ -362,21 +354,78 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			return err
 		}
 		defer port.Close()
-		mark("port", t)
-		return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg,
-			serveHooks{afterInit: func() {
+		steps.mark("port", t)
+		t = time.Now()
+		return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg, serveHooks{
+			afterInit: func() {
+				steps.mark("handshake", t)
+				log.Info("init steps", steps...)
 				loadBackground()
 				if conf.Handoff != nil {
 					bg.Wait() // exec'ing the new init must not cut a module load short
 				}
-				log.Info("init steps", steps...)
-			}, handoff: conf.Handoff})
+			},
+			handoff: conf.Handoff,
+		})
 	}()
 	if err != nil {
 		log.Error("agentd stopping", "error", err)
 	}
 	initfs.PowerOff(log, initfs.DefaultGrace)
 	os.Exit(1) // only if the power-off itself failed
+}
+
+// initSetup is the reference's init after its early handshake (volumes, hosts, tmpfs, network,
+// /etc/profile, loopback), after the rest of the base mounts. netModules waits for the network
+// drivers.
+func initSetup(conf initfs.Config, netModules func(), steps *initSteps, log *slog.Logger) error {
+	t := time.Now()
+	if err := initfs.MountRest(); err != nil {
+		return fmt.Errorf("init: %w", err)
+	}
+	if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
+		return fmt.Errorf("init: %w", err)
+	}
+	if err := initfs.MountDirs(conf.DirMounts, conf.Restricted); err != nil {
+		return fmt.Errorf("init: %w", err)
+	}
+	if err := initfs.MountFiles(conf.FileMounts, conf.Restricted); err != nil {
+		return fmt.Errorf("init: %w", err)
+	}
+	if err := initfs.MountDisks(conf.DiskMounts, conf.Restricted); err != nil {
+		return fmt.Errorf("init: %w", err)
+	}
+	steps.mark("volumes", t)
+	t = time.Now()
+	if err := initfs.ApplyHostname("/", conf, true); err != nil {
+		return fmt.Errorf("init: %w", err)
+	}
+	if err := initfs.EnsureProfileBlock("/etc/profile"); err != nil {
+		return fmt.Errorf("init: %w", err)
+	}
+	steps.mark("hosts+profile", t)
+	t = time.Now()
+	if err := initfs.LoopbackUp(); err != nil {
+		log.Warn("loopback not up", "error", err)
+	}
+	steps.mark("lo", t)
+	if conf.Net != nil {
+		netModules()
+		t = time.Now()
+		if err := initfs.ConfigureNetwork("/", conf); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+		steps.mark("network", t)
+	}
+	return nil
+}
+
+// initSteps records how long each init step took, for one log line once init_time_ns is
+// taken (a line on the serial console costs milliseconds under emulation).
+type initSteps []any // step, duration, ...
+
+func (s *initSteps) mark(step string, since time.Time) {
+	*s = append(*s, step, time.Since(since).Round(time.Microsecond).String())
 }
 
 // startGuestEgress starts egress for the whole guest (agentd as its init): the MSB_NET
@@ -410,16 +459,16 @@ func openPort(spec string, wait time.Duration) (io.ReadWriteCloser, error) {
 	}
 }
 
-// serve runs the handshake and the agent loop on port; afterInit, if set, runs once the host
-// acknowledged init.
-// serveHooks change serve for PID 1: afterInit runs once the host acknowledged init; with
-// handoff set, PID 1 hands the channel to an agent child and becomes another init; adopted
-// is the child's side (the handshake was made by PID 1).
+// serveHooks change serve for PID 1: afterInit runs once the host acknowledged init and
+// init_time_ns is taken; with handoff set, PID 1 hands the channel to an agent child and
+// becomes another init; adopted is the child's side (the handshake was made by PID 1).
 type serveHooks struct {
 	afterInit func()
 	handoff   *initfs.Handoff
 	adopted   *handoffState
 }
+
+// serve runs the handshake and the agent loop on port.
 
 func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, eg *egressRuntime, hooks serveHooks) error {
 	cfg := agent.Config{
@@ -453,16 +502,17 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 		a.Adopt(hooks.adopted.HostGen, hooks.adopted.Features)
 		a.SetInitTime(hooks.adopted.InitNs)
 	} else {
-		hs := time.Now()
 		if err := a.Handshake(); err != nil {
 			return fmt.Errorf("init: %w", err)
 		}
-		if hooks.afterInit != nil {
-			log.Info("handshake", "took", time.Since(hs).Round(time.Microsecond).String())
-			hooks.afterInit()
-		}
 		cfg.InitTimeNs = agent.BootTimeNs() - initStart
 		a.SetInitTime(cfg.InitTimeNs)
+		hostGen, features := a.Negotiated()
+		log.Info("host acknowledged init", "host_generation", hostGen, "features", features,
+			"init_time", time.Duration(cfg.InitTimeNs).Round(time.Microsecond).String())
+		if hooks.afterInit != nil {
+			hooks.afterInit()
+		}
 	}
 	if hooks.handoff != nil {
 		return handOff(log, hooks.handoff, a, port, cfg.InitTimeNs) // returns only on failure
