@@ -283,16 +283,23 @@ func mustPort(t *testing.T, addr string) uint16 {
 
 // TestVMBlockRoot: MSB_BLOCK_ROOT=kind=disk-image: agentd mounts an ext4 image from a virtio
 // disk, moves it onto / and runs everything from there (exec, fs, power-off with the root
-// remounted read-only, so what was written survives).
+// remounted read-only, so what was written survives). MSB_USER names a user only the image's
+// passwd has: as in the reference, it is resolved after the pivot.
 func TestVMBlockRoot(t *testing.T) {
 	needVM(t)
-	img := rootImage(t, map[string]string{"etc/block-root-marker": "on the block root\n"})
-	c, v := bootVM(t, "MSB_BLOCK_ROOT=kind=disk-image,device=/dev/vda,fstype=ext4", vm.Disk{Path: img, Serial: "root"})
+	img := rootImage(t, map[string]string{
+		"etc/block-root-marker": "on the block root\n",
+		"etc/passwd":            "root:x:0:0:root:/root:/bin/sh\nimageuser:x:1234:1235::/tmp:/bin/sh\n",
+	})
+	c, v := bootVM(t, "MSB_BLOCK_ROOT=kind=disk-image,device=/dev/vda,fstype=ext4 MSB_USER=imageuser", vm.Disk{Path: img, Serial: "root"})
+	if got := c.Resolved.DefaultUser; got.UID != 1234 || got.GID != 1235 {
+		t.Errorf("core.init.resolved default user %+v, want 1234:1235 from the image's passwd", got)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	out, _, code, err := c.Run(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "cat /etc/block-root-marker; grep ' / ' /proc/mounts"}}, nil)
-	if err != nil || code != 0 || !strings.HasPrefix(string(out), "on the block root\n/dev/vda / ext4 ") {
-		t.Fatalf("exec on the block root: %q %d %v", out, code, err)
+	out, _, code, err := c.Run(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "cat /etc/block-root-marker; grep ' / ' /proc/mounts; id -u"}}, nil)
+	if err != nil || code != 0 || !strings.HasPrefix(string(out), "on the block root\n/dev/vda / ext4 ") || !strings.HasSuffix(string(out), "\n1234\n") {
+		t.Fatalf("exec on the block root (as imageuser): %q %d %v", out, code, err)
 	}
 	if _, err := c.WriteFile(ctx, "/root/written", 0o644, strings.NewReader("kept\n")); err != nil {
 		t.Fatal(err)
@@ -301,6 +308,34 @@ func TestVMBlockRoot(t *testing.T) {
 	if out, err := exec.Command("debugfs", "-R", "cat /root/written", img).Output(); err != nil || string(out) != "kept\n" {
 		t.Fatalf("file on the root image after power-off: %q %v", out, err)
 	}
+}
+
+// TestVMMicrovm: the same initramfs on qemu's microvm machine, where every virtio device sits
+// on virtio-mmio (as under libkrun or Firecracker) and there is no PCI bus: agentd loads the
+// MMIO transport and not the PCI one, and a disk volume (virtio_blk loaded before the channel
+// because MSB_DISK_MOUNTS asks for it) mounts from a virtio-blk-device.
+func TestVMMicrovm(t *testing.T) {
+	needVM(t)
+	img := rootImage(t, map[string]string{"etc/disk-marker": "on the disk\n"})
+	c, v := bootVMWith(t, vm.Options{Machine: "microvm", Append: "MSB_DISK_MOUNTS=data:/mnt/data:ro",
+		Disks: []vm.Disk{{Path: img, Serial: "data"}}})
+	if c.Ready.InitTimeNs == 0 {
+		t.Error("core.ready has no init_time_ns")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, _, code, err := c.Run(ctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' '; cat /mnt/data/etc/disk-marker"}}, nil)
+	if err != nil || code != 0 {
+		t.Fatalf("exec: %q %d %v", out, code, err)
+	}
+	mods, marker, _ := strings.Cut(string(out), "on the disk")
+	if !strings.Contains(mods, "virtio_mmio ") || strings.Contains(mods, "virtio_pci") || !strings.Contains(mods, "virtio_blk ") {
+		t.Errorf("modules on microvm: %s (want virtio_mmio and virtio_blk, no virtio_pci)", mods)
+	}
+	if marker != "\n" {
+		t.Errorf("disk volume: %q", out)
+	}
+	shutdownVM(t, c, v, 5*time.Second)
 }
 
 // rootImage makes an ext4 image of the initramfs's own tree (busybox, passwd; run

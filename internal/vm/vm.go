@@ -24,6 +24,9 @@ type Options struct {
 	// Accel is qemu's accelerator: "tcg" unless set (here /dev/kvm exists but a guest under it
 	// never boots, so KVM is opt-in, e.g. from AGENTD_QEMU_ACCEL).
 	Accel string
+	// Machine is qemu's machine type: "pc" (PCI transport) unless set; "microvm" has no PCI bus
+	// and puts every virtio device on virtio-mmio, as microsandbox's libkrun does.
+	Machine string
 	// Net adds a virtio-net device on qemu user networking.
 	Net bool
 	// Disks are raw images attached as virtio-blk devices with the given serials.
@@ -62,13 +65,28 @@ func Boot(o Options) (*VM, error) {
 		accel = "tcg"
 	}
 	v := &VM{Sock: filepath.Join(o.Dir, "agent.sock"), Exited: make(chan error, 1)}
-	args := []string{"-accel", accel, "-m", "512", "-nographic", "-no-reboot",
-		"-kernel", o.Kernel, "-initrd", o.Initrd, "-append", "console=ttyS0 quiet panic=-1 " + o.Append,
-		"-device", "virtio-serial", "-chardev", "socket,id=agent,path=" + v.Sock + ",server=on,wait=off",
+	machine, bus, cmdline := "pc", "pci", "console=ttyS0 quiet panic=-1 "
+	if o.Machine == "microvm" {
+		// No PIT/HPET to calibrate the TSC against: without a given frequency the kernel can hang.
+		machine, bus, cmdline = "microvm", "device", cmdline+"tsc_early_khz=2000000 tsc=reliable "
+	} else if o.Machine != "" && o.Machine != "pc" {
+		return nil, fmt.Errorf("machine %q: want pc or microvm", o.Machine)
+	}
+	dev := func(kind string) string { return kind + "-" + bus } // virtio-blk-pci or virtio-blk-device
+	// Under TCG the default CPU has no RDRAND, so the kernel's random pool is seeded only by
+	// jitter ~1 s into boot, and the first getrandom (gVisor's package init, before agentd's
+	// main) blocks until then. A VM under KVM has the host's RDRAND.
+	cpu := "qemu64,+rdrand"
+	if accel != "tcg" {
+		cpu = "host"
+	}
+	args := []string{"-M", machine, "-cpu", cpu, "-accel", accel, "-m", "512", "-nographic", "-no-reboot",
+		"-kernel", o.Kernel, "-initrd", o.Initrd, "-append", cmdline + o.Append,
+		"-device", dev("virtio-serial"), "-chardev", "socket,id=agent,path=" + v.Sock + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=agent"}
 	for i, d := range o.Disks {
 		args = append(args, "-drive", fmt.Sprintf("file=%s,if=none,id=d%d,format=raw", d.Path, i),
-			"-device", fmt.Sprintf("virtio-blk-pci,drive=d%d,serial=%s", i, d.Serial))
+			"-device", fmt.Sprintf("%s,drive=d%d,serial=%s", dev("virtio-blk"), i, d.Serial))
 	}
 	if len(o.Shares) > 0 {
 		// vhost-user needs the guest's memory shared with the daemon.
@@ -88,10 +106,10 @@ func Boot(o Options) (*VM, error) {
 			return nil, err
 		}
 		args = append(args, "-chardev", fmt.Sprintf("socket,id=fs%d,path=%s", i, sock),
-			"-device", fmt.Sprintf("vhost-user-fs-pci,chardev=fs%d,tag=%s", i, sh.Tag))
+			"-device", fmt.Sprintf("%s,chardev=fs%d,tag=%s", dev("vhost-user-fs"), i, sh.Tag))
 	}
 	if o.Net {
-		args = append(args, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0")
+		args = append(args, "-netdev", "user,id=n0", "-device", dev("virtio-net")+",netdev=n0")
 	} else {
 		args = append(args, "-net", "none")
 	}
