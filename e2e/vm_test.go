@@ -22,7 +22,8 @@ import (
 
 // TestVM boots a Debian cloud kernel under qemu with agentd as PID 1 (from make initramfs'
 // recipe) and checks the mission end to end on a real kernel: the first frame, ready, exec,
-// fs, a port forward to a server in the guest, orphan reaping, and a clean power-off.
+// fs, a port forward to a server in the guest, orphan reaping, and a clean power-off. It boots
+// Plain: the default CPU and no kernel parameters but the console and MSB_*.
 func TestVM(t *testing.T) {
 	needVM(t)
 	disk := filepath.Join(t.TempDir(), "data.img")
@@ -33,7 +34,7 @@ func TestVM(t *testing.T) {
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", disk).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
 	}
-	v, conn := startVM(t, vm.Options{Net: true, Disks: []vm.Disk{{Path: disk, Serial: "data1"}},
+	v, conn := startVM(t, vm.Options{Plain: true, Net: true, Disks: []vm.Disk{{Path: disk, Serial: "data1"}},
 		Append: "MSB_HOSTNAME=agentd-vm MSB_TMPFS=/scratch:size=16,noexec MSB_RLIMITS=nofile=4096:8192 " +
 			"MSB_NET=iface=eth0,mac=52:54:00:ab:cd:ef,mtu=1400 MSB_NET_IPV4=addr=10.0.2.15/24,gw=10.0.2.2,dns=10.0.2.3 " +
 			"MSB_HOST_ALIAS=host.microsandbox.internal MSB_DISK_MOUNTS=data1:/data:fstype=ext4"})

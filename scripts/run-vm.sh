@@ -21,7 +21,7 @@ ACCEL=${AGENTD_QEMU_ACCEL:-tcg}
 CPU=qemu64,+rdrand
 [ "$ACCEL" = tcg ] || CPU=host
 case ${MACHINE:-pc} in
-pc) BUS=pci KARGS= ;;
+pc) BUS=pci KARGS=acpi=noirq ;; # virtio-pci uses MSI-X; ACPI's legacy IRQ routing is slow under TCG
 microvm) BUS=device KARGS="tsc_early_khz=2000000 tsc=reliable" ;; # no PIT/HPET to calibrate the TSC
 *) echo "MACHINE=$MACHINE: want pc or microvm" >&2; exit 2 ;;
 esac
