@@ -134,14 +134,27 @@ func copierRelay(t *testing.T, n int64) (up, down float64) {
 	return run(true), run(false)
 }
 
+// buildAgentd builds cmd/agentd as dir/agentd and returns its path; release builds it as the
+// initramfs ships it (static, stripped).
+func buildAgentd(t *testing.T, dir string, release bool) string {
+	t.Helper()
+	bin := filepath.Join(dir, "agentd")
+	build := exec.Command("go", "build", "-o", bin, "../cmd/agentd")
+	if release {
+		build = exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "../cmd/agentd")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	}
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	return bin
+}
+
 func TestReport(t *testing.T) {
 	if !*report {
 		t.Skip("run with -args -report (make bench)")
 	}
-	bin := filepath.Join(t.TempDir(), "agentd")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/agentd").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	bin := buildAgentd(t, t.TempDir(), false)
 	fmt.Printf("agentd relay benchmark: %d MiB per direction, %s channel, GOMAXPROCS %d\n\n", *size>>20, *chanKind, runtime.GOMAXPROCS(0))
 
 	if *chanKind == "pty" {

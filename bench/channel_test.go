@@ -4,8 +4,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"testing"
 
@@ -24,10 +22,7 @@ func TestStreamsReport(t *testing.T) {
 	if !*streamsReport {
 		t.Skip("run with -args -streams (make bench-streams)")
 	}
-	bin := filepath.Join(t.TempDir(), "agentd")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/agentd").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	bin := buildAgentd(t, t.TempDir(), false)
 	tp := nettest.New(t)
 	nettest.Hosts(t)
 	tp.ChannelAgent(t, bin, os.Stderr)

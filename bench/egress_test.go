@@ -36,10 +36,7 @@ func TestEgressReport(t *testing.T) {
 	if _, err := exec.LookPath("iperf3"); err != nil {
 		t.Fatal("iperf3 is needed")
 	}
-	bin := filepath.Join(t.TempDir(), "agentd")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/agentd").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	bin := buildAgentd(t, t.TempDir(), false)
 	tp := nettest.New(t)
 	nettest.Hosts(t)
 	pol := filepath.Join(t.TempDir(), "policy.json")

@@ -36,11 +36,7 @@ func TestBootReport(t *testing.T) {
 		t.Skip("run with -args -report -boots N (make bench-vm)")
 	}
 	dir := t.TempDir()
-	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", filepath.Join(dir, "agentd"), "../cmd/agentd")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	buildAgentd(t, dir, true)
 	if out, err := exec.Command("../scripts/mkinitramfs.sh", dir).CombinedOutput(); err != nil {
 		t.Fatalf("mkinitramfs: %v\n%s", err, out)
 	}

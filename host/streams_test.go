@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/agentd/agentd/internal/testutil"
 	"github.com/agentd/agentd/protocol"
 )
 
@@ -51,25 +52,11 @@ func msg(t *testing.T, id uint32, ty protocol.Type, v any) protocol.Message {
 }
 
 func TestStreamServerDatagrams(t *testing.T) {
-	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(append([]byte("re:"), buf[:n]...), from)
-		}
-	}()
+	echo := testutil.UDPEcho(t, net.IPv4(127, 0, 0, 1), "re:")
 	fa := &fakeAgent{ch: make(chan protocol.Message, 16)}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	s := newStreamServer(ctx, StreamOptions{DNS: []netip.AddrPort{netip.MustParseAddrPort(pc.LocalAddr().String())}}, fa.send, &StreamCounters{})
+	s := newStreamServer(ctx, StreamOptions{DNS: []netip.AddrPort{echo.AddrPort()}}, fa.send, &StreamCounters{})
 	s.handle(msg(t, 7, protocol.TypeStreamOpen, protocol.StreamOpen{Proto: "dns", Window: 1 << 20}))
 	if m := fa.next(t); m.Type != protocol.TypeStreamOpened || m.ID != 7 {
 		t.Fatalf("got %s", m.Name())

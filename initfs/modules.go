@@ -101,11 +101,18 @@ func ParseModuleList(name, text string) ([]Module, error) {
 	return mods, nil
 }
 
-// Wanted returns the modules whose condition holds on this machine.
+// Wanted returns the modules whose condition holds on this machine (each condition is
+// checked once).
 func Wanted(mods []Module, sys Sys) []Module {
 	var out []Module
+	holds := map[string]bool{"": true}
 	for _, m := range mods {
-		if m.When == "" || Conditions[m.When](sys) {
+		ok, known := holds[m.When]
+		if !known {
+			ok = Conditions[m.When](sys)
+			holds[m.When] = ok
+		}
+		if ok {
 			out = append(out, m)
 		}
 	}

@@ -388,22 +388,8 @@ func TestDomainRule(t *testing.T) {
 
 func TestUDP(t *testing.T) {
 	e := setup(t, testPolicy, func(o *Options) { o.UDPIdleTimeout = 300 * time.Millisecond })
-	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: nettest.Good.AsSlice()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(buf[:n], from)
-		}
-	}()
-	c, err := e.dial("udp", pc.LocalAddr().String())
+	echo := testutil.UDPEcho(t, nettest.Good.AsSlice(), "")
+	c, err := e.dial("udp", echo.String())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -78,6 +78,28 @@ func Echo(c *net.TCPConn) {
 	c.CloseWrite()
 }
 
+// UDPEcho starts a UDP server on ip that answers each datagram with prefix followed by the
+// datagram, and closes it when the test ends.
+func UDPEcho(t testing.TB, ip net.IP, prefix string) *net.UDPAddr {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: ip})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(append([]byte(prefix), buf[:n]...), from)
+		}
+	}()
+	return pc.LocalAddr().(*net.UDPAddr)
+}
+
 // ClosedPort returns a loopback port with nothing listening.
 func ClosedPort(t testing.TB) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
