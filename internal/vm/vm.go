@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/agentd/agentd/internal/testutil"
@@ -24,8 +25,9 @@ type Options struct {
 	// Accel is qemu's accelerator: "tcg" unless set (here /dev/kvm exists but a guest under it
 	// never boots, so KVM is opt-in, e.g. from AGENTD_QEMU_ACCEL).
 	Accel string
-	// Plain boots with only what the initramfs promises to need (the default CPU, no kernel
-	// parameters but the console and Append), without the speed-ups below.
+	// Plain boots with only what the initramfs promises to need: qemu's default CPU and no
+	// kernel parameters but the console, panic=-1, what the machine needs to boot (microvm:
+	// the TSC frequency) and Append; none of the speed-ups.
 	Plain bool
 	// Machine is qemu's machine type: "pc" (PCI transport) unless set; "microvm" has no PCI bus
 	// and puts every virtio device on virtio-mmio, as microsandbox's libkrun does.
@@ -68,33 +70,38 @@ func Boot(o Options) (*VM, error) {
 		accel = "tcg"
 	}
 	v := &VM{Sock: filepath.Join(o.Dir, "agent.sock"), Exited: make(chan error, 1)}
-	// acpi=noirq: virtio-pci uses MSI-X, and routing each device's legacy interrupt through
-	// ACPI (interpreted AML) is most of virtio_pci's load time under TCG (188 -> 80 ms).
-	machine, bus, cmdline := "pc", "pci", "console=ttyS0 quiet panic=-1 acpi=noirq "
-	if o.Plain {
-		cmdline = "console=ttyS0 panic=-1 "
-	}
-	if o.Machine == "microvm" {
+	// panic=-1 with -no-reboot: a kernel panic ends qemu instead of hanging.
+	machine, bus, params := "pc", "pci", []string{"console=ttyS0", "panic=-1"}
+	switch o.Machine {
+	case "", "pc":
+		if !o.Plain {
+			// virtio-pci uses MSI-X, and routing each device's legacy interrupt through ACPI
+			// (interpreted AML) is most of virtio_pci's load time under TCG (188 -> 80 ms).
+			params = append(params, "acpi=noirq")
+		}
+	case "microvm":
 		// No PIT/HPET to calibrate the TSC against: without a given frequency the kernel can hang.
-		machine, bus, cmdline = "microvm", "device", "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 tsc=reliable "
-	} else if o.Machine != "" && o.Machine != "pc" {
+		machine, bus = "microvm", "device"
+		params = append(params, "tsc_early_khz=2000000", "tsc=reliable")
+	default:
 		return nil, fmt.Errorf("machine %q: want pc or microvm", o.Machine)
 	}
+	args := []string{"-M", machine, "-accel", accel, "-m", "512", "-nographic", "-no-reboot"}
+	if !o.Plain {
+		params = append(params, "quiet")
+		// Under TCG the default CPU has no RDRAND, so the kernel's random pool is seeded only by
+		// jitter ~1 s into boot, and the first getrandom (gVisor's package init, before
+		// agentd's main) blocks until then. A VM under KVM has the host's RDRAND.
+		cpu := "qemu64,+rdrand"
+		if accel != "tcg" {
+			cpu = "host"
+		}
+		args = append(args, "-cpu", cpu)
+	}
 	dev := func(kind string) string { return kind + "-" + bus } // virtio-blk-pci or virtio-blk-device
-	// Under TCG the default CPU has no RDRAND, so the kernel's random pool is seeded only by
-	// jitter ~1 s into boot, and the first getrandom (gVisor's package init, before agentd's
-	// main) blocks until then. A VM under KVM has the host's RDRAND.
-	cpu := "qemu64,+rdrand"
-	if accel != "tcg" {
-		cpu = "host"
-	}
-	if o.Plain {
-		cpu = "qemu64"
-	}
-	args := []string{"-M", machine, "-cpu", cpu, "-accel", accel, "-m", "512", "-nographic", "-no-reboot",
-		"-kernel", o.Kernel, "-initrd", o.Initrd, "-append", cmdline + o.Append,
-		"-device", dev("virtio-serial"), "-chardev", "socket,id=agent,path=" + v.Sock + ",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name=agent"}
+	args = append(args, "-kernel", o.Kernel, "-initrd", o.Initrd, "-append", strings.Join(append(params, o.Append), " "),
+		"-device", dev("virtio-serial"), "-chardev", "socket,id=agent,path="+v.Sock+",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=agent")
 	for i, d := range o.Disks {
 		args = append(args, "-drive", fmt.Sprintf("file=%s,if=none,id=d%d,format=raw", d.Path, i),
 			"-device", fmt.Sprintf("%s,drive=d%d,serial=%s", dev("virtio-blk"), i, d.Serial))
