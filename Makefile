@@ -15,7 +15,8 @@ FUZZ_TARGETS := \
 	./initfs:FuzzParseModuleList \
 	./policy:FuzzParse \
 	./resolver:FuzzAnswer \
-	./netstack:FuzzClientHelloSNI
+	./netstack:FuzzClientHelloSNI \
+	./netstack/tunlink:FuzzInbound
 
 .PHONY: all build test unit fuzz-smoke fuzz bench bench-egress bench-streams bench-vm lint run initramfs vm clean
 

@@ -17,12 +17,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
-	"gvisor.dev/gvisor/pkg/tcpip/link/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
@@ -31,6 +28,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/netstack/tunlink"
 	"github.com/agentd/agentd/policy"
 )
 
@@ -43,8 +41,12 @@ type DNS interface {
 type Options struct {
 	// TunName is the tun device agentd creates (IFF_TUN|IFF_NO_PI).
 	TunName string
-	// MTU of the tun and the stack: 65520 lets the guest send 64 KiB segments, which is what
-	// made the tun path fast in measurement (MTU 1500 was about 10x slower per byte).
+	// Link chooses the tun's link endpoint (tunlink.Auto: with virtio-net header offloads when
+	// the kernel has them, else the plain one; the choice is logged).
+	Link tunlink.Mode
+	// MTU of the tun and the stack. With the offload endpoint the guest's TSO and the stack's
+	// GSO move 64 KiB per packet whatever the MTU; on the plain endpoint the MTU is the packet
+	// size, and 65520 is what made it fast in measurement (1500 was about 10x slower per byte).
 	MTU uint32
 	// Queues opens the tun multi-queue with this many fds, each with its own dispatcher
 	// (measured: 2 queues help several parallel flows a little, one flow not at all).
@@ -100,7 +102,7 @@ type Counters struct {
 type Stack struct {
 	opts     Options
 	s        *stack.Stack
-	fds      []int
+	link     *tunlink.Link
 	log      *slog.Logger
 	eg       *egress.Service
 	Counters Counters
@@ -144,76 +146,26 @@ func New(o Options) (*Stack, error) {
 	if o.Egress == nil {
 		o.Egress = egress.New(&policy.Policy{DefaultEgress: policy.Allow, DefaultIngress: policy.Allow}, egress.Options{HostAddrs: o.Gateways})
 	}
-	fds, err := openTun(o.TunName, o.Queues)
+	link, err := tunlink.Open(tunlink.Options{Name: o.TunName, MTU: o.MTU, Queues: o.Queues, Mode: o.Link})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("netstack: %w", err)
 	}
-	closeFDs := func() {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-	}
-	ep, err := fdbased.New(&fdbased.Options{
-		FDs: fds,
-		MTU: o.MTU,
-		// The guest kernel computes full checksums on a tun without offloads, so checking
-		// them again is wasted work; with it off, GRO's coalesced packets were dropped.
-		RXChecksumOffload: true,
-	})
-	if err != nil {
-		closeFDs()
-		return nil, fmt.Errorf("netstack: link endpoint: %w", err)
-	}
+	o.Log.Info("netstack tun link", "tun", o.TunName, "endpoint", link.String(), "mtu", o.MTU, "queues", o.Queues)
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 	})
 	ctx, cancel := context.WithCancel(context.Background())
-	st := &Stack{opts: o, s: s, fds: fds, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{},
+	st := &Stack{opts: o, s: s, link: link, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{},
 		bufTokens: make(chan struct{}, o.MaxBuffers)}
-	if err := st.configure(ep); err != nil {
+	if err := st.configure(link); err != nil {
 		s.Close()
-		closeFDs()
+		s.Wait()
+		link.Close()
 		cancel()
 		return nil, err
 	}
 	return st, nil
-}
-
-// openTun opens the device with IFF_NO_PI (and IFF_MULTI_QUEUE for more than one queue).
-func openTun(name string, queues int) ([]int, error) {
-	if queues == 1 {
-		fd, err := tun.Open(name)
-		if err != nil {
-			return nil, fmt.Errorf("netstack: open tun %s: %w", name, err)
-		}
-		return []int{fd}, nil
-	}
-	var fds []int
-	for i := 0; i < queues; i++ {
-		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err == nil {
-			var ifr *unix.Ifreq
-			if ifr, err = unix.NewIfreq(name); err == nil {
-				ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI | unix.IFF_MULTI_QUEUE)
-				err = unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr)
-			}
-			if err == nil {
-				err = unix.SetNonblock(fd, true)
-			}
-			if err != nil {
-				unix.Close(fd)
-			}
-		}
-		if err != nil {
-			for _, f := range fds {
-				unix.Close(f)
-			}
-			return nil, fmt.Errorf("netstack: open tun %s queue %d: %w", name, i, err)
-		}
-		fds = append(fds, fd)
-	}
-	return fds, nil
 }
 
 func (st *Stack) configure(ep stack.LinkEndpoint) error {
@@ -264,11 +216,12 @@ func (st *Stack) Close() {
 	st.cancel()
 	st.s.Close() // aborts every endpoint: the relays end
 	st.wg.Wait()
-	st.s.Wait() // removes the NIC, which stops the tun dispatchers and releases their eventfds
-	for _, fd := range st.fds {
-		unix.Close(fd)
-	}
+	st.s.Wait() // removes the NIC, which stops the tun readers
+	st.link.Close()
 }
+
+// Link describes the tun's link endpoint ("offload csum tso4 tso6 ..." or "plain ...").
+func (st *Stack) Link() *tunlink.Link { return st.link }
 
 // Endpoints returns the stack's registered transport endpoints (for leak checks).
 func (st *Stack) Endpoints() int { return len(st.s.RegisteredEndpoints()) }

@@ -34,6 +34,7 @@ import (
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/internal/nettest"
 	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/netstack/tunlink"
 	"github.com/agentd/agentd/policy"
 	"github.com/agentd/agentd/resolver"
 )
@@ -98,7 +99,24 @@ func mustPolicy(t testing.TB, src string) *policy.Policy {
 	return p
 }
 
-func setup(t testing.TB, pol string, tune func(*Options)) *env {
+// testLink is a tun link endpoint and MTU the suite runs on.
+type testLink struct {
+	mode tunlink.Mode
+	mtu  uint32
+}
+
+// testLinks: the plain endpoint at the MTU it needs, and the offload endpoint at that MTU and
+// at the guest's ordinary 1500 (where segments are 64 KiB only thanks to TSO and GSO).
+var testLinks = []testLink{{tunlink.Plain, 65520}, {tunlink.Offload, 65520}, {tunlink.Offload, 1500}}
+
+// eachLink runs a test once per link endpoint and MTU, as subtests.
+func eachLink(t *testing.T, f func(t *testing.T, lk testLink)) {
+	for _, lk := range testLinks {
+		t.Run(fmt.Sprintf("%s-%d", lk.mode, lk.mtu), func(t *testing.T) { f(t, lk) })
+	}
+}
+
+func setup(t testing.TB, lk testLink, pol string, tune func(*Options)) *env {
 	tp := nettest.New(t)
 	nettest.Hosts(t)
 	e := &env{tp: tp, audit: &testutil.Buffer{}}
@@ -108,7 +126,7 @@ func setup(t testing.TB, pol string, tune func(*Options)) *env {
 	e.eg = egress.New(mustPolicy(t, pol), egress.Options{HostAddrs: gw.Gateways(), Audit: e.aud})
 	up := nettest.DNSServer(t, nettest.Good, dnsTable)
 	res := resolver.New(e.eg, resolver.Options{Upstreams: []netip.AddrPort{up}})
-	o := Options{TunName: "agtun" + tp.ID, Egress: e.eg, DNS: res, Gateways: gw.Gateways(), Log: testLog(t)}
+	o := Options{TunName: "agtun" + tp.ID, Link: lk.mode, MTU: lk.mtu, Egress: e.eg, DNS: res, Gateways: gw.Gateways(), Log: testLog(t)}
 	if tune != nil {
 		tune(&o)
 	}
@@ -123,7 +141,7 @@ func setup(t testing.TB, pol string, tune func(*Options)) *env {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	if err := AttachGuest(h, o.TunName, tp.Guest.FD(), DefaultOptions.MTU, gw); err != nil {
+	if err := AttachGuest(h, o.TunName, tp.Guest.FD(), o.MTU, gw); err != nil {
 		t.Fatal(err)
 	}
 	tp.UseResolver(t, gw.ResolvConf())
@@ -162,123 +180,129 @@ func serve(t testing.TB, ip netip.Addr, port int, fn func(*net.TCPConn)) netip.A
 }
 
 func TestTCPPolicy(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	good := serve(t, nettest.Good, 0, testutil.Echo)
-	good6 := serve(t, nettest.Good6, 0, testutil.Echo)
-	badAllowed := serve(t, nettest.Bad, 18080, testutil.Echo)
-	badOther := serve(t, nettest.Bad, 0, testutil.Echo)
-	badGroup := serve(t, nettest.Bad, 18099, testutil.Echo)
-	named := serve(t, nettest.Named, 0, testutil.Echo)
-	dead := netip.AddrPortFrom(nettest.Good, uint16(testutil.ClosedPort(t)))
-	mapped := netip.AddrPortFrom(netip.AddrFrom16(nettest.Good.As16()), good.Port())
-	cases := []struct {
-		name string
-		dst  netip.AddrPort
-		ok   bool
-	}{
-		{"cidr allows", good, true},
-		{"cidr allows ipv6", good6, true},
-		{"ipv4-mapped destination is its ipv4 address", mapped, true},
-		{"port rule allows its port", badAllowed, true},
-		{"port rule denies other ports (default)", badOther, false},
-		{"group rule (public) allows its port", badGroup, true},
-		{"raw IP under a domain rule is denied", named, false},
-		{"ipv6 host outside the rules", netip.AddrPortFrom(nettest.Bad6, good6.Port()), false},
-		{"a dead upstream is refused, never connected", dead, false},
-	}
-	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			start := time.Now()
-			conn, err := e.dial("tcp", c.dst.String())
-			took := time.Since(start)
-			if !c.ok {
-				if !errors.Is(err, syscall.ECONNREFUSED) {
-					t.Fatalf("want ECONNREFUSED, got %v (conn %v)", err, conn)
-				}
-				if took > 100*time.Millisecond {
-					t.Fatalf("refused after %v, want < 100 ms", took)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			conn.Write([]byte("ping"))
-			buf := make([]byte, 4)
-			if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != "ping" {
-				t.Fatalf("echo: %q %v", buf, err)
-			}
-		})
-	}
-	if n := e.st.Counters.DialFailed.Load(); n != 1 {
-		t.Errorf("dial failures %d, want 1", n)
-	}
-	testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 0 && e.st.Endpoints() == 0 }, "relays and endpoints to end")
-	// The audit log has exactly one decision per connection attempt, with the deciding rule.
-	var decisions []egress.Record
-	for _, r := range e.records(t) {
-		if r.Event == "decision" {
-			decisions = append(decisions, r)
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		good := serve(t, nettest.Good, 0, testutil.Echo)
+		good6 := serve(t, nettest.Good6, 0, testutil.Echo)
+		badAllowed := serve(t, nettest.Bad, 18080, testutil.Echo)
+		badOther := serve(t, nettest.Bad, 0, testutil.Echo)
+		badGroup := serve(t, nettest.Bad, 18099, testutil.Echo)
+		named := serve(t, nettest.Named, 0, testutil.Echo)
+		dead := netip.AddrPortFrom(nettest.Good, uint16(testutil.ClosedPort(t)))
+		mapped := netip.AddrPortFrom(netip.AddrFrom16(nettest.Good.As16()), good.Port())
+		cases := []struct {
+			name string
+			dst  netip.AddrPort
+			ok   bool
+		}{
+			{"cidr allows", good, true},
+			{"cidr allows ipv6", good6, true},
+			{"ipv4-mapped destination is its ipv4 address", mapped, true},
+			{"port rule allows its port", badAllowed, true},
+			{"port rule denies other ports (default)", badOther, false},
+			{"group rule (public) allows its port", badGroup, true},
+			{"raw IP under a domain rule is denied", named, false},
+			{"ipv6 host outside the rules", netip.AddrPortFrom(nettest.Bad6, good6.Port()), false},
+			{"a dead upstream is refused, never connected", dead, false},
 		}
-	}
-	if len(decisions) != len(cases) {
-		t.Fatalf("%d decision records for %d connects: %+v", len(decisions), len(cases), decisions)
-	}
-	want := []string{"good", "good6", "good", "bad-port", "default", "public-18099", "default", "default", "good"}
-	for i, r := range decisions {
-		if r.Rule != want[i] || r.Protocol != "tcp" || r.Dst == "" {
-			t.Errorf("decision %d: %+v, want rule %s", i, r, want[i])
+		for _, c := range cases {
+			t.Run(c.name, func(t *testing.T) {
+				start := time.Now()
+				conn, err := e.dial("tcp", c.dst.String())
+				took := time.Since(start)
+				if !c.ok {
+					if !errors.Is(err, syscall.ECONNREFUSED) {
+						t.Fatalf("want ECONNREFUSED, got %v (conn %v)", err, conn)
+					}
+					if took > 100*time.Millisecond {
+						t.Fatalf("refused after %v, want < 100 ms", took)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close()
+				conn.Write([]byte("ping"))
+				buf := make([]byte, 4)
+				if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != "ping" {
+					t.Fatalf("echo: %q %v", buf, err)
+				}
+			})
 		}
-	}
+		if n := e.st.Counters.DialFailed.Load(); n != 1 {
+			t.Errorf("dial failures %d, want 1", n)
+		}
+		testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 0 && e.st.Endpoints() == 0 }, "relays and endpoints to end")
+		// The audit log has exactly one decision per connection attempt, with the deciding rule.
+		var decisions []egress.Record
+		for _, r := range e.records(t) {
+			if r.Event == "decision" {
+				decisions = append(decisions, r)
+			}
+		}
+		if len(decisions) != len(cases) {
+			t.Fatalf("%d decision records for %d connects: %+v", len(decisions), len(cases), decisions)
+		}
+		want := []string{"good", "good6", "good", "bad-port", "default", "public-18099", "default", "default", "good"}
+		for i, r := range decisions {
+			if r.Rule != want[i] || r.Protocol != "tcp" || r.Dst == "" {
+				t.Errorf("decision %d: %+v, want rule %s", i, r, want[i])
+			}
+		}
+	})
 }
 
 func TestHalfClose(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
+			defer c.Close()
+			b, _ := io.ReadAll(c) // until the guest's FIN comes through
+			fmt.Fprintf(c, "got %d bytes", len(b))
+		})
+		c, err := e.dial("tcp", srv.String())
+		if err != nil {
+			t.Fatal(err)
+		}
 		defer c.Close()
-		b, _ := io.ReadAll(c) // until the guest's FIN comes through
-		fmt.Fprintf(c, "got %d bytes", len(b))
+		c.Write(make([]byte, 5<<20))
+		c.(*net.TCPConn).CloseWrite()
+		reply, err := io.ReadAll(c)
+		if err != nil || string(reply) != fmt.Sprintf("got %d bytes", 5<<20) {
+			t.Fatalf("reply %q %v", reply, err)
+		}
+		c.Close()
+		testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 0 && e.st.Endpoints() == 0 }, "relays and endpoints to end")
+		recs := e.records(t)
+		last := recs[len(recs)-1]
+		if last.Event != "close" || last.BytesUp == nil || *last.BytesUp != 5<<20 || *last.BytesDown != int64(len(reply)) || last.DurationMs == nil {
+			t.Fatalf("close record %+v", last)
+		}
 	})
-	c, err := e.dial("tcp", srv.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write(make([]byte, 5<<20))
-	c.(*net.TCPConn).CloseWrite()
-	reply, err := io.ReadAll(c)
-	if err != nil || string(reply) != fmt.Sprintf("got %d bytes", 5<<20) {
-		t.Fatalf("reply %q %v", reply, err)
-	}
-	c.Close()
-	testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 0 && e.st.Endpoints() == 0 }, "relays and endpoints to end")
-	recs := e.records(t)
-	last := recs[len(recs)-1]
-	if last.Event != "close" || last.BytesUp == nil || *last.BytesUp != 5<<20 || *last.BytesDown != int64(len(reply)) || last.DurationMs == nil {
-		t.Fatalf("close record %+v", last)
-	}
 }
 
 // TestDestinationReset: a destination's RST reaches the guest as a RST.
 func TestDestinationReset(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
-		io.ReadFull(c, make([]byte, 1))
-		c.SetLinger(0)
-		c.Close()
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
+			io.ReadFull(c, make([]byte, 1))
+			c.SetLinger(0)
+			c.Close()
+		})
+		c, err := e.dial("tcp", srv.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte("x"))
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("want ECONNRESET, got %v", err)
+		}
 	})
-	c, err := e.dial("tcp", srv.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write([]byte("x"))
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	_, err = c.Read(make([]byte, 1))
-	if !errors.Is(err, syscall.ECONNRESET) {
-		t.Fatalf("want ECONNRESET, got %v", err)
-	}
 }
 
 func dig(t *testing.T, e *env, args ...string) string {
@@ -298,297 +322,311 @@ func dig(t *testing.T, e *env, args ...string) string {
 
 // TestDNS: the guest's resolver, driven by dig over UDP and TCP.
 func TestDNS(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	for _, tc := range []string{"+notcp", "+tcp"} {
-		if out := dig(t, e, tc, "named.test", "A"); !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, nettest.Named.String()) {
-			t.Fatalf("%s allowed name: %s", tc, out)
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		for _, tc := range []string{"+notcp", "+tcp"} {
+			if out := dig(t, e, tc, "named.test", "A"); !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, nettest.Named.String()) {
+				t.Fatalf("%s allowed name: %s", tc, out)
+			}
+			if out := dig(t, e, tc, "evil.test", "A"); !strings.Contains(out, "status: NXDOMAIN") {
+				t.Fatalf("%s denied name: %s", tc, out)
+			}
 		}
-		if out := dig(t, e, tc, "evil.test", "A"); !strings.Contains(out, "status: NXDOMAIN") {
-			t.Fatalf("%s denied name: %s", tc, out)
+		// good.test is reachable by its address, but no rule allows the name: the query is denied.
+		if out := dig(t, e, "good.test"); !strings.Contains(out, "status: NXDOMAIN") {
+			t.Fatalf("name without a rule: %s", out)
 		}
-	}
-	// good.test is reachable by its address, but no rule allows the name: the query is denied.
-	if out := dig(t, e, "good.test"); !strings.Contains(out, "status: NXDOMAIN") {
-		t.Fatalf("name without a rule: %s", out)
-	}
-	e.eg.Reload(mustPolicy(t, strings.Replace(testPolicy, `"rules": [`, `"rules": [{"id": "names", "destination": {"domain_suffix": "test"}, "protocols": ["udp"], "ports": [{"start": 9}], "action": "allow"},`, 1)))
-	// A public name answered with a private address is refused (rebinding) ...
-	if out := dig(t, e, "rebind.test"); !strings.Contains(out, "status: NXDOMAIN") {
-		t.Fatalf("rebinding answer: %s", out)
-	}
-	// ... unless a rule allows that name.
-	if out := dig(t, e, "lan.test"); !strings.Contains(out, "10.9.9.10") {
-		t.Fatalf("allowed private answer: %s", out)
-	}
-	if !e.eg.Pins().Has(nettest.Named, "named.test") || e.eg.Pins().Has(nettest.Named, "evil.test") {
-		t.Fatal("pins: want named.test pinned to its address and evil.test not")
-	}
-	var dns int
-	for _, r := range e.records(t) {
-		if r.Event == "dns" {
-			dns++
+		e.eg.Reload(mustPolicy(t, strings.Replace(testPolicy, `"rules": [`, `"rules": [{"id": "names", "destination": {"domain_suffix": "test"}, "protocols": ["udp"], "ports": [{"start": 9}], "action": "allow"},`, 1)))
+		// A public name answered with a private address is refused (rebinding) ...
+		if out := dig(t, e, "rebind.test"); !strings.Contains(out, "status: NXDOMAIN") {
+			t.Fatalf("rebinding answer: %s", out)
 		}
-	}
-	if dns != 7 {
-		t.Fatalf("%d dns records, want 7 (one per query)", dns)
-	}
+		// ... unless a rule allows that name.
+		if out := dig(t, e, "lan.test"); !strings.Contains(out, "10.9.9.10") {
+			t.Fatalf("allowed private answer: %s", out)
+		}
+		if !e.eg.Pins().Has(nettest.Named, "named.test") || e.eg.Pins().Has(nettest.Named, "evil.test") {
+			t.Fatal("pins: want named.test pinned to its address and evil.test not")
+		}
+		var dns int
+		for _, r := range e.records(t) {
+			if r.Event == "dns" {
+				dns++
+			}
+		}
+		if dns != 7 {
+			t.Fatalf("%d dns records, want 7 (one per query)", dns)
+		}
+	})
 }
 
 // TestDomainRule: an address is reachable under a domain rule only after the guest resolved
 // the allowed name to it, and TLS must then name an allowed, pinned server.
 func TestDomainRule(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "tls ok") }))
-	l, err := net.Listen("tcp", nettest.Named.String()+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv.Listener = l
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
-	dst := l.Addr().String()
-	if _, err := e.dial("tcp", dst); !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Fatalf("before resolving: %v", err)
-	}
-	dig(t, e, "named.test")
-	for _, c := range []struct {
-		sni string
-		ok  bool
-	}{{"named.test", true}, {"evil.test", false}, {"", true}} {
-		conn, err := e.dial("tcp", dst)
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "tls ok") }))
+		l, err := net.Listen("tcp", nettest.Named.String()+":0")
 		if err != nil {
-			t.Fatalf("after resolving: %v", err)
+			t.Fatal(err)
 		}
-		tc := tls.Client(conn, &tls.Config{ServerName: c.sni, InsecureSkipVerify: true})
-		if c.sni == "" {
-			tc = tls.Client(conn, &tls.Config{InsecureSkipVerify: true}) // an IP: no SNI sent
+		srv.Listener = l
+		srv.StartTLS()
+		t.Cleanup(srv.Close)
+		dst := l.Addr().String()
+		if _, err := e.dial("tcp", dst); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("before resolving: %v", err)
 		}
-		tc.SetDeadline(time.Now().Add(10 * time.Second))
-		err = tc.Handshake()
-		conn.Close()
-		if c.ok && err != nil {
-			t.Fatalf("sni %q: %v", c.sni, err)
+		dig(t, e, "named.test")
+		for _, c := range []struct {
+			sni string
+			ok  bool
+		}{{"named.test", true}, {"evil.test", false}, {"", true}} {
+			conn, err := e.dial("tcp", dst)
+			if err != nil {
+				t.Fatalf("after resolving: %v", err)
+			}
+			tc := tls.Client(conn, &tls.Config{ServerName: c.sni, InsecureSkipVerify: true})
+			if c.sni == "" {
+				tc = tls.Client(conn, &tls.Config{InsecureSkipVerify: true}) // an IP: no SNI sent
+			}
+			tc.SetDeadline(time.Now().Add(10 * time.Second))
+			err = tc.Handshake()
+			conn.Close()
+			if c.ok && err != nil {
+				t.Fatalf("sni %q: %v", c.sni, err)
+			}
+			if !c.ok && err == nil {
+				t.Fatalf("sni %q: handshake succeeded, want the flow cut", c.sni)
+			}
 		}
-		if !c.ok && err == nil {
-			t.Fatalf("sni %q: handshake succeeded, want the flow cut", c.sni)
+		if e.st.Counters.SNIDenied.Load() != 1 {
+			t.Fatalf("sni denials %d, want 1", e.st.Counters.SNIDenied.Load())
 		}
-	}
-	if e.st.Counters.SNIDenied.Load() != 1 {
-		t.Fatalf("sni denials %d, want 1", e.st.Counters.SNIDenied.Load())
-	}
-	// curl resolves through the guest's resolver and connects by name.
-	if _, err := exec.LookPath("curl"); err == nil {
-		url := "https://named.test:" + fmt.Sprint(l.Addr().(*net.TCPAddr).Port) + "/"
-		out, err := e.tp.Cmd("curl", "-ksS", "--max-time", "10", url).CombinedOutput()
-		if err != nil || string(out) != "tls ok" {
-			t.Fatalf("curl %s: %q %v", url, out, err)
+		// curl resolves through the guest's resolver and connects by name.
+		if _, err := exec.LookPath("curl"); err == nil {
+			url := "https://named.test:" + fmt.Sprint(l.Addr().(*net.TCPAddr).Port) + "/"
+			out, err := e.tp.Cmd("curl", "-ksS", "--max-time", "10", url).CombinedOutput()
+			if err != nil || string(out) != "tls ok" {
+				t.Fatalf("curl %s: %q %v", url, out, err)
+			}
 		}
-	}
+	})
 }
 
 func TestUDP(t *testing.T) {
-	e := setup(t, testPolicy, func(o *Options) { o.UDPIdleTimeout = 300 * time.Millisecond })
-	echo := testutil.UDPEcho(t, nettest.Good.AsSlice(), "")
-	c, err := e.dial("udp", echo.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	for i := 0; i < 3; i++ {
-		msg := fmt.Sprintf("datagram %d", i)
-		c.Write([]byte(msg))
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		buf := make([]byte, 100)
-		n, err := c.Read(buf)
-		if err != nil || string(buf[:n]) != msg {
-			t.Fatalf("udp echo: %q %v", buf[:n], err)
-		}
-	}
-	// Denied UDP (Bad allows only TCP 18080): ICMP port unreachable, read as ECONNREFUSED.
-	d, err := e.dial("udp", netip.AddrPortFrom(nettest.Bad, 18080).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	d.Write([]byte("x"))
-	d.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := d.Read(make([]byte, 10)); !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Fatalf("denied udp: %v", err)
-	}
-	if e.st.Counters.UDPDenied.Load() != 1 || e.st.Counters.UDPAllowed.Load() != 1 {
-		t.Fatalf("udp counters: allowed %d denied %d", e.st.Counters.UDPAllowed.Load(), e.st.Counters.UDPDenied.Load())
-	}
-	testutil.WaitFor(t, func() bool { return e.st.Counters.UDPActive.Load() == 0 && e.st.Endpoints() == 0 }, "the idle udp flow to end")
-}
-
-// TestReload: a live policy reload cuts a flow it no longer allows and keeps the others.
-func TestReload(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	testutil.Leaks(t)
-	good := serve(t, nettest.Good, 0, testutil.Echo)
-	bad := serve(t, nettest.Bad, 18080, testutil.Echo)
-	cg, err := e.dial("tcp", good.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cg.Close()
-	cb, err := e.dial("tcp", bad.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cb.Close()
-	if n := e.eg.Reload(mustPolicy(t, strings.Replace(testPolicy, `"198.18.0.10/32"`, `"198.18.0.99/32"`, 1))); n != 1 {
-		t.Fatalf("reload revoked %d flows, want 1", n)
-	}
-	cg.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := cg.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
-		t.Fatalf("revoked flow: want ECONNRESET, got %v", err)
-	}
-	cb.Write([]byte("still"))
-	buf := make([]byte, 5)
-	if _, err := io.ReadFull(cb, buf); err != nil {
-		t.Fatalf("kept flow: %v", err)
-	}
-	if _, err := e.dial("tcp", good.String()); !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Fatalf("new connection after reload: %v", err)
-	}
-	revoked := 0
-	for _, r := range e.records(t) {
-		if r.Event == "revoked" {
-			revoked++
-			if r.Dst != good.String() || r.Rule != "default" {
-				t.Errorf("revoked record %+v", r)
-			}
-		}
-	}
-	if revoked != 1 {
-		t.Fatalf("%d revoked records, want 1", revoked)
-	}
-}
-
-// TestCaps: the per-destination cap refuses the flow over it and counts the reason.
-func TestCaps(t *testing.T) {
-	e := setup(t, testPolicy, func(o *Options) { o.MaxFlowsPerDest = 2 })
-	srv := serve(t, nettest.Good, 0, testutil.Echo)
-	var conns []net.Conn
-	for i := 0; i < 2; i++ {
-		c, err := e.dial("tcp", srv.String())
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, func(o *Options) { o.UDPIdleTimeout = 300 * time.Millisecond })
+		echo := testutil.UDPEcho(t, nettest.Good.AsSlice(), "")
+		c, err := e.dial("udp", echo.String())
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		conns = append(conns, c)
-	}
-	if _, err := e.dial("tcp", srv.String()); !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Fatalf("third flow: %v", err)
-	}
-	if e.st.Counters.DestCapDrop.Load() != 1 {
-		t.Fatalf("dest cap drops %d", e.st.Counters.DestCapDrop.Load())
-	}
+		for i := 0; i < 3; i++ {
+			msg := fmt.Sprintf("datagram %d", i)
+			c.Write([]byte(msg))
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			buf := make([]byte, 100)
+			n, err := c.Read(buf)
+			if err != nil || string(buf[:n]) != msg {
+				t.Fatalf("udp echo: %q %v", buf[:n], err)
+			}
+		}
+		// Denied UDP (Bad allows only TCP 18080): ICMP port unreachable, read as ECONNREFUSED.
+		d, err := e.dial("udp", netip.AddrPortFrom(nettest.Bad, 18080).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		d.Write([]byte("x"))
+		d.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := d.Read(make([]byte, 10)); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("denied udp: %v", err)
+		}
+		if e.st.Counters.UDPDenied.Load() != 1 || e.st.Counters.UDPAllowed.Load() != 1 {
+			t.Fatalf("udp counters: allowed %d denied %d", e.st.Counters.UDPAllowed.Load(), e.st.Counters.UDPDenied.Load())
+		}
+		testutil.WaitFor(t, func() bool { return e.st.Counters.UDPActive.Load() == 0 && e.st.Endpoints() == 0 }, "the idle udp flow to end")
+	})
+}
+
+// TestReload: a live policy reload cuts a flow it no longer allows and keeps the others.
+func TestReload(t *testing.T) {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		testutil.Leaks(t)
+		good := serve(t, nettest.Good, 0, testutil.Echo)
+		bad := serve(t, nettest.Bad, 18080, testutil.Echo)
+		cg, err := e.dial("tcp", good.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cg.Close()
+		cb, err := e.dial("tcp", bad.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cb.Close()
+		if n := e.eg.Reload(mustPolicy(t, strings.Replace(testPolicy, `"198.18.0.10/32"`, `"198.18.0.99/32"`, 1))); n != 1 {
+			t.Fatalf("reload revoked %d flows, want 1", n)
+		}
+		cg.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := cg.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("revoked flow: want ECONNRESET, got %v", err)
+		}
+		cb.Write([]byte("still"))
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(cb, buf); err != nil {
+			t.Fatalf("kept flow: %v", err)
+		}
+		if _, err := e.dial("tcp", good.String()); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("new connection after reload: %v", err)
+		}
+		revoked := 0
+		for _, r := range e.records(t) {
+			if r.Event == "revoked" {
+				revoked++
+				if r.Dst != good.String() || r.Rule != "default" {
+					t.Errorf("revoked record %+v", r)
+				}
+			}
+		}
+		if revoked != 1 {
+			t.Fatalf("%d revoked records, want 1", revoked)
+		}
+	})
+}
+
+// TestCaps: the per-destination cap refuses the flow over it and counts the reason.
+func TestCaps(t *testing.T) {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, func(o *Options) { o.MaxFlowsPerDest = 2 })
+		srv := serve(t, nettest.Good, 0, testutil.Echo)
+		var conns []net.Conn
+		for i := 0; i < 2; i++ {
+			c, err := e.dial("tcp", srv.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			conns = append(conns, c)
+		}
+		if _, err := e.dial("tcp", srv.String()); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("third flow: %v", err)
+		}
+		if e.st.Counters.DestCapDrop.Load() != 1 {
+			t.Fatalf("dest cap drops %d", e.st.Counters.DestCapDrop.Load())
+		}
+	})
 }
 
 // TestCurl: a real client in the guest namespace fetches through the netstack.
 func TestCurl(t *testing.T) {
-	if _, err := exec.LookPath("curl"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("curl is missing: .ci/run should have installed it")
+	eachLink(t, func(t *testing.T, lk testLink) {
+		if _, err := exec.LookPath("curl"); err != nil {
+			if os.Getenv("CI") != "" {
+				t.Fatal("curl is missing: .ci/run should have installed it")
+			}
+			t.Skip("curl not installed")
 		}
-		t.Skip("curl not installed")
-	}
-	e := setup(t, testPolicy, nil)
-	l, err := net.Listen("tcp", nettest.Good.String()+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "hello through the netstack") })}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	out, err := e.tp.Cmd("curl", "-sS", "--max-time", "10", "http://"+l.Addr().String()+"/").CombinedOutput()
-	if err != nil || string(out) != "hello through the netstack" {
-		t.Fatalf("curl: %q %v", out, err)
-	}
-	cmd := e.tp.Cmd("curl", "-sS", "--max-time", "10", "http://"+nettest.Bad.String()+":80/")
-	out, err = cmd.CombinedOutput()
-	if cmd.ProcessState.ExitCode() != 7 { // CURLE_COULDNT_CONNECT: refused, not timed out
-		t.Fatalf("curl to a denied host: %q %v", out, err)
-	}
+		e := setup(t, lk, testPolicy, nil)
+		l, err := net.Listen("tcp", nettest.Good.String()+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "hello through the netstack") })}
+		go srv.Serve(l)
+		t.Cleanup(func() { srv.Close() })
+		out, err := e.tp.Cmd("curl", "-sS", "--max-time", "10", "http://"+l.Addr().String()+"/").CombinedOutput()
+		if err != nil || string(out) != "hello through the netstack" {
+			t.Fatalf("curl: %q %v", out, err)
+		}
+		cmd := e.tp.Cmd("curl", "-sS", "--max-time", "10", "http://"+nettest.Bad.String()+":80/")
+		out, err = cmd.CombinedOutput()
+		if cmd.ProcessState.ExitCode() != 7 { // CURLE_COULDNT_CONNECT: refused, not timed out
+			t.Fatalf("curl to a denied host: %q %v", out, err)
+		}
+	})
 }
 
 // TestManyConnections: 5,000 concurrent guest connections through the stack, then no leaked
 // relays, goroutines or gVisor endpoints.
 func TestManyConnections(t *testing.T) {
-	n := 5000
-	if testing.Short() {
-		n = 500
-	}
-	e := setup(t, testPolicy, nil)
-	srv := serve(t, nettest.Good, 0, testutil.Echo)
-	// Checked with the stack still up (gVisor's tun dispatcher keeps one eventfd per stack
-	// after it stops), so this sees what 5,000 connections leave behind.
-	testutil.Leaks(t)
-	conns := make([]net.Conn, n)
-	var wg sync.WaitGroup
-	errs := make(chan error, n)
-	sem := make(chan struct{}, 64) // at most 64 handshakes in flight from the guest
-	for i := range conns {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			c, err := e.dial("tcp", srv.String())
-			if err != nil {
-				errs <- fmt.Errorf("connection %d: %w", i, err)
-				return
-			}
-			conns[i] = c
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		out, _ := e.tp.Cmd("nstat", "-az").CombinedOutput()
-		for _, l := range strings.Split(string(out), "\n") {
-			if f := strings.Fields(l); len(f) > 1 && f[1] != "0" {
-				t.Log(l)
-			}
+	eachLink(t, func(t *testing.T, lk testLink) {
+		n := 5000
+		if testing.Short() {
+			n = 500
 		}
-		c := &e.st.Counters
-		t.Fatalf("%v (dial failed %d, handshake failed %d, denied %d, caps %d/%d; gVisor: %s)", err, c.DialFailed.Load(),
-			c.HandshakeFailed.Load(), c.Denied.Load(), c.FlowCapDrop.Load(), c.DestCapDrop.Load(), tcpStats(e.st))
-	}
-	for i, c := range conns {
-		msg := []byte(fmt.Sprintf("conn %d", i))
-		c.Write(msg)
-		buf := make([]byte, len(msg))
-		c.SetReadDeadline(time.Now().Add(30 * time.Second))
-		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != string(msg) {
-			t.Fatalf("conn %d: %q %v", i, buf, err)
+		e := setup(t, lk, testPolicy, nil)
+		srv := serve(t, nettest.Good, 0, testutil.Echo)
+		// Checked with the stack still up (gVisor's tun dispatcher keeps one eventfd per stack
+		// after it stops), so this sees what 5,000 connections leave behind.
+		testutil.Leaks(t)
+		conns := make([]net.Conn, n)
+		var wg sync.WaitGroup
+		errs := make(chan error, n)
+		sem := make(chan struct{}, 64) // at most 64 handshakes in flight from the guest
+		for i := range conns {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				c, err := e.dial("tcp", srv.String())
+				if err != nil {
+					errs <- fmt.Errorf("connection %d: %w", i, err)
+					return
+				}
+				conns[i] = c
+			}()
 		}
-	}
-	if a := e.st.Counters.Active.Load(); a != int64(n) {
-		t.Fatalf("%d active relays, want %d", a, n)
-	}
-	for _, c := range conns {
-		c.Close()
-	}
-	deadline := time.Now().Add(60 * time.Second) // a LAST_ACK retransmission can take a while under -race
-	for e.st.Counters.Active.Load() != 0 || e.st.Endpoints() != 0 {
-		if time.Now().After(deadline) {
-			var b strings.Builder
-			pprof.Lookup("goroutine").WriteTo(&b, 1)
-			for _, g := range strings.Split(b.String(), "\n\n") {
-				if strings.Contains(g, "netstack.(*tcpFlow)") {
-					t.Log(g)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			out, _ := e.tp.Cmd("nstat", "-az").CombinedOutput()
+			for _, l := range strings.Split(string(out), "\n") {
+				if f := strings.Fields(l); len(f) > 1 && f[1] != "0" {
+					t.Log(l)
 				}
 			}
-			t.Fatalf("after closing: %d relays active, %d gVisor endpoints registered", e.st.Counters.Active.Load(), e.st.Endpoints())
+			c := &e.st.Counters
+			t.Fatalf("%v (dial failed %d, handshake failed %d, denied %d, caps %d/%d; gVisor: %s)", err, c.DialFailed.Load(),
+				c.HandshakeFailed.Load(), c.Denied.Load(), c.FlowCapDrop.Load(), c.DestCapDrop.Load(), tcpStats(e.st))
 		}
-		time.Sleep(20 * time.Millisecond) // polling counters owned by the stack's goroutines
-	}
-	if e.eg.Open() != 0 {
-		t.Fatalf("%d flows still open in the egress table", e.eg.Open())
-	}
+		for i, c := range conns {
+			msg := []byte(fmt.Sprintf("conn %d", i))
+			c.Write(msg)
+			buf := make([]byte, len(msg))
+			c.SetReadDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != string(msg) {
+				t.Fatalf("conn %d: %q %v", i, buf, err)
+			}
+		}
+		if a := e.st.Counters.Active.Load(); a != int64(n) {
+			t.Fatalf("%d active relays, want %d", a, n)
+		}
+		for _, c := range conns {
+			c.Close()
+		}
+		deadline := time.Now().Add(60 * time.Second) // a LAST_ACK retransmission can take a while under -race
+		for e.st.Counters.Active.Load() != 0 || e.st.Endpoints() != 0 {
+			if time.Now().After(deadline) {
+				var b strings.Builder
+				pprof.Lookup("goroutine").WriteTo(&b, 1)
+				for _, g := range strings.Split(b.String(), "\n\n") {
+					if strings.Contains(g, "netstack.(*tcpFlow)") {
+						t.Log(g)
+					}
+				}
+				t.Fatalf("after closing: %d relays active, %d gVisor endpoints registered", e.st.Counters.Active.Load(), e.st.Endpoints())
+			}
+			time.Sleep(20 * time.Millisecond) // polling counters owned by the stack's goroutines
+		}
+		if e.eg.Open() != 0 {
+			t.Fatalf("%d flows still open in the egress table", e.eg.Open())
+		}
+	})
 }
 
 // tcpStats lists gVisor's non-zero TCP counters (for failure messages).
@@ -608,125 +646,133 @@ func tcpStats(st *Stack) string {
 // TestDialIntoGuest: the netstack dialer reaches a service in the guest through the tun, from
 // the gateway address (core.tcp's "netstack" dialer).
 func TestDialIntoGuest(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	// A TCP server inside the guest namespace: socat via ip netns exec.
-	port := testutil.ClosedPort(t)
-	srv := e.tp.Cmd("socat", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", port, DefaultGuestNet.Addr4.Addr()), "EXEC:cat")
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
-	dst := netip.AddrPortFrom(DefaultGuestNet.Addr4.Addr(), uint16(port)).String()
-	var c net.Conn
-	var err error
-	testutil.WaitFor(t, func() bool {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		c, err = e.st.DialContext(ctx, "tcp", dst)
-		return err == nil
-	}, "the guest's socat to listen")
-	defer c.Close()
-	c.Write([]byte("into the guest"))
-	buf := make([]byte, 14)
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "into the guest" {
-		t.Fatalf("echo: %q %v", buf, err)
-	}
-	if got := c.LocalAddr().String(); !strings.HasPrefix(got, DefaultGuestNet.Gateway4.String()+":") {
-		t.Fatalf("local address %s, want the gateway", got)
-	}
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		// A TCP server inside the guest namespace: socat via ip netns exec.
+		port := testutil.ClosedPort(t)
+		srv := e.tp.Cmd("socat", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", port, DefaultGuestNet.Addr4.Addr()), "EXEC:cat")
+		if err := srv.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { srv.Process.Kill(); srv.Wait() }()
+		dst := netip.AddrPortFrom(DefaultGuestNet.Addr4.Addr(), uint16(port)).String()
+		var c net.Conn
+		var err error
+		testutil.WaitFor(t, func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			c, err = e.st.DialContext(ctx, "tcp", dst)
+			return err == nil
+		}, "the guest's socat to listen")
+		defer c.Close()
+		c.Write([]byte("into the guest"))
+		buf := make([]byte, 14)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "into the guest" {
+			t.Fatalf("echo: %q %v", buf, err)
+		}
+		if got := c.LocalAddr().String(); !strings.HasPrefix(got, DefaultGuestNet.Gateway4.String()+":") {
+			t.Fatalf("local address %s, want the gateway", got)
+		}
+	})
 }
 
 // TestICMPEcho: the gateway answers echo requests itself (a guest can ping its resolver);
 // echo to other hosts is not forwarded, allowed or not, so it reveals nothing beyond the tun.
 func TestICMPEcho(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	for _, c := range []struct {
-		dst   string
-		reply bool
-	}{{DefaultGuestNet.Gateway4.String(), true}, {nettest.Good.String(), false}, {nettest.Bad.String(), false}} {
-		fd, err := e.tp.Guest.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := os.NewFile(uintptr(fd), "icmp")
-		pc, err := net.FilePacketConn(f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		msg, _ := (&icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: 7, Seq: 1, Data: []byte("agentd")}}).Marshal(nil)
-		pc.WriteTo(msg, &net.IPAddr{IP: net.ParseIP(c.dst)})
-		pc.SetReadDeadline(time.Now().Add(500 * time.Millisecond)) // proving silence needs a wait
-		buf := make([]byte, 1500)
-		n, _, err := pc.ReadFrom(buf)
-		pc.Close()
-		if !c.reply {
-			if err == nil {
-				t.Errorf("%s: echo answered, want silence", c.dst)
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		for _, c := range []struct {
+			dst   string
+			reply bool
+		}{{DefaultGuestNet.Gateway4.String(), true}, {nettest.Good.String(), false}, {nettest.Bad.String(), false}} {
+			fd, err := e.tp.Guest.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP)
+			if err != nil {
+				t.Fatal(err)
 			}
-			continue
+			f := os.NewFile(uintptr(fd), "icmp")
+			pc, err := net.FilePacketConn(f)
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			msg, _ := (&icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: 7, Seq: 1, Data: []byte("agentd")}}).Marshal(nil)
+			pc.WriteTo(msg, &net.IPAddr{IP: net.ParseIP(c.dst)})
+			pc.SetReadDeadline(time.Now().Add(500 * time.Millisecond)) // proving silence needs a wait
+			buf := make([]byte, 1500)
+			n, _, err := pc.ReadFrom(buf)
+			pc.Close()
+			if !c.reply {
+				if err == nil {
+					t.Errorf("%s: echo answered, want silence", c.dst)
+				}
+				continue
+			}
+			m, perr := icmp.ParseMessage(1, buf[:max(n, 0)])
+			if err != nil || perr != nil || m.Type != ipv4.ICMPTypeEchoReply {
+				t.Errorf("%s: want an echo reply: %v %v", c.dst, err, perr)
+			}
 		}
-		m, perr := icmp.ParseMessage(1, buf[:max(n, 0)])
-		if err != nil || perr != nil || m.Type != ipv4.ICMPTypeEchoReply {
-			t.Errorf("%s: want an echo reply: %v %v", c.dst, err, perr)
-		}
-	}
+	})
 }
 
 // TestBufferBudget: with room for a single relay buffer in the whole stack, four flows moving
 // data both ways at once still all complete (flows wait for the buffer, none deadlocks).
 func TestBufferBudget(t *testing.T) {
-	e := setup(t, testPolicy, func(o *Options) { o.MaxBuffers = 1 })
-	srv := serve(t, nettest.Good, 0, testutil.Echo)
-	errs := make(chan error, 4)
-	for i := 0; i < 4; i++ {
-		go func() {
-			c, err := e.dial("tcp", srv.String())
-			if err != nil {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, func(o *Options) { o.MaxBuffers = 1 })
+		srv := serve(t, nettest.Good, 0, testutil.Echo)
+		errs := make(chan error, 4)
+		for i := 0; i < 4; i++ {
+			go func() {
+				c, err := e.dial("tcp", srv.String())
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer c.Close()
+				go func() { c.Write(make([]byte, 4<<20)); c.(*net.TCPConn).CloseWrite() }()
+				c.SetReadDeadline(time.Now().Add(30 * time.Second))
+				n, err := io.Copy(io.Discard, c)
+				if err == nil && n != 4<<20 {
+					err = fmt.Errorf("echoed %d bytes", n)
+				}
 				errs <- err
-				return
-			}
-			defer c.Close()
-			go func() { c.Write(make([]byte, 4<<20)); c.(*net.TCPConn).CloseWrite() }()
-			c.SetReadDeadline(time.Now().Add(30 * time.Second))
-			n, err := io.Copy(io.Discard, c)
-			if err == nil && n != 4<<20 {
-				err = fmt.Errorf("echoed %d bytes", n)
-			}
-			errs <- err
-		}()
-	}
-	for i := 0; i < 4; i++ {
-		if err := <-errs; err != nil {
-			t.Fatal(err)
+			}()
 		}
-	}
-	if n := len(e.st.bufTokens); n != 0 {
-		t.Fatalf("%d buffers still taken", n)
-	}
+		for i := 0; i < 4; i++ {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := len(e.st.bufTokens); n != 0 {
+			t.Fatalf("%d buffers still taken", n)
+		}
+	})
 }
 
 // TestCloseWithOpenFlows: closing the stack ends every flow, a half-closed one whose upstream
 // stays silent included (Close used to wait for it forever).
 func TestCloseWithOpenFlows(t *testing.T) {
-	e := setup(t, testPolicy, nil)
-	quiet := make(chan struct{})
-	defer close(quiet)
-	silent := serve(t, nettest.Good, 0, func(c *net.TCPConn) { io.Copy(io.Discard, c); <-quiet; c.Close() })
-	c, err := e.dial("tcp", silent.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write([]byte("hello"))
-	c.(*net.TCPConn).CloseWrite() // the guest's side is done; the server never answers
-	testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 1 }, "the flow to be relayed")
-	done := make(chan struct{})
-	go func() { e.st.Close(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close did not return with a half-closed flow open")
-	}
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		quiet := make(chan struct{})
+		defer close(quiet)
+		silent := serve(t, nettest.Good, 0, func(c *net.TCPConn) { io.Copy(io.Discard, c); <-quiet; c.Close() })
+		c, err := e.dial("tcp", silent.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte("hello"))
+		c.(*net.TCPConn).CloseWrite() // the guest's side is done; the server never answers
+		testutil.WaitFor(t, func() bool { return e.st.Counters.Active.Load() == 1 }, "the flow to be relayed")
+		done := make(chan struct{})
+		go func() { e.st.Close(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("Close did not return with a half-closed flow open")
+		}
+	})
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/netns"
 	"github.com/agentd/agentd/netstack"
+	"github.com/agentd/agentd/netstack/tunlink"
 	"github.com/agentd/agentd/policy"
 	"github.com/agentd/agentd/resolver"
 	"github.com/agentd/agentd/streams"
@@ -35,6 +36,7 @@ type egressOptions struct {
 	uplink     string // interfaces moved into agentd's private uplink namespace
 	dns        string // upstream resolvers
 	tunName    string
+	link       string // tun link endpoint: auto, offload or plain
 	mtu        uint
 	queues     int
 	// initial is the policy main read to check it before any side effect (nil: not read yet).
@@ -50,6 +52,7 @@ func (e *egressOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&e.uplink, "egress-uplink", "", "comma-separated `INTERFACES` moved into a namespace only agentd uses, so workloads have no path around the tun")
 	fs.StringVar(&e.dns, "egress-dns", "", "comma-separated upstream resolvers `ADDR[:PORT]` (default: the nameservers of /etc/resolv.conf at start)")
 	fs.StringVar(&e.tunName, "egress-tun", netstack.DefaultOptions.TunName, "tun device `NAME`")
+	fs.StringVar(&e.link, "egress-link", string(tunlink.Auto), "tun link endpoint: auto (virtio-net header offloads when the kernel has them, else plain; logged at start), offload, or plain")
 	fs.UintVar(&e.mtu, "egress-mtu", uint(netstack.DefaultOptions.MTU), "tun MTU")
 	fs.IntVar(&e.queues, "egress-queues", netstack.DefaultOptions.Queues, "tun queues (IFF_MULTI_QUEUE when more than 1)")
 }
@@ -62,6 +65,9 @@ func (e *egressOptions) check() error {
 	}
 	if e.mtu < 1280 || e.mtu > 65520 {
 		return fmt.Errorf("--egress-mtu %d: must be between 1280 and 65520", e.mtu)
+	}
+	if _, err := tunlink.ParseMode(e.link); err != nil {
+		return fmt.Errorf("--egress-link: %w", err)
 	}
 	if e.queues < 1 || e.queues > 16 {
 		return fmt.Errorf("--egress-queues %d: must be between 1 and 16", e.queues)
@@ -198,7 +204,8 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 		resDial = dial
 	}
 	rt.res = resolver.New(rt.svc, resolver.Options{Upstreams: ups, Dial: resDial})
-	st, err := netstack.New(netstack.Options{TunName: e.tunName, MTU: uint32(e.mtu), Queues: e.queues, Egress: rt.svc,
+	link, _ := tunlink.ParseMode(e.link)
+	st, err := netstack.New(netstack.Options{TunName: e.tunName, Link: link, MTU: uint32(e.mtu), Queues: e.queues, Egress: rt.svc,
 		DNS: rt.res, Gateways: gw.Gateways(), Dial: dial, Log: log.With("component", "netstack")})
 	if err != nil {
 		return nil, err

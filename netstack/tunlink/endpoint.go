@@ -1,0 +1,289 @@
+package tunlink
+
+import (
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// maxPacket is the largest packet a tun hands over or takes: a 64 KiB super-packet (the
+// kernel's GSO limit on a tun), which is also gVisor's largest pooled chunk.
+const maxPacket = 1 << 16
+
+// copyBelow: a packet up to this size is copied out of the reader's 64 KiB buffer into a chunk
+// of its own size, and the buffer is reused; a larger one takes the buffer with it (and a fresh
+// one is made). So a small packet queued in a receive buffer never pins 64 KiB, and the
+// common case of the guest's TSO super-packets costs no copy.
+const copyBelow = 16 << 10
+
+// maxIovs bounds the pieces of one outbound packet written in one writev (the virtio header,
+// the headers, the payload's chunks); a packet in more pieces is flattened first.
+const maxIovs = 32
+
+// endpoint is the offload link endpoint: a gVisor LinkEndpoint on tun queues opened with
+// IFF_VNET_HDR and TUNSETOFFLOAD. Inbound, the guest kernel's TSO super-packets go to the stack
+// whole (one large segment each, no split, no checksum), and USO super-packets are split into
+// their datagrams. Outbound, the stack builds segments of up to 64 KiB (host GSO), which go out
+// with a virtio header telling the guest kernel the segment size and that the TCP checksum is
+// partial: the guest takes them as one large receive, like GRO's output.
+type endpoint struct {
+	files []*os.File // one per queue; reads go through the runtime poller
+	fds   []int      // the same descriptors, for writes (valid until Close)
+	mtu   atomic.Uint32
+
+	mu         sync.Mutex
+	dispatcher stack.NetworkDispatcher
+	wg         sync.WaitGroup
+
+	// Dropped counts inbound packets that were not well-formed (for tests and logs).
+	dropped atomic.Uint64
+}
+
+var _ stack.LinkEndpoint = (*endpoint)(nil)
+var _ stack.GSOEndpoint = (*endpoint)(nil)
+
+func newEndpoint(fds []int, mtu uint32) *endpoint {
+	e := &endpoint{fds: fds}
+	for _, fd := range fds {
+		e.files = append(e.files, os.NewFile(uintptr(fd), "tun"))
+	}
+	e.mtu.Store(mtu)
+	return e
+}
+
+// Attach starts one reader per queue (or stops them, with nil).
+func (e *endpoint) Attach(d stack.NetworkDispatcher) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if d == nil {
+		if e.dispatcher != nil {
+			for _, f := range e.files {
+				f.SetReadDeadline(time.Unix(1, 0)) // wakes the reader, which then returns
+			}
+			e.wg.Wait()
+			e.dispatcher = nil
+		}
+		return
+	}
+	if e.dispatcher != nil {
+		return
+	}
+	e.dispatcher = d
+	for _, f := range e.files {
+		f.SetReadDeadline(time.Time{})
+		e.wg.Add(1)
+		go func() {
+			defer e.wg.Done()
+			e.readLoop(f, d)
+		}()
+	}
+}
+
+func (e *endpoint) IsAttached() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.dispatcher != nil
+}
+
+// readLoop reads packets from one queue and hands them to the stack on this goroutine.
+func (e *endpoint) readLoop(f *os.File, d stack.NetworkDispatcher) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	var vh [vnetHdrLen]byte
+	var segHdr [maxUDPSegHeader]byte
+	v := buffer.NewViewSize(maxPacket)
+	defer func() { v.Release() }()
+	var iov [2]unix.Iovec
+	var n int
+	var errno unix.Errno
+	read := func(fd uintptr) bool {
+		iov[0].Base = &vh[0]
+		iov[0].SetLen(vnetHdrLen)
+		iov[1].Base = v.BasePtr()
+		iov[1].SetLen(maxPacket)
+		for {
+			r, _, en := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iov[0])), 2)
+			if en == unix.EINTR {
+				continue
+			}
+			n, errno = int(r), en
+			return en != unix.EAGAIN
+		}
+	}
+	for {
+		err := rc.Read(read)
+		if err != nil { // the deadline Attach(nil) sets, or the file closed
+			return
+		}
+		if errno != 0 || n <= vnetHdrLen {
+			if errno == unix.EBADFD || errno == unix.EIO { // the device is gone
+				return
+			}
+			continue
+		}
+		v = e.deliver(d, decodeVnetHdr(vh[:]), v, n-vnetHdrLen, &segHdr)
+	}
+}
+
+// deliver hands the packet in the first n bytes of v to the stack and returns the buffer for
+// the next read (v itself, or a fresh one when the packet kept v).
+func (e *endpoint) deliver(d stack.NetworkDispatcher, h vnetHdr, v *buffer.View, n int, segHdr *[maxUDPSegHeader]byte) *buffer.View {
+	b := v.AsSlice()[:n]
+	switch classifyInbound(h, b) {
+	case onePacket:
+		if n <= copyBelow {
+			dispatch(d, buffer.NewViewWithData(b))
+			return v
+		}
+		v.CapLength(n)
+		dispatch(d, v)
+		return buffer.NewViewSize(maxPacket)
+	case udpSegments:
+		splitUDP(h, b, segHdr, func(hdr, payload []byte) {
+			sv := buffer.NewView(len(hdr) + len(payload))
+			sv.Write(hdr)
+			sv.Write(payload)
+			dispatch(d, sv)
+		})
+		return v
+	default:
+		e.dropped.Add(1)
+		return v
+	}
+}
+
+// dispatch gives one IP packet (owned by v) to the stack.
+func dispatch(d stack.NetworkDispatcher, v *buffer.View) {
+	proto := header.IPv4ProtocolNumber
+	if v.AsSlice()[0]>>4 == 6 {
+		proto = header.IPv6ProtocolNumber
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
+	pkt.NetworkProtocolNumber = proto
+	d.DeliverNetworkPacket(proto, pkt)
+	pkt.DecRef()
+}
+
+// WritePackets writes each packet with its virtio header in one writev on the queue its flow
+// hashes to. A packet the tun refuses is dropped, as a NIC would.
+func (e *endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	sent := 0
+	for _, pkt := range pkts.AsSlice() {
+		if err := e.writePacket(pkt); err != nil {
+			if sent == 0 {
+				return 0, err
+			}
+			break
+		}
+		sent++
+	}
+	return sent, nil
+}
+
+func (e *endpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
+	var vh [vnetHdrLen]byte
+	if gso := pkt.GSOOptions; gso.Type == stack.GSOTCPv4 || gso.Type == stack.GSOTCPv6 {
+		h := vnetHdr{hdrLen: uint16(pkt.HeaderSize())}
+		if gso.NeedsCsum { // the stack summed only the pseudo-header: the guest does the rest
+			h.flags = unix.VIRTIO_NET_HDR_F_NEEDS_CSUM
+			h.csumStart = uint16(len(pkt.NetworkHeader().Slice()))
+			h.csumOffset = gso.CsumOffset
+		}
+		if pkt.Data().Size() > int(gso.MSS) {
+			h.gsoType = unix.VIRTIO_NET_HDR_GSO_TCPV4
+			if gso.Type == stack.GSOTCPv6 {
+				h.gsoType = unix.VIRTIO_NET_HDR_GSO_TCPV6
+			}
+			h.gsoSize = gso.MSS
+		}
+		h.encode(vh[:])
+	}
+	var iovs [maxIovs]unix.Iovec
+	iovs[0].Base = &vh[0]
+	iovs[0].SetLen(vnetHdrLen)
+	n := 1
+	views, off := pkt.AsViewList()
+	for v := views.Front(); v != nil; v = v.Next() {
+		s := v.AsSlice()
+		if off >= len(s) {
+			off -= len(s)
+			continue
+		}
+		s, off = s[off:], 0
+		if n == maxIovs { // too many pieces: write a flat copy instead
+			return e.writeFlat(pkt, vh[:])
+		}
+		iovs[n].Base = &s[0]
+		iovs[n].SetLen(len(s))
+		n++
+	}
+	fd := e.fds[pkt.Hash%uint32(len(e.fds))]
+	for {
+		_, _, en := unix.Syscall(unix.SYS_WRITEV, uintptr(fd), uintptr(unsafe.Pointer(&iovs[0])), uintptr(n))
+		switch en {
+		case 0:
+			return nil
+		case unix.EINTR:
+			continue
+		default:
+			return tcpip.TranslateErrno(en)
+		}
+	}
+}
+
+func (e *endpoint) writeFlat(pkt *stack.PacketBuffer, vh []byte) tcpip.Error {
+	buf := pkt.ToBuffer()
+	defer buf.Release()
+	b := append(append(make([]byte, 0, vnetHdrLen+int(buf.Size())), vh...), buf.Flatten()...)
+	fd := e.fds[pkt.Hash%uint32(len(e.fds))]
+	for {
+		_, err := unix.Write(fd, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return tcpip.TranslateErrno(err.(unix.Errno))
+		}
+		return nil
+	}
+}
+
+func (e *endpoint) MTU() uint32                             { return e.mtu.Load() }
+func (e *endpoint) SetMTU(mtu uint32)                       { e.mtu.Store(mtu) }
+func (e *endpoint) MaxHeaderLength() uint16                 { return 0 }
+func (e *endpoint) LinkAddress() tcpip.LinkAddress          { return "" }
+func (e *endpoint) SetLinkAddress(tcpip.LinkAddress)        {}
+func (e *endpoint) Wait()                                   { e.wg.Wait() }
+func (e *endpoint) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareNone }
+func (e *endpoint) AddHeader(*stack.PacketBuffer)           {}
+func (e *endpoint) ParseHeader(*stack.PacketBuffer) bool    { return true }
+func (e *endpoint) Close()                                  {}
+func (e *endpoint) SetOnCloseAction(func())                 {}
+
+// Capabilities: received packets' checksums are not checked (the guest kernel leaves them
+// partial on a tun with TUN_F_CSUM, and a packet on a tun cannot be corrupted in transit).
+func (e *endpoint) Capabilities() stack.LinkEndpointCapabilities {
+	return stack.CapabilityRXChecksumOffload
+}
+
+// GSOMaxSize and SupportedGSO make the stack's TCP build segments of up to 64 KiB with a
+// partial checksum (host GSO): the virtio header carries them to the guest whole.
+func (e *endpoint) GSOMaxSize() uint32               { return maxPacket }
+func (e *endpoint) SupportedGSO() stack.SupportedGSO { return stack.HostGSOSupported }
+
+// closeFiles closes the queues (after the stack has stopped using the endpoint).
+func (e *endpoint) closeFiles() {
+	for _, f := range e.files {
+		f.Close()
+	}
+}
