@@ -50,7 +50,8 @@ const chunk = 64 << 10
 
 // TestMain doubles as the plain-copy relay: with AGENTD_BENCH_COPIER="UNIXSOCK TCPADDR" the
 // test binary connects the channel socket to the destination and copies bytes both ways,
-// which is what agentd does minus the protocol.
+// which is what agentd does minus the protocol; with AGENTD_BENCH_RELAY it is the egress
+// report's TCP copy relay (relayMain).
 func TestMain(m *testing.M) {
 	if spec := os.Getenv("AGENTD_BENCH_COPIER"); spec != "" {
 		var sock, dst string
@@ -73,6 +74,9 @@ func TestMain(m *testing.M) {
 		d.(*net.TCPConn).CloseWrite()
 		<-done
 		os.Exit(0)
+	}
+	if spec := os.Getenv("AGENTD_BENCH_RELAY"); spec != "" {
+		relayMain(spec) // the copy relay of the egress report
 	}
 	flag.Parse()
 	os.Exit(m.Run())

@@ -158,7 +158,7 @@ func New(o Options) (*Stack, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	st := &Stack{opts: o, s: s, link: link, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{},
 		bufTokens: make(chan struct{}, o.MaxBuffers)}
-	if err := st.configure(link); err != nil {
+	if err := st.configure(link.Endpoint); err != nil {
 		s.Close()
 		s.Wait()
 		link.Close()

@@ -776,3 +776,88 @@ func TestCloseWithOpenFlows(t *testing.T) {
 		}
 	})
 }
+
+// TestLargeSegments: bulk data crosses the tun in large segments both ways on every link
+// (the offload endpoint's TSO in and GSO out at MTU 1500; the MTU itself on the plain one), so
+// that the per-packet cost is paid per 64 KiB, not per 1500 bytes.
+func TestLargeSegments(t *testing.T) {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		const n = 8 << 20
+		srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
+			defer c.Close()
+			io.Copy(io.Discard, c)
+			c.Write(make([]byte, n))
+		})
+		c, err := e.dial("tcp", srv.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		stats := e.st.Stats().TCP
+		in0, out0 := stats.ValidSegmentsReceived.Value(), stats.SegmentsSent.Value()
+		c.Write(make([]byte, n))
+		c.(*net.TCPConn).CloseWrite()
+		c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		if got, err := io.Copy(io.Discard, c); err != nil || got != n {
+			t.Fatalf("downloaded %d bytes, %v", got, err)
+		}
+		in, out := stats.ValidSegmentsReceived.Value()-in0, stats.SegmentsSent.Value()-out0
+		// 8 MiB in 1448-byte segments would be 5,800 each way (plus as many ACKs sent back);
+		// in 64 KiB ones, 128. Allow for small segments at the window's edges.
+		if in > n/(8<<10) || out > n/(8<<10)+in {
+			t.Fatalf("8 MiB each way took %d segments in and %d out (link %s)", in, out, e.st.Link())
+		}
+		if lk.mode == tunlink.Offload && lk.mtu < 65520 && e.st.Link().Stats().SuperTCP == 0 {
+			t.Fatal("no TSO super-packet came through the offload endpoint")
+		}
+		t.Logf("8 MiB each way: %d segments in, %d out (link %s)", in, out, e.st.Link())
+	})
+}
+
+// TestUDPSegments: a guest sending with UDP_SEGMENT (one super-packet through the tun with the
+// offload endpoint's USO) delivers each datagram separately, with its own bytes.
+func TestUDPSegments(t *testing.T) {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: nettest.Good.AsSlice()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		fd, err := e.tp.Guest.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		dst := pc.LocalAddr().(*net.UDPAddr)
+		if err := unix.Connect(fd, &unix.SockaddrInet4{Addr: nettest.Good.As4(), Port: dst.Port}); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.SetsockoptInt(fd, unix.SOL_UDP, unix.UDP_SEGMENT, 1000); err != nil {
+			t.Skipf("UDP_SEGMENT: %v", err)
+		}
+		msg := make([]byte, 4500)
+		for i := range msg {
+			msg[i] = byte(i / 1000)
+		}
+		if _, err := unix.Write(fd, msg); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 65536)
+		for i := 0; i < 5; i++ {
+			pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+			n, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				t.Fatalf("datagram %d: %v", i, err)
+			}
+			want := msg[i*1000 : min((i+1)*1000, len(msg))]
+			if string(buf[:n]) != string(want) {
+				t.Fatalf("datagram %d: %d bytes starting %d, want %d bytes of %d", i, n, buf[0], len(want), want[0])
+			}
+		}
+		if st := e.st.Link().Stats(); lk.mode == tunlink.Offload && strings.Contains(e.st.Link().Features, "uso4") && st.SuperUDP != 1 {
+			t.Fatalf("%d USO super-packets split (link %s), want 1", st.SuperUDP, e.st.Link())
+		}
+	})
+}

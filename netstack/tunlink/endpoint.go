@@ -43,8 +43,7 @@ type endpoint struct {
 	dispatcher stack.NetworkDispatcher
 	wg         sync.WaitGroup
 
-	// Dropped counts inbound packets that were not well-formed (for tests and logs).
-	dropped atomic.Uint64
+	stats struct{ superTCP, superUDP, dropped atomic.Uint64 }
 }
 
 var _ stack.LinkEndpoint = (*endpoint)(nil)
@@ -141,6 +140,9 @@ func (e *endpoint) deliver(d stack.NetworkDispatcher, h vnetHdr, v *buffer.View,
 	b := v.AsSlice()[:n]
 	switch classifyInbound(h, b) {
 	case onePacket:
+		if h.gsoType != 0 {
+			e.stats.superTCP.Add(1)
+		}
 		if n <= copyBelow {
 			dispatch(d, buffer.NewViewWithData(b))
 			return v
@@ -149,6 +151,7 @@ func (e *endpoint) deliver(d stack.NetworkDispatcher, h vnetHdr, v *buffer.View,
 		dispatch(d, v)
 		return buffer.NewViewSize(maxPacket)
 	case udpSegments:
+		e.stats.superUDP.Add(1)
 		splitUDP(h, b, segHdr, func(hdr, payload []byte) {
 			sv := buffer.NewView(len(hdr) + len(payload))
 			sv.Write(hdr)
@@ -157,7 +160,7 @@ func (e *endpoint) deliver(d stack.NetworkDispatcher, h vnetHdr, v *buffer.View,
 		})
 		return v
 	default:
-		e.dropped.Add(1)
+		e.stats.dropped.Add(1)
 		return v
 	}
 }

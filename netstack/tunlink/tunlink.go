@@ -56,7 +56,9 @@ type Options struct {
 
 // Link is an open tun and its endpoint.
 type Link struct {
-	stack.LinkEndpoint
+	// Endpoint is the gVisor link endpoint for the NIC (itself, not wrapped: the stack finds
+	// GSO support by asserting its type).
+	Endpoint stack.LinkEndpoint
 	// Offload is true when the offload endpoint runs.
 	Offload bool
 	// Features lists the offloads the kernel granted ("csum tso4 tso6 uso4 uso6"); with the
@@ -101,7 +103,7 @@ func Open(o Options) (*Link, error) {
 		closeAll(fds)
 		return nil, fmt.Errorf("tun %s: link endpoint: %w", o.Name, err)
 	}
-	return &Link{LinkEndpoint: ep, Features: why, fds: fds}, nil
+	return &Link{Endpoint: ep, Features: why, fds: fds}, nil
 }
 
 // tunOffloads are the offloads asked for: checksums (required by the others), TSO for IPv4
@@ -131,7 +133,7 @@ func openOffload(o Options) (*Link, error) {
 		}
 	}
 	ep := newEndpoint(fds, o.MTU)
-	return &Link{LinkEndpoint: ep, Offload: true, Features: features, fds: fds, ep: ep}, nil
+	return &Link{Endpoint: ep, Offload: true, Features: features, fds: fds, ep: ep}, nil
 }
 
 // openQueues creates the device (the first TUNSETIFF) and attaches its queues, each descriptor
@@ -177,12 +179,20 @@ func (l *Link) Close() {
 	closeAll(l.fds)
 }
 
-// Dropped counts inbound packets the offload endpoint refused as malformed.
-func (l *Link) Dropped() uint64 {
+// Stats are the offload endpoint's inbound counters (zero on the plain endpoint).
+type Stats struct {
+	// SuperTCP counts the guest's TSO super-packets taken whole, SuperUDP its USO ones split
+	// into datagrams, and Dropped the packets refused as malformed.
+	SuperTCP, SuperUDP, Dropped uint64
+}
+
+// Stats returns the endpoint's counters.
+func (l *Link) Stats() Stats {
 	if l.ep == nil {
-		return 0
+		return Stats{}
 	}
-	return l.ep.dropped.Load()
+	s := &l.ep.stats
+	return Stats{SuperTCP: s.superTCP.Load(), SuperUDP: s.superUDP.Load(), Dropped: s.dropped.Load()}
 }
 
 // String describes the endpoint for logs.
