@@ -12,7 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -21,32 +20,6 @@ import (
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/policy"
 )
-
-// BufferSize is the size of the pooled relay buffers. A flow holds one per direction only
-// while it has data in hand; an idle flow holds none. 256 KiB rather than 64: each read
-// becomes one write on the other side, and fewer, fuller writes cut the CPU per byte by a
-// fifth in measurement (and raised throughput as much).
-const BufferSize = 256 << 10
-
-var bufs = sync.Pool{New: func() any { b := make([]byte, BufferSize); return &b }}
-
-// getBuf takes a relay buffer within the stack's budget (Options.MaxBuffers), waiting while
-// the budget is spent; nil if the flow ended first.
-func (t *tcpFlow) getBuf() *[]byte {
-	select {
-	case t.st.bufTokens <- struct{}{}:
-		return bufs.Get().(*[]byte)
-	case <-t.dead:
-		return nil
-	case <-t.st.ctx.Done():
-		return nil
-	}
-}
-
-func (t *tcpFlow) putBuf(b *[]byte) {
-	bufs.Put(b)
-	<-t.st.bufTokens
-}
 
 // handleTCP runs for each SYN (in its own goroutine, at most MaxInFlight at once).
 func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
@@ -96,20 +69,23 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	ep.SocketOptions().SetKeepAlive(true) // notice a guest that vanished
 	st.Counters.Allowed.Add(1)
-	t := &tcpFlow{st: st, ep: ep, wq: &wq, guest: gonet.NewTCPConn(&wq, ep), up: up, flow: flow, dead: make(chan struct{})}
+	t := &tcpFlow{st: st, ep: ep, wq: &wq, up: up, flow: flow, dead: make(chan struct{})}
+	if sc, ok := up.(syscall.Conn); ok {
+		t.upRC, _ = sc.SyscallConn()
+	}
 	st.runFlow(&st.Counters.Active, dst, flow, t.run)
 }
 
 // tcpFlow relays one allowed connection.
 type tcpFlow struct {
-	st    *Stack
-	ep    tcpip.Endpoint
-	wq    *waiter.Queue
-	guest *gonet.TCPConn
-	up    net.Conn
-	flow  *egress.Flow
-	once  sync.Once
-	dead  chan struct{} // closed by abort: ends a wait for a buffer
+	st   *Stack
+	ep   tcpip.Endpoint
+	wq   *waiter.Queue
+	up   net.Conn
+	upRC syscall.RawConn // up's socket, for the direct relay (nil: an upstream without one)
+	flow *egress.Flow
+	once sync.Once
+	dead chan struct{} // closed by abort: ends a wait for a buffer
 }
 
 // abort resets both sides (a RST propagated, a revoked flow, a refused SNI).
@@ -139,197 +115,9 @@ func (t *tcpFlow) run() {
 	go func() { defer wg.Done(); t.toUpstream() }()
 	t.toGuest()
 	wg.Wait()
-	t.guest.Close()
+	t.ep.Close()
 	t.up.Close()
 }
-
-// toUpstream copies guest -> destination. It waits for the guest's data without a buffer,
-// and reads only what is there, so an idle flow holds no memory here.
-func (t *tcpFlow) toUpstream() {
-	entry, notify := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
-	t.wq.EventRegister(&entry)
-	defer t.wq.EventUnregister(&entry)
-	var hello []byte // the start of a TLS ClientHello, held until its SNI is judged
-	var helloDeadline time.Time
-	checked := false
-	for {
-		bp := t.getBuf()
-		if bp == nil { // the flow or the stack is ending: make sure both sides do
-			t.abort("stopping", nil)
-			return
-		}
-		w := tcpip.SliceWriter(*bp)
-		res, err := t.ep.Read(&w, tcpip.ReadOptions{})
-		if _, ok := err.(*tcpip.ErrWouldBlock); ok {
-			t.putBuf(bp)
-			if hello != nil {
-				select {
-				case <-notify:
-				case <-time.After(time.Until(helloDeadline)):
-					checked = true // judged by the pins alone
-					if !t.send(hello) {
-						return
-					}
-					hello = nil
-				}
-				continue
-			}
-			<-notify
-			continue
-		}
-		if err != nil {
-			t.putBuf(bp)
-			if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
-				if hello != nil && !t.send(hello) {
-					return
-				}
-				if hc, ok := t.up.(interface{ CloseWrite() error }); ok {
-					hc.CloseWrite() // the guest's FIN, passed on
-				}
-				return
-			}
-			t.abort("guest read", err) // reset or error: pass it on as a RST
-			return
-		}
-		data := (*bp)[:res.Count]
-		if !checked {
-			if hello == nil && !looksLikeTLS(data) {
-				checked = true
-			} else {
-				if hello == nil {
-					helloDeadline = time.Now().Add(t.st.opts.SNIWait)
-				}
-				hello = append(hello, data...)
-				t.putBuf(bp)
-				sni, done := clientHelloSNI(hello)
-				if !done {
-					continue
-				}
-				checked = true
-				if sni != "" && !t.flow.CheckSNI(sni) {
-					t.st.Counters.SNIDenied.Add(1)
-					t.abort("sni denied", sni)
-					return
-				}
-				if !t.send(hello) {
-					return
-				}
-				hello = nil
-				continue
-			}
-		}
-		ok := t.send(data)
-		t.putBuf(bp)
-		if !ok {
-			return
-		}
-	}
-}
-
-func (t *tcpFlow) send(b []byte) bool {
-	n, err := t.up.Write(b)
-	t.flow.Count(int64(n), 0)
-	if err != nil {
-		t.abort("upstream write", err)
-		return false
-	}
-	return true
-}
-
-// toGuest copies destination -> guest, reading the kernel socket only when it is readable so
-// that the pooled buffer is held just while there is data.
-func (t *tcpFlow) toGuest() {
-	sc, ok := t.up.(syscall.Conn)
-	if !ok { // an upstream that is not a socket (a stream over the agent channel)
-		t.toGuestCopy()
-		return
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		t.abort("upstream conn", err)
-		return
-	}
-	var peek [1]byte
-	for {
-		// Wait until the socket has data (or EOF, or an error) holding no buffer: a peek.
-		var perr error
-		err := rc.Read(func(fd uintptr) bool {
-			for {
-				_, _, perr = unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-				if perr != unix.EINTR {
-					return perr != unix.EAGAIN
-				}
-			}
-		})
-		if err == nil {
-			err = perr // a reset is reported (once) to whichever call sees it first: this one
-		}
-		if err != nil {
-			t.abort("upstream read", err)
-			return
-		}
-		bp := t.getBuf()
-		if bp == nil { // the flow or the stack is ending: make sure both sides do
-			t.abort("stopping", nil)
-			return
-		}
-		var n int
-		var rerr error
-		rc.Read(func(fd uintptr) bool {
-			for {
-				n, rerr = unix.Read(int(fd), *bp)
-				if rerr != unix.EINTR { // the runtime's preemption signals interrupt reads
-					break
-				}
-			}
-			return rerr != unix.EAGAIN
-		})
-		if rerr != nil || n == 0 {
-			t.putBuf(bp)
-			if rerr == nil { // EOF: the destination's FIN, passed on
-				t.guest.CloseWrite()
-				return
-			}
-			t.abort("upstream read", rerr) // a reset (or an error) is passed on as a RST
-			return
-		}
-		_, werr := t.guest.Write((*bp)[:n])
-		t.putBuf(bp)
-		t.flow.Count(0, int64(n))
-		if werr != nil {
-			t.abort("guest write", werr)
-			return
-		}
-	}
-}
-
-// toGuestCopy is toGuest for upstreams without a file descriptor (a stream over the agent
-// channel, which buffers within its own window): a plain read loop with a small buffer of its
-// own, outside the relay-buffer budget so that idle streams cannot starve it.
-func (t *tcpFlow) toGuestCopy() {
-	buf := make([]byte, streamReadSize)
-	for {
-		n, err := t.up.Read(buf)
-		if n > 0 {
-			if _, werr := t.guest.Write(buf[:n]); werr != nil {
-				t.abort("guest write", werr)
-				return
-			}
-			t.flow.Count(0, int64(n))
-		}
-		if errors.Is(err, io.EOF) {
-			t.guest.CloseWrite()
-			return
-		}
-		if err != nil {
-			t.abort("upstream read", err)
-			return
-		}
-	}
-}
-
-// streamReadSize is toGuestCopy's buffer: a channel stream's frames are at most 64 KiB.
-const streamReadSize = 64 << 10
 
 // looksLikeTLS reports whether a flow's first bytes start a TLS handshake record.
 func looksLikeTLS(b []byte) bool { return len(b) > 0 && b[0] == 0x16 }

@@ -18,10 +18,17 @@ import (
 // kernel's GSO limit on a tun), which is also gVisor's largest pooled chunk.
 const maxPacket = 1 << 16
 
-// copyBelow: a packet up to this size is copied out of the reader's 64 KiB buffer into a chunk
-// of its own size, and the buffer is reused; a larger one takes the buffer with it (and a fresh
-// one is made). So a small packet queued in a receive buffer never pins 64 KiB, and the
-// common case of the guest's TSO super-packets costs no copy.
+// maxHead bounds the headers (IP and TCP/UDP) put into a small chunk of their own in front
+// of the payload's: the stack parses headers in place, and when the chunk they sit in is
+// shared (it is, while the IP layer holds a view of its header) it copies that chunk whole
+// first: a chunk of a hundred bytes instead of 64 KiB. And the payload starts a chunk of its
+// own, so the relay can send it to the upstream socket in one piece.
+const maxHead = 128
+
+// copyBelow: a payload up to this size is copied out of the reader's 64 KiB buffer into a
+// chunk of its own size, and the buffer is reused; a larger one takes the buffer with it (and
+// a fresh one is made). So a small packet queued in a receive buffer never pins 64 KiB, and
+// the common case of the guest's TSO super-packets costs no copy.
 const copyBelow = 16 << 10
 
 // maxIovs bounds the pieces of one outbound packet written in one writev (the virtio header,
@@ -41,7 +48,8 @@ type endpoint struct {
 
 	mu         sync.Mutex
 	dispatcher stack.NetworkDispatcher
-	wg         sync.WaitGroup
+	stopped    atomic.Bool    // Attach(nil) was called: readers deliver nothing more
+	wg         sync.WaitGroup // the readers
 
 	stats struct{ superTCP, superUDP, dropped atomic.Uint64 }
 }
@@ -58,26 +66,25 @@ func newEndpoint(fds []int, mtu uint32) *endpoint {
 	return e
 }
 
-// Attach starts one reader per queue (or stops them, with nil).
+// Attach starts one reader per queue, or with nil (the NIC going away) tells them to stop.
+// It does not wait for them: the stack calls it, and Wait, holding its own lock, which a
+// reader in the middle of delivering a packet may be waiting for. closeFiles waits.
 func (e *endpoint) Attach(d stack.NetworkDispatcher) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if d == nil {
-		if e.dispatcher != nil {
-			for _, f := range e.files {
-				f.SetReadDeadline(time.Unix(1, 0)) // wakes the reader, which then returns
-			}
-			e.wg.Wait()
-			e.dispatcher = nil
+		e.stopped.Store(true)
+		for _, f := range e.files {
+			f.SetReadDeadline(time.Unix(1, 0)) // wakes the reader, which then returns
 		}
+		e.dispatcher = nil
 		return
 	}
-	if e.dispatcher != nil {
+	if e.dispatcher != nil || e.stopped.Load() {
 		return
 	}
 	e.dispatcher = d
 	for _, f := range e.files {
-		f.SetReadDeadline(time.Time{})
 		e.wg.Add(1)
 		go func() {
 			defer e.wg.Done()
@@ -121,7 +128,7 @@ func (e *endpoint) readLoop(f *os.File, d stack.NetworkDispatcher) {
 	}
 	for {
 		err := rc.Read(read)
-		if err != nil { // the deadline Attach(nil) sets, or the file closed
+		if err != nil || e.stopped.Load() { // the deadline Attach(nil) sets, or the file closed
 			return
 		}
 		if errno != 0 || n <= vnetHdrLen {
@@ -138,18 +145,28 @@ func (e *endpoint) readLoop(f *os.File, d stack.NetworkDispatcher) {
 // the next read (v itself, or a fresh one when the packet kept v).
 func (e *endpoint) deliver(d stack.NetworkDispatcher, h vnetHdr, v *buffer.View, n int, segHdr *[maxUDPSegHeader]byte) *buffer.View {
 	b := v.AsSlice()[:n]
-	switch classifyInbound(h, b) {
+	kind := classifyInbound(h, b)
+	first := b[0] // the IP version (kept: b's chunk may go up with the packet)
+	switch kind {
 	case onePacket:
 		if h.gsoType != 0 {
 			e.stats.superTCP.Add(1)
 		}
-		if n <= copyBelow {
-			dispatch(d, buffer.NewViewWithData(b))
-			return v
+		hl := headLen(b, maxHead)
+		buf := buffer.MakeWithView(buffer.NewViewWithData(b[:hl]))
+		var rest buffer.Buffer
+		if len(b)-hl <= copyBelow {
+			rest = buffer.MakeWithData(b[hl:])
+		} else {
+			v.CapLength(n)
+			v.TrimFront(hl)
+			rest = buffer.MakeWithView(v)
+			v = buffer.NewViewSize(maxPacket)
 		}
-		v.CapLength(n)
-		dispatch(d, v)
-		return buffer.NewViewSize(maxPacket)
+		buf.Merge(&rest) // links the views, no copy (Append would fill the head's chunk)
+		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buf})
+		dispatchPacket(d, pkt, first)
+		return v
 	case udpSegments:
 		e.stats.superUDP.Add(1)
 		splitUDP(h, b, segHdr, func(hdr, payload []byte) {
@@ -167,11 +184,16 @@ func (e *endpoint) deliver(d stack.NetworkDispatcher, h vnetHdr, v *buffer.View,
 
 // dispatch gives one IP packet (owned by v) to the stack.
 func dispatch(d stack.NetworkDispatcher, v *buffer.View) {
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
+	dispatchPacket(d, pkt, v.AsSlice()[0])
+}
+
+// dispatchPacket gives one IP packet to the stack (first is its first byte, the IP version).
+func dispatchPacket(d stack.NetworkDispatcher, pkt *stack.PacketBuffer, first byte) {
 	proto := header.IPv4ProtocolNumber
-	if v.AsSlice()[0]>>4 == 6 {
+	if first>>4 == 6 {
 		proto = header.IPv6ProtocolNumber
 	}
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
 	pkt.NetworkProtocolNumber = proto
 	d.DeliverNetworkPacket(proto, pkt)
 	pkt.DecRef()
@@ -266,7 +288,7 @@ func (e *endpoint) SetMTU(mtu uint32)                       { e.mtu.Store(mtu) }
 func (e *endpoint) MaxHeaderLength() uint16                 { return 0 }
 func (e *endpoint) LinkAddress() tcpip.LinkAddress          { return "" }
 func (e *endpoint) SetLinkAddress(tcpip.LinkAddress)        {}
-func (e *endpoint) Wait()                                   { e.wg.Wait() }
+func (e *endpoint) Wait()                                   {} // see Attach and closeFiles
 func (e *endpoint) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareNone }
 func (e *endpoint) AddHeader(*stack.PacketBuffer)           {}
 func (e *endpoint) ParseHeader(*stack.PacketBuffer) bool    { return true }
@@ -284,8 +306,11 @@ func (e *endpoint) Capabilities() stack.LinkEndpointCapabilities {
 func (e *endpoint) GSOMaxSize() uint32               { return maxPacket }
 func (e *endpoint) SupportedGSO() stack.SupportedGSO { return stack.HostGSOSupported }
 
-// closeFiles closes the queues (after the stack has stopped using the endpoint).
+// closeFiles stops the readers, waits for them, and closes the queues (after the stack has
+// stopped using the endpoint, outside its locks).
 func (e *endpoint) closeFiles() {
+	e.Attach(nil)
+	e.wg.Wait()
 	for _, f := range e.files {
 		f.Close()
 	}

@@ -175,6 +175,28 @@ func splitUDP(h vnetHdr, b []byte, hdr *[maxUDPSegHeader]byte, fn func(hdr, payl
 	}
 }
 
+// headLen is the length of an IP packet's IP and TCP or UDP headers (at most limit; for other
+// transports and IPv6 extension headers, min(len(b), limit)). b passed classifyInbound.
+func headLen(b []byte, limit int) int {
+	var ipLen int
+	var proto byte
+	if b[0]>>4 == 4 {
+		ipLen, proto = int(b[0]&0xf)*4, b[9]
+	} else {
+		ipLen, proto = 40, b[6]
+	}
+	n := min(len(b), limit)
+	switch proto {
+	case unix.IPPROTO_TCP:
+		if len(b) >= ipLen+13 {
+			n = min(n, ipLen+int(b[ipLen+12]>>4)*4)
+		}
+	case unix.IPPROTO_UDP:
+		n = min(n, ipLen+8)
+	}
+	return max(n, min(len(b), ipLen))
+}
+
 // putIPv4Checksum computes an IPv4 header's checksum in place.
 func putIPv4Checksum(h []byte) {
 	h[10], h[11] = 0, 0

@@ -155,6 +155,9 @@ func FuzzInbound(f *testing.F) {
 		pkt := b[vnetHdrLen:]
 		switch classifyInbound(h, pkt) {
 		case onePacket:
+			if hl := headLen(pkt, 128); hl > len(pkt) || hl < 1 {
+				t.Fatalf("head length %d of a %d-byte packet", hl, len(pkt))
+			}
 			if len(pkt) > 0xffff+40 {
 				t.Fatalf("%d-byte packet accepted", len(pkt))
 			}
