@@ -28,8 +28,10 @@ var (
 	egressRounds  = flag.Int("rounds", 3, "alternating rounds over all systems")
 	idleConns     = flag.Int("idle-conns", 1000, "idle connections held open for the per-connection memory measurement")
 	rateConns     = flag.Int("rate-conns", 2000, "connections per connection-rate measurement")
+	ratePar       = flag.Int("rate-par", 8, "connections at a time in the connection-rate measurement")
 	egressSystems = flag.String("systems", "", "comma-separated subset of the systems to measure (default: all)")
 	egressProfile = flag.String("egress-profile", "", "write each agentd's CPU profile into this directory")
+	egressParts   = flag.String("parts", "throughput,rate,idle", "which measurements to run")
 )
 
 // relayMain is the plain copy relay (AGENTD_BENCH_RELAY="LISTEN>DEST,..."): per accepted
@@ -164,8 +166,8 @@ func TestEgressReport(t *testing.T) {
 		}
 	}
 
-	fmt.Printf("agentd egress benchmark: %d alternating rounds, iperf3 %d s per run, %d connections per rate run (8 at a time)\n",
-		*egressRounds, *iperfSecs, *rateConns)
+	fmt.Printf("agentd egress benchmark: %d alternating rounds, iperf3 %d s per run, %d connections per rate run (%d at a time)\n",
+		*egressRounds, *iperfSecs, *rateConns, *ratePar)
 	fmt.Printf("load average at start: %s", load0)
 	runs := []struct {
 		args []string
@@ -177,7 +179,8 @@ func TestEgressReport(t *testing.T) {
 		{[]string{"-P", "4"}, func(s *egressSystem) *[]float64 { return &s.up4 }, nil},
 		{[]string{"-P", "4", "-R"}, func(s *egressSystem) *[]float64 { return &s.down4 }, nil},
 	}
-	for r := 0; r < *egressRounds; r++ {
+	part := func(p string) bool { return slices.Contains(strings.Split(*egressParts, ","), p) }
+	for r := 0; r < *egressRounds && part("throughput"); r++ {
 		for _, run := range runs {
 			for i := range systems {
 				s := systems[(i+r)%len(systems)] // each round starts with another system
@@ -198,16 +201,18 @@ func TestEgressReport(t *testing.T) {
 			s.rssPeak = peakRSS(t, s.proxy)
 		}
 	}
-	time.Sleep(10 * time.Second) // memory that comes back does so within seconds
+	if part("throughput") {
+		time.Sleep(10 * time.Second) // memory that comes back does so within seconds
+	}
 	for _, s := range systems {
 		if s.proxy != 0 {
 			s.rssAfter = testutil.RSS(t, s.proxy)
 		}
 	}
-	for r := 0; r < *egressRounds; r++ {
+	for r := 0; r < *egressRounds && part("rate"); r++ {
 		for i := range systems {
 			s := systems[(i+r)%len(systems)]
-			s.rate = append(s.rate, connRate(t, *rateConns, 8, s.dial))
+			s.rate = append(s.rate, connRate(t, *rateConns, *ratePar, s.dial))
 		}
 	}
 	load1, _ := os.ReadFile("/proc/loadavg")
@@ -218,7 +223,7 @@ func TestEgressReport(t *testing.T) {
 		kib  float64
 	}
 	var idles []idle
-	if want("relay") {
+	if want("relay") && part("idle") {
 		pid, _, echoVia := startRelay(t, gw, nettest.Good.String()+":5201", echoAt())
 		idles = append(idles, idle{"relay", idleCost(t, pid, func(ctx context.Context) (net.Conn, error) { return vt.Guest.DialContext(ctx, "tcp", echoVia) })})
 	}
@@ -227,7 +232,7 @@ func TestEgressReport(t *testing.T) {
 		mtu  int
 	}{{"offload", 1500}, {"plain", 65520}} {
 		name := fmt.Sprintf("%s-%d", c.link, c.mtu)
-		if !want(name) {
+		if !want(name) || !part("idle") {
 			continue
 		}
 		tp, pid := startNetstack(t, bin, c.link, c.mtu, "")

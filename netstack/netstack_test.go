@@ -861,3 +861,35 @@ func TestUDPSegments(t *testing.T) {
 		}
 	})
 }
+
+// TestServerSpeaksFirst: a destination that talks first (SMTP, SSH) gets its banner to the
+// guest over a handshake that completed at the guest's ACK. gVisor leaves that ACK queued when
+// it arrives while the SYN-ACK's sender still holds the endpoint, and only the SYN-ACK's
+// retransmission would complete the handshake (a second later); the offload endpoint writes
+// SYNs after the lock is released, which its SYN count shows: one per connection.
+func TestServerSpeaksFirst(t *testing.T) {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
+			defer c.Close()
+			io.WriteString(c, "220 banner\r\n")
+			io.Copy(io.Discard, c)
+		})
+		const n = 20
+		for i := 0; i < n; i++ {
+			c, err := e.dial("tcp", srv.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			line, err := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			if err != nil || line != "220 banner\r\n" {
+				t.Fatalf("connection %d: banner %q, %v", i, line, err)
+			}
+		}
+		if st := e.st.Link().Stats(); lk.mode == tunlink.Offload && st.SYNs != n {
+			t.Fatalf("%d SYN-ACKs for %d connections: handshakes waited for a retransmission", st.SYNs, n)
+		}
+	})
+}

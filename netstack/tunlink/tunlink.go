@@ -13,6 +13,7 @@ package tunlink
 import (
 	"fmt"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
@@ -65,8 +66,9 @@ type Link struct {
 	// plain endpoint in Auto mode, it says why offloads are off.
 	Features string
 
-	fds []int
-	ep  *endpoint // the offload endpoint, or nil
+	fds       []int
+	ep        *endpoint // the offload endpoint, or nil
+	closeOnce sync.Once
 }
 
 // Open creates the tun device and its endpoint.
@@ -171,19 +173,23 @@ func closeAll(fds []int) {
 }
 
 // Close releases the device; call it after the stack has stopped (stack.Close and Wait).
+// Later calls do nothing.
 func (l *Link) Close() {
-	if l.ep != nil {
-		l.ep.closeFiles()
-		return
-	}
-	closeAll(l.fds)
+	l.closeOnce.Do(func() {
+		if l.ep != nil {
+			l.ep.closeFiles()
+			return
+		}
+		closeAll(l.fds)
+	})
 }
 
 // Stats are the offload endpoint's inbound counters (zero on the plain endpoint).
 type Stats struct {
 	// SuperTCP counts the guest's TSO super-packets taken whole, SuperUDP its USO ones split
-	// into datagrams, and Dropped the packets refused as malformed.
-	SuperTCP, SuperUDP, Dropped uint64
+	// into datagrams, and Dropped the packets refused as malformed. SYNs counts the SYN and
+	// SYN-ACK segments written (retransmissions included).
+	SuperTCP, SuperUDP, Dropped, SYNs uint64
 }
 
 // Stats returns the endpoint's counters.
@@ -192,7 +198,7 @@ func (l *Link) Stats() Stats {
 		return Stats{}
 	}
 	s := &l.ep.stats
-	return Stats{SuperTCP: s.superTCP.Load(), SuperUDP: s.superUDP.Load(), Dropped: s.dropped.Load()}
+	return Stats{SuperTCP: s.superTCP.Load(), SuperUDP: s.superUDP.Load(), Dropped: s.dropped.Load(), SYNs: s.syns.Load()}
 }
 
 // String describes the endpoint for logs.
