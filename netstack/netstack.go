@@ -13,6 +13,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -77,7 +80,16 @@ type Options struct {
 	SNIWait time.Duration
 	// ReceiveWindow is the forwarder's initial receive window (0: gVisor's default).
 	ReceiveWindow int
-	Log           *slog.Logger
+	// ReceiveBufferMax bounds what gVisor holds per connection of the guest's data not yet
+	// relayed, SendBufferMax what it holds toward the guest (sent, not yet acknowledged): both
+	// start at 1 MiB and are tuned up to these as a flow goes. With MaxBuffers, they bound the
+	// memory busy flows hold: per busy connection at most ReceiveBufferMax + SendBufferMax.
+	ReceiveBufferMax, SendBufferMax int
+	// ReleaseAfter: once the stack has been quiet this long after a burst that left more than
+	// releaseSlack of freed memory with the Go runtime, that memory goes back to the OS (two
+	// collections, so that pooled packet chunks go too, and a scavenge). Negative: never.
+	ReleaseAfter time.Duration
+	Log          *slog.Logger
 }
 
 // DefaultOptions are the settings measured best on a tun (docs/netstack.md).
@@ -85,6 +97,7 @@ var DefaultOptions = Options{
 	TunName: "agentd0", MTU: 65520, Queues: 1, MaxInFlight: 1024,
 	MaxFlows: 16384, MaxFlowsPerDest: 8192, MaxBuffers: 256, // 64 MiB of relay buffers
 	ConnectTimeout: 30 * time.Second, UDPIdleTimeout: 60 * time.Second, SNIWait: 5 * time.Second,
+	ReceiveBufferMax: 4 << 20, SendBufferMax: 4 << 20, ReleaseAfter: time.Second,
 }
 
 // Counters are the stack's flow statistics, one per outcome and drop reason.
@@ -110,7 +123,10 @@ type Stack struct {
 	ctx      context.Context
 	cancel   context.CancelFunc
 
-	bufTokens chan struct{} // one per relay buffer in use (MaxBuffers)
+	bufTokens chan struct{}  // one per relay buffer in use (MaxBuffers)
+	reactor   *reactor       // wakes parked TCP flows on upstream readiness
+	bg        sync.WaitGroup // releaseMemory
+	closeOnce sync.Once
 
 	mu    sync.Mutex
 	flows int
@@ -137,6 +153,11 @@ func New(o Options) (*Stack, error) {
 	setDefault(&o.ConnectTimeout, d.ConnectTimeout)
 	setDefault(&o.UDPIdleTimeout, d.UDPIdleTimeout)
 	setDefault(&o.SNIWait, d.SNIWait)
+	setDefault(&o.ReceiveBufferMax, d.ReceiveBufferMax)
+	setDefault(&o.SendBufferMax, d.SendBufferMax)
+	if o.ReleaseAfter == 0 {
+		o.ReleaseAfter = d.ReleaseAfter
+	}
 	if o.Dial == nil {
 		o.Dial = (&net.Dialer{}).DialContext
 	}
@@ -155,15 +176,25 @@ func New(o Options) (*Stack, error) {
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 	})
+	re, err := newReactor()
+	if err != nil {
+		link.Close()
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	st := &Stack{opts: o, s: s, link: link, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{},
+	st := &Stack{reactor: re, opts: o, s: s, link: link, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{},
 		bufTokens: make(chan struct{}, o.MaxBuffers)}
 	if err := st.configure(link.Endpoint); err != nil {
 		s.Close()
 		s.Wait()
 		link.Close()
+		re.close()
 		cancel()
 		return nil, err
+	}
+	if o.ReleaseAfter > 0 {
+		st.bg.Add(1)
+		go st.releaseMemory()
 	}
 	return st, nil
 }
@@ -176,11 +207,10 @@ func (st *Stack) configure(ep stack.LinkEndpoint) error {
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
 	moderate := tcpip.TCPModerateReceiveBufferOption(true) // grow receive buffers with the flow
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &moderate)
-	// Buffer ranges measured best on a tun (1 MiB default, up to 16 MiB for fast flows); an
-	// idle connection holds none of it, only what is queued.
-	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 16 << 20}
+	// Buffer sizes (Options): an idle connection holds none of it, only what is queued.
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: min(1<<20, st.opts.ReceiveBufferMax), Max: st.opts.ReceiveBufferMax}
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv)
-	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 16 << 20}
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: min(1<<20, st.opts.SendBufferMax), Max: st.opts.SendBufferMax}
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd)
 	fwd := tcp.NewForwarder(s, st.opts.ReceiveWindow, st.opts.MaxInFlight, st.handleTCP)
 	s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
@@ -213,11 +243,68 @@ func (st *Stack) configure(ep stack.LinkEndpoint) error {
 
 // Close stops the stack and waits for its flows to end.
 func (st *Stack) Close() {
+	st.closeOnce.Do(st.close)
+}
+
+func (st *Stack) close() {
 	st.cancel()
+	st.bg.Wait()
 	st.s.Close() // aborts every endpoint: the relays end
 	st.wg.Wait()
 	st.s.Wait() // removes the NIC, which stops the tun readers
 	st.link.Close()
+	st.reactor.close()
+}
+
+// releaseSlack is how much memory the Go heap may hold beyond its live objects (garbage not
+// yet collected, free spans not yet returned) before releaseMemory gives it back.
+const releaseSlack = 4 << 20
+
+// releaseMemory gives memory back to the OS after bursts (Options.ReleaseAfter). The runtime
+// keeps what a burst freed (gVisor's pooled packet chunks, relay buffers, garbage) and would
+// return it only slowly; an agent in a small VM should shrink back within seconds.
+func (st *Stack) releaseMemory() {
+	defer st.bg.Done()
+	tick := time.NewTicker(st.opts.ReleaseAfter)
+	defer tick.Stop()
+	activity := func() uint64 {
+		ip := st.s.Stats().IP
+		return ip.PacketsReceived.Value() + ip.PacketsSent.Value()
+	}
+	last := activity()
+	for {
+		select {
+		case <-st.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if a := activity(); a != last { // busy: wait for a quiet interval
+			last = a
+			continue
+		}
+		if heap, live := heapMemory(); heap > live+releaseSlack {
+			runtime.GC() // pools keep their contents one collection longer
+			debug.FreeOSMemory()
+			after, _ := heapMemory()
+			st.log.Debug("netstack memory released", "heap_mib", heap>>20, "live_mib", live>>20, "after_mib", after>>20)
+		}
+	}
+}
+
+// heapMemory is the Go heap's memory held from the OS (spans mapped and not released) and its
+// live objects at the last collection.
+func heapMemory() (held, live uint64) {
+	m := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/heap/unused:bytes"},
+		{Name: "/memory/classes/heap/free:bytes"}, {Name: "/gc/heap/live:bytes"}}
+	metrics.Read(m)
+	return m[0].Value.Uint64() + m[1].Value.Uint64() + m[2].Value.Uint64(), m[3].Value.Uint64()
+}
+
+// retainedMemory is the memory the Go runtime holds from the OS (mapped, not released).
+func retainedMemory() uint64 {
+	m := []metrics.Sample{{Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/released:bytes"}}
+	metrics.Read(m)
+	return m[0].Value.Uint64() - m[1].Value.Uint64()
 }
 
 // Link describes the tun's link endpoint ("offload csum tso4 tso6 ..." or "plain ...").
@@ -255,18 +342,28 @@ func (st *Stack) reserve(dst netip.AddrPort) bool {
 	return true
 }
 
-// runFlow runs an admitted flow's relay in its own goroutine, counted in active, and releases
-// its slot and closes its egress record when the relay ends.
+// runFlow runs an admitted flow's relay in its own goroutine (flowStarted, then flowEnded
+// when relay returns).
 func (st *Stack) runFlow(active *atomic.Int64, dst netip.AddrPort, flow *egress.Flow, relay func()) {
-	active.Add(1)
-	st.wg.Add(1)
+	st.flowStarted(active)
 	go func() {
-		defer st.wg.Done()
-		defer active.Add(-1)
-		defer st.release(dst)
-		defer flow.Close()
+		defer st.flowEnded(active, dst, flow)
 		relay()
 	}()
+}
+
+// flowStarted counts an admitted flow in active (and for Close).
+func (st *Stack) flowStarted(active *atomic.Int64) {
+	active.Add(1)
+	st.wg.Add(1)
+}
+
+// flowEnded releases a flow's slot and closes its egress record.
+func (st *Stack) flowEnded(active *atomic.Int64, dst netip.AddrPort, flow *egress.Flow) {
+	flow.Close()
+	st.release(dst)
+	active.Add(-1)
+	st.wg.Done()
 }
 
 func (st *Stack) release(dst netip.AddrPort) {

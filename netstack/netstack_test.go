@@ -17,6 +17,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"strings"
 	"sync"
@@ -891,5 +893,88 @@ func TestServerSpeaksFirst(t *testing.T) {
 		if st := e.st.Link().Stats(); lk.mode == tunlink.Offload && st.SYNs != n {
 			t.Fatalf("%d SYN-ACKs for %d connections: handshakes waited for a retransmission", st.SYNs, n)
 		}
+	})
+}
+
+// TestIdleFlowsHoldNoGoroutine: once a flow has had nothing to do for a while, neither of its
+// directions holds a goroutine (the reactor and gVisor's callbacks start them again), and it
+// still relays both ways when woken.
+func TestIdleFlowsHoldNoGoroutine(t *testing.T) {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, nil)
+		srv := serve(t, nettest.Good, 0, testutil.Echo)
+		var conns []net.Conn
+		for i := 0; i < 50; i++ {
+			c, err := e.dial("tcp", srv.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.Write([]byte("x"))
+			if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+				t.Fatal(err)
+			}
+			conns = append(conns, c)
+		}
+		relayGoroutines := func() int {
+			var b strings.Builder
+			pprof.Lookup("goroutine").WriteTo(&b, 1)
+			n := 0
+			for _, g := range strings.Split(b.String(), "\n\n") {
+				if strings.Contains(g, "netstack.(*tcpFlow)") {
+					fmt.Sscan(g, &n) // "N @ ..." counts goroutines with this stack
+				}
+			}
+			return n
+		}
+		testutil.WaitFor(t, func() bool { return relayGoroutines() == 0 }, "idle flows to park")
+		for i, c := range conns { // woken by the guest, answered by the destination
+			msg := fmt.Sprintf("again %d", i)
+			c.Write([]byte(msg))
+			buf := make([]byte, len(msg))
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+				t.Fatalf("conn %d after idling: %q %v", i, buf, err)
+			}
+		}
+	})
+}
+
+// TestMemoryComesBack: after a burst, the memory the Go runtime kept goes back to the OS once
+// the stack is quiet (Options.ReleaseAfter).
+func TestMemoryComesBack(t *testing.T) {
+	eachLink(t, func(t *testing.T, lk testLink) {
+		e := setup(t, lk, testPolicy, func(o *Options) { o.ReleaseAfter = 100 * time.Millisecond })
+		srv := serve(t, nettest.Good, 0, func(c *net.TCPConn) {
+			defer c.Close()
+			io.Copy(io.Discard, c)
+		})
+		runtime.GC()
+		debug.FreeOSMemory()
+		base := retainedMemory()
+		errs := make(chan error, 4)
+		for i := 0; i < 4; i++ {
+			go func() {
+				c, err := e.dial("tcp", srv.String())
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer c.Close()
+				buf := make([]byte, 1<<20)
+				for j := 0; j < 64 && err == nil; j++ {
+					_, err = c.Write(buf)
+				}
+				errs <- err
+			}()
+		}
+		for i := 0; i < 4; i++ {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		peak := retainedMemory()
+		testutil.WaitFor(t, func() bool { return retainedMemory() < base+8<<20 }, "memory to come back")
+		t.Logf("retained: %d MiB before, %d MiB after 256 MiB, %d MiB once quiet", base>>20, peak>>20, retainedMemory()>>20)
 	})
 }

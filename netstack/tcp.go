@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -69,11 +70,15 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	ep.SocketOptions().SetKeepAlive(true) // notice a guest that vanished
 	st.Counters.Allowed.Add(1)
-	t := &tcpFlow{st: st, ep: ep, wq: &wq, up: up, flow: flow, dead: make(chan struct{})}
+	t := &tcpFlow{st: st, ep: ep, wq: &wq, up: up, flow: flow, dst: dst, dead: make(chan struct{})}
 	if sc, ok := up.(syscall.Conn); ok {
 		t.upRC, _ = sc.SyscallConn()
 	}
-	st.runFlow(&st.Counters.Active, dst, flow, t.run)
+	if t.upRC == nil { // a stream over the agent channel
+		st.runFlow(&st.Counters.Active, dst, flow, t.run)
+		return
+	}
+	t.start()
 }
 
 // tcpFlow relays one allowed connection.
@@ -84,8 +89,27 @@ type tcpFlow struct {
 	up   net.Conn
 	upRC syscall.RawConn // up's socket, for the direct relay (nil: an upstream without one)
 	flow *egress.Flow
+	dst  netip.AddrPort
 	once sync.Once
-	dead chan struct{} // closed by abort: ends a wait for a buffer
+	dead chan struct{} // closed by abort
+
+	// The event-driven relay (tcprelay.go), for an upstream socket.
+	upFD     int
+	entry    waiter.Entry // gVisor's callbacks
+	upw, dnw worker       // guest -> upstream, upstream -> guest
+	stopCtx  func() bool
+	finished atomic.Int32 // directions over
+
+	mu              sync.Mutex // the reactor interest, and whether the socket is closed
+	wantIn, wantOut bool
+	upClosed        bool
+	guestFull       atomic.Bool // dnw waits for room in gVisor's send buffer
+	finPending      bool        // upw: the guest's FIN, to pass on after staged bytes
+	downPending     int         // dnw: bytes queued on the socket, not yet taken
+	w               upWriter
+	r               upReader
+	q               upQueued
+	hello           helloState
 }
 
 // abort resets both sides (a RST propagated, a revoked flow, a refused SNI).
@@ -97,26 +121,12 @@ func (t *tcpFlow) abort(why string, err any) {
 		if tc, ok := t.up.(*net.TCPConn); ok {
 			tc.SetLinger(0) // close with a RST
 		}
-		t.up.Close()
+		t.closeUp()
+		if t.upw.run != nil { // parked directions see the end
+			t.upw.kick()
+			t.dnw.kick()
+		}
 	})
-}
-
-func (t *tcpFlow) run() {
-	// A closing stack ends every flow, half-closed ones included (their upstream may never
-	// send again, and nothing else would wake the relay waiting on it).
-	stop := context.AfterFunc(t.st.ctx, func() { t.abort("stack closing", nil) })
-	defer stop()
-	t.flow.OnRevoke(func() {
-		t.st.Counters.Revoked.Add(1)
-		t.abort("revoked by a policy reload", nil)
-	})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); t.toUpstream() }()
-	t.toGuest()
-	wg.Wait()
-	t.ep.Close()
-	t.up.Close()
 }
 
 // looksLikeTLS reports whether a flow's first bytes start a TLS handshake record.

@@ -1,9 +1,11 @@
 package netstack
 
 import (
+	"context"
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -17,8 +19,16 @@ import (
 // one copy each way, the one the kernel makes: guest -> upstream, gVisor's receive buffer is
 // handed to non-blocking sends piece by piece (ep.Read with a writer on the socket); upstream
 // -> guest, the socket is read straight into the chunks of gVisor's send buffer (ep.Write with
-// a reader on the socket, sized by SIOCINQ so that every read it asks for is there). Neither
-// direction holds a buffer of its own while it waits, so an idle flow holds none.
+// a reader on the socket, sized by SIOCINQ so that every read it asks for is there).
+//
+// Each direction is a worker that runs while it has work, waits a little (linger) for more on
+// its own goroutine, and then parks: an idle flow holds no goroutine and no buffer. A parked
+// direction is started again by gVisor's waiter callbacks (guest data, room in the send
+// buffer) or by the reactor (upstream data, room in the socket).
+
+// linger is how long a direction with nothing to do keeps its goroutine waiting for more
+// before it parks: a busy flow never pays for parking and waking, an idle one holds nothing.
+const linger = 50 * time.Millisecond
 
 // BufferSize is the size of a relay's staging buffer, where pieces of the guest's stream
 // smaller than directMin are gathered for one send (the plain tun endpoint receives a packet
@@ -60,6 +70,376 @@ func (t *tcpFlow) putBuf(b *[]byte) {
 	<-t.st.bufTokens
 }
 
+// worker runs one direction of a flow on a goroutine that exists only while there is work.
+type worker struct {
+	running atomic.Bool
+	wake    chan struct{} // a kick while running
+	run     func()
+	timer   *time.Timer
+}
+
+func (w *worker) init(run func()) {
+	w.wake = make(chan struct{}, 1)
+	w.run = run
+}
+
+// kick makes the direction look for work: it wakes a running worker or starts one.
+func (w *worker) kick() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+	if w.running.CompareAndSwap(false, true) {
+		go w.run()
+	}
+}
+
+// wait waits up to linger for a kick; true if one came.
+func (w *worker) wait() bool {
+	select {
+	case <-w.wake:
+		return true
+	default:
+	}
+	if w.timer == nil {
+		w.timer = time.NewTimer(linger)
+	} else {
+		w.timer.Reset(linger)
+	}
+	select {
+	case <-w.wake:
+		w.timer.Stop()
+		return true
+	case <-w.timer.C:
+		return false
+	}
+}
+
+// park gives the goroutine up; true if a kick came meanwhile and the caller goes on instead.
+func (w *worker) park() bool {
+	w.running.Store(false)
+	select {
+	case <-w.wake:
+		return w.running.CompareAndSwap(false, true)
+	default:
+		return false
+	}
+}
+
+func (w *worker) stop() {
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+}
+
+// step is what a direction's work came to.
+type step int
+
+const (
+	stepDone       step = iota // the direction is over (passed its FIN on, or the flow was reset)
+	stepWaitGuest              // it needs the guest's data, or room in gVisor's send buffer
+	stepWaitSocket             // it needs the socket to be readable, or writable
+)
+
+// start relays a flow whose upstream is a socket with event-driven workers; the forwarder's
+// goroutine runs the guest side's first turn.
+func (t *tcpFlow) start() {
+	st := t.st
+	st.flowStarted(&st.Counters.Active)
+	t.upw.init(t.upRun)
+	t.dnw.init(t.downRun)
+	t.upw.running.Store(true) // this goroutine is the guest side's first worker (below)
+	t.w.init(t)
+	t.r.init(t)
+	t.q.fn = t.q.check
+	t.q.readableFn = t.q.readable
+	t.hello.wake = t.upw.kick
+	t.upRC.Control(func(fd uintptr) { t.upFD = int(fd) })
+	t.entry = waiter.NewFunctionEntry(waiter.ReadableEvents|waiter.WritableEvents|waiter.EventHUp|waiter.EventErr, t.guestEvent)
+	t.wq.EventRegister(&t.entry)
+	// A closing stack ends every flow, half-closed ones included (their upstream may never
+	// send again).
+	t.stopCtx = context.AfterFunc(st.ctx, func() { t.abort("stack closing", nil) })
+	t.flow.OnRevoke(func() {
+		st.Counters.Revoked.Add(1)
+		t.abort("revoked by a policy reload", nil)
+	})
+	if err := st.reactor.add(t.upFD, t); err != nil {
+		t.abort("upstream poll", err)
+	} else {
+		t.want(true, false) // upstream data (a server that speaks first) starts the other side
+	}
+	t.upRun()
+}
+
+// guestEvent is gVisor's waiter callback: it must not block.
+func (t *tcpFlow) guestEvent(m waiter.EventMask) {
+	if m&(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
+		t.upw.kick()
+	}
+	// gVisor tells writers of room only once half the send buffer is free again after it
+	// filled (no wake-ups to queue a segment or two): only a blocked writer gets these.
+	if m&(waiter.WritableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
+		t.dnw.kick()
+	}
+}
+
+// socketEvent is the reactor's callback. The interest was one-shot: what is still wanted is
+// armed again.
+func (t *tcpFlow) socketEvent(ev uint32) {
+	t.mu.Lock()
+	if t.upClosed {
+		t.mu.Unlock()
+		return
+	}
+	problem := ev&(unix.EPOLLERR|unix.EPOLLHUP|unix.EPOLLRDHUP) != 0
+	kickDown := problem || (t.wantIn && ev&unix.EPOLLIN != 0)
+	kickUp := t.wantOut && (problem || ev&unix.EPOLLOUT != 0)
+	if kickDown {
+		t.wantIn = false
+	}
+	if kickUp {
+		t.wantOut = false
+	}
+	t.armLocked()
+	t.mu.Unlock()
+	if kickDown {
+		t.dnw.kick()
+	}
+	if kickUp {
+		t.upw.kick()
+	}
+}
+
+// want arms the reactor for upstream readability (in) or writability (out).
+func (t *tcpFlow) want(in, out bool) {
+	t.mu.Lock()
+	t.wantIn = t.wantIn || in
+	t.wantOut = t.wantOut || out
+	t.armLocked()
+	t.mu.Unlock()
+}
+
+func (t *tcpFlow) armLocked() {
+	if t.upClosed || (!t.wantIn && !t.wantOut) {
+		return // a fired one-shot interest stays disarmed
+	}
+	var ev uint32
+	if t.wantIn {
+		ev |= unix.EPOLLIN | unix.EPOLLRDHUP
+	}
+	if t.wantOut {
+		ev |= unix.EPOLLOUT
+	}
+	t.st.reactor.arm(t.upFD, ev)
+}
+
+// closeUp unregisters and closes the upstream socket (once; the reactor must forget it before
+// its descriptor number can be reused).
+func (t *tcpFlow) closeUp() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.upClosed {
+		return
+	}
+	t.upClosed = true
+	if t.upRC != nil && t.st.reactor != nil {
+		t.st.reactor.remove(t.upFD)
+	}
+	t.up.Close()
+}
+
+// dirDone ends a direction; the second one ends the flow.
+func (t *tcpFlow) dirDone() {
+	if t.finished.Add(1) == 2 {
+		t.finish()
+	}
+}
+
+func (t *tcpFlow) finish() {
+	t.wq.EventUnregister(&t.entry)
+	t.stopCtx()
+	t.closeUp()
+	t.ep.Close()
+	t.w.release()
+	t.upw.stop()
+	t.dnw.stop()
+	if t.hello.timer != nil {
+		t.hello.timer.Stop()
+	}
+	t.st.flowEnded(&t.st.Counters.Active, t.dst, t.flow)
+}
+
+func (t *tcpFlow) aborted() bool {
+	select {
+	case <-t.dead:
+		return true
+	default:
+		return false
+	}
+}
+
+// upRun is the guest -> upstream worker.
+func (t *tcpFlow) upRun() {
+	for {
+		switch t.upStep() {
+		case stepDone:
+			t.dirDone() // running stays set: nothing starts this worker again
+			return
+		case stepWaitGuest:
+			if t.upw.wait() {
+				continue
+			}
+		case stepWaitSocket:
+			if t.waitSocket(true) {
+				continue
+			}
+			t.want(false, true)
+		}
+		if !t.upw.park() {
+			return
+		}
+	}
+}
+
+func (t *tcpFlow) upStep() step {
+	if t.aborted() {
+		return stepDone
+	}
+	if !t.hello.done {
+		switch t.helloStep() {
+		case helloWait:
+			return stepWaitGuest
+		case helloCut:
+			return stepDone
+		}
+	}
+	w := &t.w
+	for {
+		if !w.settle() {
+			if w.err != nil {
+				t.abort("upstream write", w.err)
+				return stepDone
+			}
+			return stepWaitSocket
+		}
+		if t.finPending {
+			if hc, ok := t.up.(interface{ CloseWrite() error }); ok {
+				hc.CloseWrite() // the guest's FIN, passed on
+			}
+			return stepDone
+		}
+		res, err := t.ep.Read(w, tcpip.ReadOptions{})
+		if res.Count > 0 {
+			// Receive-window auto-tuning runs only when the reader reports what it took.
+			t.ep.ModerateRecvBuf(res.Count)
+			t.flow.Count(int64(res.Count), 0)
+		}
+		switch err.(type) {
+		case nil, *tcpip.ErrBadBuffer: // the writer stopped the read: settle and go on
+		case *tcpip.ErrWouldBlock:
+			if w.n == 0 && !w.full {
+				return stepWaitGuest
+			}
+		case *tcpip.ErrClosedForReceive:
+			t.finPending = true // after what is staged
+		default:
+			t.abort("guest read", err) // reset or error: pass it on as a RST
+			return stepDone
+		}
+	}
+}
+
+// waitSocket waits up to linger on the runtime's poller for the upstream socket to be
+// writable (out) or readable; true if it became so.
+func (t *tcpFlow) waitSocket(out bool) bool {
+	deadline := time.Now().Add(linger)
+	var err error
+	if out {
+		t.up.SetWriteDeadline(deadline)
+		err = t.upRC.Write(pollWritable)
+		t.up.SetWriteDeadline(time.Time{})
+	} else {
+		t.up.SetReadDeadline(deadline)
+		err = t.upRC.Read(t.q.readableFn)
+		t.up.SetReadDeadline(time.Time{})
+	}
+	return err == nil
+}
+
+func pollWritable(fd uintptr) bool {
+	for {
+		p := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		n, err := unix.Poll(p[:], 0)
+		if err == unix.EINTR {
+			continue
+		}
+		return err != nil || (n > 0 && p[0].Revents != 0)
+	}
+}
+
+// downRun is the upstream -> guest worker.
+func (t *tcpFlow) downRun() {
+	for {
+		switch t.downStep() {
+		case stepDone:
+			t.dirDone()
+			return
+		case stepWaitSocket:
+			if t.waitSocket(false) {
+				continue
+			}
+			t.want(true, false)
+		case stepWaitGuest: // room in gVisor's send buffer: the waiter callback kicks
+			if t.dnw.wait() {
+				continue
+			}
+		}
+		if !t.dnw.park() {
+			return
+		}
+	}
+}
+
+func (t *tcpFlow) downStep() step {
+	for {
+		if t.aborted() {
+			return stepDone
+		}
+		if t.downPending == 0 {
+			n, err := t.q.now(t.upRC)
+			if err == unix.EAGAIN {
+				return stepWaitSocket
+			}
+			if err == io.EOF { // the destination's FIN, passed on
+				t.ep.Shutdown(tcpip.ShutdownWrite)
+				return stepDone
+			}
+			if err != nil {
+				t.abort("upstream read", err) // a reset (or an error) is passed on as a RST
+				return stepDone
+			}
+			t.downPending = n
+		}
+		t.r.left = t.downPending
+		m, werr := t.ep.Write(&t.r, tcpip.WriteOptions{})
+		if t.r.err != nil { // bytes taken from the socket went with the failed write
+			t.abort("upstream read", t.r.err)
+			return stepDone
+		}
+		t.downPending -= int(m)
+		t.flow.Count(0, m)
+		switch werr.(type) {
+		case nil:
+		case *tcpip.ErrWouldBlock:
+			return stepWaitGuest
+		default:
+			t.abort("guest write", werr)
+			return stepDone
+		}
+	}
+}
+
 // errStop ends an ep.Read early: the writer took what the socket would take.
 var errStop = errors.New("relay: socket full")
 
@@ -74,17 +454,16 @@ type upWriter struct {
 	needBuf bool    // a small piece came and no buffer was free: get one, waiting
 	err     error   // the socket failed
 
-	// The poller callbacks, made once per flow (a closure per call would allocate).
-	sendFn, pollFn func(fd uintptr) bool
-	sendBuf        []byte // sendFn's argument ...
-	sent           int    // ... and results
-	sendErr        error
+	// The poller callback, made once per flow (a closure per call would allocate).
+	sendFn  func(fd uintptr) bool
+	sendBuf []byte // sendFn's argument ...
+	sent    int    // ... and results
+	sendErr error
 }
 
 func (w *upWriter) init(t *tcpFlow) {
 	w.t = t
 	w.sendFn = w.send
-	w.pollFn = pollWritable
 }
 
 func (w *upWriter) Write(b []byte) (int, error) {
@@ -155,19 +534,11 @@ func (w *upWriter) flushNB() bool {
 	return w.n == 0
 }
 
-// settle finishes what a read left: it sends staged bytes, waiting for the socket as needed,
-// returns the staging buffer, waits for a full socket and gets a buffer that was missing.
-// false: the flow is over (the socket failed or closed).
+// settle finishes what a read left, without waiting: it sends staged bytes and returns the
+// staging buffer, and gets one that was missing (waiting for the budget). false: the socket
+// is full (wait until it is writable, then settle again) or failed (err).
 func (w *upWriter) settle() bool {
-	for w.n > 0 {
-		if w.flushNB() {
-			break
-		}
-		if w.err != nil || !w.waitWritable() {
-			return false
-		}
-	}
-	if w.err != nil {
+	if w.err != nil || (w.n > 0 && !w.flushNB()) {
 		return false
 	}
 	if w.stage != nil {
@@ -176,169 +547,22 @@ func (w *upWriter) settle() bool {
 	}
 	if w.full {
 		w.full = false
-		if !w.waitWritable() {
-			return false
-		}
+		return false
 	}
 	if w.needBuf {
 		w.needBuf = false
 		if w.stage = w.t.getBuf(); w.stage == nil {
+			w.err = errors.New("relay: stopping")
 			return false
 		}
 	}
 	return true
 }
 
-// waitWritable waits until the socket may take more (false: it closed). The check runs
-// inside the poller's callback: the poller only reports edges after it is armed, and the
-// socket may have drained before.
-func (w *upWriter) waitWritable() bool {
-	return w.t.upRC.Write(w.pollFn) == nil
-}
-
-func pollWritable(fd uintptr) bool {
-	for {
-		p := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-		n, err := unix.Poll(p[:], 0)
-		if err == unix.EINTR {
-			continue
-		}
-		return err != nil || (n > 0 && p[0].Revents != 0)
-	}
-}
-
 func (w *upWriter) release() {
 	if w.stage != nil {
 		w.t.putBuf(w.stage)
 		w.stage = nil
-	}
-}
-
-// toUpstream relays guest -> destination.
-func (t *tcpFlow) toUpstream() {
-	entry, notify := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
-	t.wq.EventRegister(&entry)
-	defer t.wq.EventUnregister(&entry)
-	if !t.checkHello(notify) {
-		return
-	}
-	if t.upRC == nil {
-		t.toUpstreamCopy(notify)
-		return
-	}
-	var w upWriter
-	w.init(t)
-	defer w.release()
-	for {
-		res, err := t.ep.Read(&w, tcpip.ReadOptions{})
-		if res.Count > 0 {
-			// Receive-window auto-tuning runs only when the reader reports what it took.
-			t.ep.ModerateRecvBuf(res.Count)
-			t.flow.Count(int64(res.Count), 0)
-		}
-		if !w.settle() {
-			t.abort("upstream write", w.err)
-			return
-		}
-		switch err.(type) {
-		case nil, *tcpip.ErrBadBuffer: // the writer stopped the read: go on
-		case *tcpip.ErrWouldBlock:
-			<-notify
-		case *tcpip.ErrClosedForReceive:
-			if hc, ok := t.up.(interface{ CloseWrite() error }); ok {
-				hc.CloseWrite() // the guest's FIN, passed on
-			}
-			return
-		default:
-			t.abort("guest read", err) // reset or error: pass it on as a RST
-			return
-		}
-	}
-}
-
-// helloBufs hold a flow's first bytes while its ClientHello is parsed (peeked, never kept).
-var helloBufs = sync.Pool{New: func() any { b := make([]byte, maxHello); return &b }}
-
-// checkHello holds a flow whose first bytes start a TLS handshake record until the ClientHello
-// is complete (at most maxHello bytes, SNIWait), and judges its SNI. The bytes are peeked: they
-// stay in gVisor's receive buffer and are relayed from there once judged. false: the flow was
-// cut.
-func (t *tcpFlow) checkHello(notify <-chan struct{}) bool {
-	var timeout <-chan time.Time
-	for {
-		bp := helloBufs.Get().(*[]byte)
-		w := tcpip.SliceWriter(*bp)
-		res, err := t.ep.Read(&w, tcpip.ReadOptions{Peek: true})
-		var sni string
-		done := true
-		if err == nil {
-			data := (*bp)[:res.Count]
-			if looksLikeTLS(data) {
-				sni, done = clientHelloSNI(data)
-			}
-		}
-		helloBufs.Put(bp)
-		if _, ok := err.(*tcpip.ErrWouldBlock); ok {
-			done = false
-		} else if err != nil {
-			return true // the relay loop sees the same end
-		}
-		if done {
-			if sni != "" && !t.flow.CheckSNI(sni) {
-				t.st.Counters.SNIDenied.Add(1)
-				t.abort("sni denied", sni)
-				return false
-			}
-			return true
-		}
-		if res.Count > 0 && timeout == nil {
-			tm := time.NewTimer(t.st.opts.SNIWait)
-			defer tm.Stop()
-			timeout = tm.C
-		}
-		select {
-		case <-notify:
-		case <-timeout:
-			return true // judged by the pins alone
-		}
-	}
-}
-
-// toUpstreamCopy is toUpstream for upstreams without a socket (a stream over the agent
-// channel): read into a relay buffer, then write.
-func (t *tcpFlow) toUpstreamCopy(notify <-chan struct{}) {
-	for {
-		bp := t.getBuf()
-		if bp == nil { // the flow or the stack is ending: make sure both sides do
-			t.abort("stopping", nil)
-			return
-		}
-		w := tcpip.SliceWriter(*bp)
-		res, err := t.ep.Read(&w, tcpip.ReadOptions{})
-		if err == nil {
-			t.ep.ModerateRecvBuf(res.Count)
-			n, werr := t.up.Write((*bp)[:res.Count])
-			t.putBuf(bp)
-			t.flow.Count(int64(n), 0)
-			if werr != nil {
-				t.abort("upstream write", werr)
-				return
-			}
-			continue
-		}
-		t.putBuf(bp)
-		switch err.(type) {
-		case *tcpip.ErrWouldBlock:
-			<-notify
-		case *tcpip.ErrClosedForReceive:
-			if hc, ok := t.up.(interface{ CloseWrite() error }); ok {
-				hc.CloseWrite()
-			}
-			return
-		default:
-			t.abort("guest read", err)
-			return
-		}
 	}
 }
 
@@ -395,59 +619,17 @@ func (r *upReader) read(fd uintptr) bool {
 	}
 }
 
-// toGuest relays destination -> guest.
-func (t *tcpFlow) toGuest() {
-	if t.upRC == nil {
-		t.toGuestCopy()
-		return
-	}
-	entry, notify := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
-	t.wq.EventRegister(&entry)
-	defer t.wq.EventUnregister(&entry)
-	var r upReader
-	r.init(t)
-	var q upQueued
-	q.fn = q.check
-	for {
-		n, err := q.wait(t.upRC)
-		if err == io.EOF { // the destination's FIN, passed on
-			t.ep.Shutdown(tcpip.ShutdownWrite)
-			return
-		}
-		if err != nil {
-			t.abort("upstream read", err) // a reset (or an error) is passed on as a RST
-			return
-		}
-		for n > 0 {
-			r.left = n
-			m, werr := t.ep.Write(&r, tcpip.WriteOptions{})
-			if r.err != nil {
-				t.abort("upstream read", r.err)
-				return
-			}
-			n -= int(m)
-			t.flow.Count(0, m)
-			switch werr.(type) {
-			case nil:
-			case *tcpip.ErrWouldBlock: // gVisor's send buffer is full
-				<-notify
-			default:
-				t.abort("guest write", werr)
-				return
-			}
-		}
-	}
-}
-
-// upQueued waits until the upstream socket has bytes queued (how many) or has ended
-// (io.EOF, or its error), holding no buffer.
+// upQueued tells how many bytes the upstream socket has queued, or that it has ended (io.EOF,
+// or its error), without a buffer.
 type upQueued struct {
-	fn  func(fd uintptr) bool // check, made once
-	n   int
-	err error
+	fn         func(fd uintptr) bool // check, made once
+	readableFn func(fd uintptr) bool // check that reports "not yet" to the poller
+	n          int
+	err        error
 }
 
-func (q *upQueued) wait(rc syscall.RawConn) (int, error) {
+// now looks without waiting (unix.EAGAIN: nothing yet).
+func (q *upQueued) now(rc syscall.RawConn) (int, error) {
 	q.n, q.err = 0, nil
 	if rerr := rc.Read(q.fn); rerr != nil && q.err == nil {
 		q.err = rerr
@@ -469,10 +651,8 @@ func (q *upQueued) check(fd uintptr) bool {
 		switch {
 		case perr == unix.EINTR || (perr == nil && m > 0): // raced with new data
 			continue
-		case perr == unix.EAGAIN:
-			return false // the poller waits for readability
 		case perr != nil:
-			q.err = perr
+			q.err = perr // EAGAIN: not yet
 		default:
 			q.err = io.EOF
 		}
@@ -480,9 +660,145 @@ func (q *upQueued) check(fd uintptr) bool {
 	}
 }
 
-// toGuestCopy is toGuest for upstreams without a socket (a stream over the agent channel,
-// which buffers within its own window): a plain read loop with a small buffer of its own,
-// outside the relay-buffer budget so that idle streams cannot starve it.
+// readable is check for the poller: "not yet" makes it wait.
+func (q *upQueued) readable(fd uintptr) bool {
+	q.check(fd)
+	return q.err != unix.EAGAIN
+}
+
+// The TLS check: a flow whose first bytes start a TLS handshake record is held until its
+// ClientHello is complete (at most maxHello bytes, SNIWait) and its SNI judged. The bytes are
+// peeked, never taken: they stay in gVisor's receive buffer and are relayed from there.
+
+type helloState struct {
+	done    bool
+	timer   *time.Timer
+	expired atomic.Bool
+	wake    func() // what the SNIWait timer calls
+}
+
+const (
+	helloOK   = iota // judged (or not TLS): relay
+	helloWait        // more of the ClientHello is needed
+	helloCut         // the SNI was refused: the flow is reset
+)
+
+// helloBufs hold a flow's first bytes while its ClientHello is parsed (peeked, never kept).
+var helloBufs = sync.Pool{New: func() any { b := make([]byte, maxHello); return &b }}
+
+func (t *tcpFlow) helloStep() int {
+	bp := helloBufs.Get().(*[]byte)
+	defer helloBufs.Put(bp)
+	w := tcpip.SliceWriter(*bp)
+	res, err := t.ep.Read(&w, tcpip.ReadOptions{Peek: true})
+	if _, ok := err.(*tcpip.ErrWouldBlock); ok {
+		return helloWait
+	}
+	if err != nil { // the relay sees the same end
+		t.hello.done = true
+		return helloOK
+	}
+	data := (*bp)[:res.Count]
+	if !looksLikeTLS(data) {
+		t.hello.done = true
+		return helloOK
+	}
+	sni, complete := clientHelloSNI(data)
+	if !complete && !t.hello.expired.Load() {
+		if t.hello.timer == nil {
+			t.hello.timer = time.AfterFunc(t.st.opts.SNIWait, func() {
+				t.hello.expired.Store(true) // judged by the pins alone
+				t.hello.wake()
+			})
+		}
+		return helloWait
+	}
+	t.hello.done = true
+	if sni != "" && !t.flow.CheckSNI(sni) {
+		t.st.Counters.SNIDenied.Add(1)
+		t.abort("sni denied", sni)
+		return helloCut
+	}
+	return helloOK
+}
+
+// run relays a flow whose upstream has no socket (a stream over the agent channel) with a
+// goroutine per direction and plain copies.
+func (t *tcpFlow) run() {
+	stop := context.AfterFunc(t.st.ctx, func() { t.abort("stack closing", nil) })
+	defer stop()
+	t.flow.OnRevoke(func() {
+		t.st.Counters.Revoked.Add(1)
+		t.abort("revoked by a policy reload", nil)
+	})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); t.toUpstreamCopy() }()
+	t.toGuestCopy()
+	wg.Wait()
+	if t.hello.timer != nil {
+		t.hello.timer.Stop()
+	}
+	t.ep.Close()
+	t.up.Close()
+}
+
+// toUpstreamCopy reads into a relay buffer, then writes.
+func (t *tcpFlow) toUpstreamCopy() {
+	entry, notify := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
+	t.wq.EventRegister(&entry)
+	defer t.wq.EventUnregister(&entry)
+	expired := make(chan struct{}, 1)
+	t.hello.wake = func() { expired <- struct{}{} }
+	for !t.hello.done {
+		switch t.helloStep() {
+		case helloCut:
+			return
+		case helloWait:
+			select {
+			case <-notify:
+			case <-expired:
+			}
+		}
+	}
+	for {
+		bp := t.getBuf()
+		if bp == nil { // the flow or the stack is ending: make sure both sides do
+			t.abort("stopping", nil)
+			return
+		}
+		w := tcpip.SliceWriter(*bp)
+		res, err := t.ep.Read(&w, tcpip.ReadOptions{})
+		if err == nil {
+			t.ep.ModerateRecvBuf(res.Count)
+			n, werr := t.up.Write((*bp)[:res.Count])
+			t.putBuf(bp)
+			t.flow.Count(int64(n), 0)
+			if werr != nil {
+				t.abort("upstream write", werr)
+				return
+			}
+			continue
+		}
+		t.putBuf(bp)
+		switch err.(type) {
+		case *tcpip.ErrWouldBlock:
+			<-notify
+		case *tcpip.ErrClosedForReceive:
+			if hc, ok := t.up.(interface{ CloseWrite() error }); ok {
+				hc.CloseWrite()
+			}
+			return
+		default:
+			t.abort("guest read", err)
+			return
+		}
+	}
+}
+
+// toGuestCopy is a plain read loop with a small buffer of its own (a channel stream buffers
+// within its own window), outside the relay-buffer budget so that idle streams cannot starve
+// it.
 func (t *tcpFlow) toGuestCopy() {
 	guest := gonet.NewTCPConn(t.wq, t.ep)
 	buf := make([]byte, streamReadSize)
