@@ -256,8 +256,8 @@ func (st *Stack) close() {
 	st.reactor.close()
 }
 
-// releaseSlack is how much memory the Go heap may hold beyond its live objects (garbage not
-// yet collected, free spans not yet returned) before releaseMemory gives it back.
+// releaseSlack is how much memory a burst may leave with the Go heap (garbage not yet
+// collected, free spans not yet returned, pooled chunks) before releaseMemory gives it back.
 const releaseSlack = 4 << 20
 
 // releaseMemory gives memory back to the OS after bursts (Options.ReleaseAfter). The runtime
@@ -271,7 +271,11 @@ func (st *Stack) releaseMemory() {
 		ip := st.s.Stats().IP
 		return ip.PacketsReceived.Value() + ip.PacketsSent.Value()
 	}
-	last := activity()
+	// Checked once per burst, when it is over: a heap grown past its floor (the least it held
+	// after a release or while quiet) or holding much beyond its live objects. Pooled chunks
+	// count as live until two collections clear them, hence the first test.
+	last, burst := activity(), false
+	floor, _ := heapMemory()
 	for {
 		select {
 		case <-st.ctx.Done():
@@ -279,14 +283,20 @@ func (st *Stack) releaseMemory() {
 		case <-tick.C:
 		}
 		if a := activity(); a != last { // busy: wait for a quiet interval
-			last = a
+			last, burst = a, true
 			continue
 		}
-		if heap, live := heapMemory(); heap > live+releaseSlack {
+		held, live := heapMemory()
+		floor = min(floor, held)
+		if !burst {
+			continue
+		}
+		burst = false
+		if held > floor+releaseSlack || held > live+releaseSlack {
 			runtime.GC() // pools keep their contents one collection longer
 			debug.FreeOSMemory()
-			after, _ := heapMemory()
-			st.log.Debug("netstack memory released", "heap_mib", heap>>20, "live_mib", live>>20, "after_mib", after>>20)
+			floor, _ = heapMemory()
+			st.log.Debug("netstack memory released", "heap_mib", held>>20, "live_mib", live>>20, "after_mib", floor>>20)
 		}
 	}
 }
@@ -298,13 +308,6 @@ func heapMemory() (held, live uint64) {
 		{Name: "/memory/classes/heap/free:bytes"}, {Name: "/gc/heap/live:bytes"}}
 	metrics.Read(m)
 	return m[0].Value.Uint64() + m[1].Value.Uint64() + m[2].Value.Uint64(), m[3].Value.Uint64()
-}
-
-// retainedMemory is the memory the Go runtime holds from the OS (mapped, not released).
-func retainedMemory() uint64 {
-	m := []metrics.Sample{{Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/released:bytes"}}
-	metrics.Read(m)
-	return m[0].Value.Uint64() - m[1].Value.Uint64()
 }
 
 // Link describes the tun's link endpoint ("offload csum tso4 tso6 ..." or "plain ...").
