@@ -125,6 +125,7 @@ type Stack struct {
 
 	bufTokens chan struct{}  // one per relay buffer in use (MaxBuffers)
 	reactor   *reactor       // wakes parked TCP flows on upstream readiness
+	pool      *pool          // goroutines for SYNs and flow directions
 	bg        sync.WaitGroup // releaseMemory
 	closeOnce sync.Once
 
@@ -182,7 +183,7 @@ func New(o Options) (*Stack, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	st := &Stack{reactor: re, opts: o, s: s, link: link, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{},
+	st := &Stack{reactor: re, pool: newPool(), opts: o, s: s, link: link, log: o.Log, eg: o.Egress, ctx: ctx, cancel: cancel, dests: map[netip.AddrPort]int{},
 		bufTokens: make(chan struct{}, o.MaxBuffers)}
 	if err := st.configure(link.Endpoint); err != nil {
 		s.Close()
@@ -212,7 +213,9 @@ func (st *Stack) configure(ep stack.LinkEndpoint) error {
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv)
 	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: min(1<<20, st.opts.SendBufferMax), Max: st.opts.SendBufferMax}
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd)
-	fwd := tcp.NewForwarder(s, st.opts.ReceiveWindow, st.opts.MaxInFlight, st.handleTCP)
+	fwd := tcp.NewForwarder(s, st.opts.ReceiveWindow, st.opts.MaxInFlight, func(r *tcp.ForwarderRequest) {
+		st.pool.run(func() { st.handleTCP(r) }) // on a goroutine with a grown stack (pool)
+	})
 	s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
 	ufwd := udp.NewForwarder(s, st.handleUDP)
 	s.SetTransportProtocolHandler(udp.ProtocolNumber, ufwd.HandlePacket)
@@ -254,6 +257,7 @@ func (st *Stack) close() {
 	st.s.Wait() // removes the NIC, which stops the tun readers
 	st.link.Close()
 	st.reactor.close()
+	st.pool.close()
 }
 
 // releaseSlack is how much memory a burst may leave with the Go heap (garbage not yet

@@ -69,12 +69,12 @@ func (r *reactor) loop(rc interface {
 	})
 }
 
-// add registers a flow's upstream socket, disarmed.
-func (r *reactor) add(fd int, t *tcpFlow) error {
+// add registers a flow's upstream socket with a one-shot interest.
+func (r *reactor) add(fd int, t *tcpFlow, events uint32) error {
 	r.mu.Lock()
 	r.flows[int32(fd)] = t
 	r.mu.Unlock()
-	ev := unix.EpollEvent{Events: unix.EPOLLONESHOT, Fd: int32(fd)}
+	ev := unix.EpollEvent{Events: events | unix.EPOLLONESHOT, Fd: int32(fd)}
 	if err := unix.EpollCtl(r.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		r.mu.Lock()
 		delete(r.flows, int32(fd))

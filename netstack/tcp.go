@@ -102,6 +102,7 @@ type tcpFlow struct {
 
 	mu              sync.Mutex // the reactor interest, and whether the socket is closed
 	wantIn, wantOut bool
+	registered      bool // the upstream socket, with the reactor
 	upClosed        bool
 	guestFull       atomic.Bool // dnw waits for room in gVisor's send buffer
 	finPending      bool        // upw: the guest's FIN, to pass on after staged bytes

@@ -75,12 +75,14 @@ type worker struct {
 	running atomic.Bool
 	wake    chan struct{} // a kick while running
 	run     func()
+	pool    *pool
 	timer   *time.Timer
 }
 
-func (w *worker) init(run func()) {
+func (w *worker) init(p *pool, run func()) {
 	w.wake = make(chan struct{}, 1)
 	w.run = run
+	w.pool = p
 }
 
 // kick makes the direction look for work: it wakes a running worker or starts one.
@@ -90,7 +92,7 @@ func (w *worker) kick() {
 	default:
 	}
 	if w.running.CompareAndSwap(false, true) {
-		go w.run()
+		w.pool.run(w.run)
 	}
 }
 
@@ -146,8 +148,8 @@ const (
 func (t *tcpFlow) start() {
 	st := t.st
 	st.flowStarted(&st.Counters.Active)
-	t.upw.init(t.upRun)
-	t.dnw.init(t.downRun)
+	t.upw.init(st.pool, t.upRun)
+	t.dnw.init(st.pool, t.downRun)
 	t.upw.running.Store(true) // this goroutine is the guest side's first worker (below)
 	t.w.init(t)
 	t.r.init(t)
@@ -164,11 +166,7 @@ func (t *tcpFlow) start() {
 		st.Counters.Revoked.Add(1)
 		t.abort("revoked by a policy reload", nil)
 	})
-	if err := st.reactor.add(t.upFD, t); err != nil {
-		t.abort("upstream poll", err)
-	} else {
-		t.want(true, false) // upstream data (a server that speaks first) starts the other side
-	}
+	t.dnw.kick() // waits for upstream data (on the poller, then parked in the reactor)
 	t.upRun()
 }
 
@@ -211,7 +209,8 @@ func (t *tcpFlow) socketEvent(ev uint32) {
 	}
 }
 
-// want arms the reactor for upstream readability (in) or writability (out).
+// want arms the reactor for upstream readability (in) or writability (out). The socket is
+// registered with the reactor the first time a direction parks on it: a short flow never is.
 func (t *tcpFlow) want(in, out bool) {
 	t.mu.Lock()
 	t.wantIn = t.wantIn || in
@@ -231,6 +230,14 @@ func (t *tcpFlow) armLocked() {
 	if t.wantOut {
 		ev |= unix.EPOLLOUT
 	}
+	if !t.registered {
+		if err := t.st.reactor.add(t.upFD, t, ev); err != nil {
+			t.st.log.Warn("tcp flow: upstream socket not polled", "dst", t.dst, "error", err)
+			return // the flow's directions still wake on the guest's side and on Close
+		}
+		t.registered = true
+		return
+	}
 	t.st.reactor.arm(t.upFD, ev)
 }
 
@@ -243,7 +250,7 @@ func (t *tcpFlow) closeUp() {
 		return
 	}
 	t.upClosed = true
-	if t.upRC != nil && t.st.reactor != nil {
+	if t.registered {
 		t.st.reactor.remove(t.upFD)
 	}
 	t.up.Close()
@@ -626,10 +633,16 @@ type upQueued struct {
 	readableFn func(fd uintptr) bool // check that reports "not yet" to the poller
 	n          int
 	err        error
+	fresh      bool // n and err are what the last wait saw, not yet used
 }
 
-// now looks without waiting (unix.EAGAIN: nothing yet).
+// now looks without waiting (unix.EAGAIN: nothing yet), or returns what a wait saw: a
+// socket reports an error (a reset) once, to whichever call sees it first.
 func (q *upQueued) now(rc syscall.RawConn) (int, error) {
+	if q.fresh {
+		q.fresh = false
+		return q.n, q.err
+	}
 	q.n, q.err = 0, nil
 	if rerr := rc.Read(q.fn); rerr != nil && q.err == nil {
 		q.err = rerr
@@ -663,7 +676,8 @@ func (q *upQueued) check(fd uintptr) bool {
 // readable is check for the poller: "not yet" makes it wait.
 func (q *upQueued) readable(fd uintptr) bool {
 	q.check(fd)
-	return q.err != unix.EAGAIN
+	q.fresh = q.err != unix.EAGAIN
+	return q.fresh
 }
 
 // The TLS check: a flow whose first bytes start a TLS handshake record is held until its
