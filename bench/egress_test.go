@@ -36,8 +36,16 @@ var (
 
 // relayMain is the plain copy relay (AGENTD_BENCH_RELAY="LISTEN>DEST,..."): per accepted
 // connection it dials DEST and copies both ways with io.Copy, which splices between the two
-// kernel sockets (no user-space copy), passing each FIN on. It prints "ready" once listening.
+// kernel sockets (no user-space copy), passing each FIN on. With AGENTD_BENCH_RELAY_COPY set
+// it copies through a 256 KiB user-space buffer instead (what a relay that must see the bytes
+// does). It prints "ready" once listening.
 func relayMain(spec string) {
+	copyFn := func(dst, src net.Conn) { io.Copy(dst, src) }
+	if os.Getenv("AGENTD_BENCH_RELAY_COPY") != "" {
+		copyFn = func(dst, src net.Conn) {
+			io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, make([]byte, 256<<10))
+		}
+	}
 	for _, pair := range strings.Split(spec, ",") {
 		listen, dst, _ := strings.Cut(pair, ">")
 		l, err := net.Listen("tcp", listen)
@@ -60,11 +68,11 @@ func relayMain(spec string) {
 					defer d.Close()
 					done := make(chan struct{})
 					go func() {
-						io.Copy(d, c)
+						copyFn(d, c)
 						d.(*net.TCPConn).CloseWrite()
 						close(done)
 					}()
-					io.Copy(c, d)
+					copyFn(c, d)
 					c.(*net.TCPConn).CloseWrite()
 					<-done
 				}()
@@ -89,15 +97,17 @@ type egressSystem struct {
 	up, down, up4, down4 []float64 // Gbit/s per round
 	cpuUp, cpuDown       []float64 // proxy CPU-s per GB
 	rate                 []float64 // connections/s
+	cpuConn              []float64 // proxy CPU-µs per connection
 	rssStart, rssPeak    int64
 	rssAfter             int64
 }
 
 // TestEgressReport measures, in one run with the systems alternating, iperf3 and a connection
 // rate through: kernel loopback, plain veth routing from a namespace, a plain copy relay
-// (io.Copy, splice) reached over that veth, and agentd's netstack on the offload and the plain
-// tun endpoints at guest MTU 1500 and 65520; then agentd's memory per idle connection on a
-// fresh process. Ratios are against the copy relay measured in the same rounds.
+// (io.Copy, splice) reached over that veth and the same relay copying in user space, and
+// agentd's netstack on the offload and the plain tun endpoints at guest MTU 1500 and 65520;
+// then memory per idle connection on fresh processes. Ratios (and the targets) are against the
+// splicing copy relay measured in the same rounds.
 //
 //	go test ./bench -run TestEgressReport -v -args -egress
 func TestEgressReport(t *testing.T) {
@@ -136,10 +146,13 @@ func TestEgressReport(t *testing.T) {
 			iperf: func(a ...string) *exec.Cmd { return vt.Cmd(append([]string{"iperf3", "-c", iperfDst}, a...)...) },
 			dial:  func(ctx context.Context) (net.Conn, error) { return vt.Guest.DialContext(ctx, "tcp", echo) }})
 	}
-	if want("relay") {
-		pid, iperfAt, echoVia := startRelay(t, gw, nettest.Good.String()+":5201", echoAt())
+	for _, name := range []string{"relay", "relay-copy"} {
+		if !want(name) {
+			continue
+		}
+		pid, iperfAt, echoVia := startRelay(t, gw, nettest.Good.String()+":5201", echoAt(), name == "relay-copy")
 		host, port, _ := net.SplitHostPort(iperfAt)
-		systems = append(systems, &egressSystem{name: "relay", proxy: pid,
+		systems = append(systems, &egressSystem{name: name, proxy: pid,
 			iperf: func(a ...string) *exec.Cmd {
 				return vt.Cmd(append([]string{"iperf3", "-c", host, "-p", port}, a...)...)
 			},
@@ -212,7 +225,14 @@ func TestEgressReport(t *testing.T) {
 	for r := 0; r < *egressRounds && part("rate"); r++ {
 		for i := range systems {
 			s := systems[(i+r)%len(systems)]
+			var cpu0 float64
+			if s.proxy != 0 {
+				cpu0 = cpuSeconds(t, s.proxy)
+			}
 			s.rate = append(s.rate, connRate(t, *rateConns, *ratePar, s.dial))
+			if s.proxy != 0 {
+				s.cpuConn = append(s.cpuConn, (cpuSeconds(t, s.proxy)-cpu0)/float64(*rateConns)*1e6)
+			}
 		}
 	}
 	load1, _ := os.ReadFile("/proc/loadavg")
@@ -224,7 +244,7 @@ func TestEgressReport(t *testing.T) {
 	}
 	var idles []idle
 	if want("relay") && part("idle") {
-		pid, _, echoVia := startRelay(t, gw, nettest.Good.String()+":5201", echoAt())
+		pid, _, echoVia := startRelay(t, gw, nettest.Good.String()+":5201", echoAt(), false)
 		idles = append(idles, idle{"relay", idleCost(t, pid, func(ctx context.Context) (net.Conn, error) { return vt.Guest.DialContext(ctx, "tcp", echoVia) })})
 	}
 	for _, c := range []struct {
@@ -256,14 +276,15 @@ func TestEgressReport(t *testing.T) {
 			cell(s.down4, relay, func(r *egressSystem) []float64 { return r.down4 }, "%.2f"),
 			cell(s.rate, relay, func(r *egressSystem) []float64 { return r.rate }, "%.0f"))
 	}
-	fmt.Printf("\n%-14s %-24s %-24s %-30s\n", "proxy", "CPU-s/GB 1 stream up", "CPU-s/GB 1 stream down", "RSS MiB start / peak / 10 s after")
+	fmt.Printf("\n%-14s %-24s %-24s %-24s %-30s\n", "proxy", "CPU-s/GB 1 stream up", "CPU-s/GB 1 stream down", "CPU-µs per connection", "RSS MiB start / peak / 10 s after")
 	for _, s := range systems {
 		if s.proxy == 0 {
 			continue
 		}
-		fmt.Printf("%-14s %-24s %-24s %5.1f / %5.1f / %5.1f (%+.1f)\n", s.name,
+		fmt.Printf("%-14s %-24s %-24s %-24s %5.1f / %5.1f / %5.1f (%+.1f)\n", s.name,
 			cell(s.cpuUp, relay, func(r *egressSystem) []float64 { return r.cpuUp }, "%.2f"),
 			cell(s.cpuDown, relay, func(r *egressSystem) []float64 { return r.cpuDown }, "%.2f"),
+			cell(s.cpuConn, relay, func(r *egressSystem) []float64 { return r.cpuConn }, "%.0f"),
 			mib(s.rssStart), mib(s.rssPeak), mib(s.rssAfter), mib(s.rssAfter-s.rssStart))
 	}
 	fmt.Printf("\nper idle relayed connection (fresh process, %d connections):", *idleConns)
@@ -359,9 +380,9 @@ func vethNamespace(t *testing.T) (*nettest.Topology, string) {
 	return tp, net3 + ".1"
 }
 
-// startRelay starts the copy relay process on ip, forwarding one port to iperf and one to
-// echo; it returns its pid and the two addresses.
-func startRelay(t *testing.T, ip, iperfDst, echoDst string) (pid int, iperfAt, echoAt string) {
+// startRelay starts the copy relay process on ip (splicing, or copying in user space),
+// forwarding one port to iperf and one to echo; it returns its pid and the two addresses.
+func startRelay(t *testing.T, ip, iperfDst, echoDst string, userCopy bool) (pid int, iperfAt, echoAt string) {
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -370,6 +391,9 @@ func startRelay(t *testing.T, ip, iperfDst, echoDst string) (pid int, iperfAt, e
 	echoAt = net.JoinHostPort(ip, strconv.Itoa(testutil.ClosedPort(t)))
 	cmd := exec.Command(self)
 	cmd.Env = append(os.Environ(), "AGENTD_BENCH_RELAY="+iperfAt+">"+iperfDst+","+echoAt+">"+echoDst)
+	if userCopy {
+		cmd.Env = append(cmd.Env, "AGENTD_BENCH_RELAY_COPY=1")
+	}
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
