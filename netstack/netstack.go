@@ -68,8 +68,9 @@ type Options struct {
 	// MaxFlows bounds open TCP and UDP flows in all; MaxFlowsPerDest bounds them per
 	// destination address and port. Flows beyond either are refused and counted.
 	MaxFlows, MaxFlowsPerDest int
-	// MaxBuffers bounds the relay buffers (BufferSize each) in use by all TCP flows at once;
-	// a flow with data waits for one. It caps the relays' memory whatever the guest does.
+	// MaxBuffers bounds the relay's staging buffers (BufferSize each) in use by all TCP flows
+	// at once; a flow with small pieces of data in hand waits for one (the offload endpoint's
+	// large segments go from gVisor's buffers to the socket without one).
 	MaxBuffers int
 	// ConnectTimeout bounds one upstream dial.
 	ConnectTimeout time.Duration
@@ -92,10 +93,10 @@ type Options struct {
 	Log          *slog.Logger
 }
 
-// DefaultOptions are the settings measured best on a tun (docs/netstack.md).
+// DefaultOptions are the settings measured best on a tun (make bench-egress; docs/egress.md).
 var DefaultOptions = Options{
 	TunName: "agentd0", MTU: 65520, Queues: 1, MaxInFlight: 1024,
-	MaxFlows: 16384, MaxFlowsPerDest: 8192, MaxBuffers: 256, // 64 MiB of relay buffers
+	MaxFlows: 16384, MaxFlowsPerDest: 8192, MaxBuffers: 256, // 16 MiB of staging buffers
 	ConnectTimeout: 30 * time.Second, UDPIdleTimeout: 60 * time.Second, SNIWait: 5 * time.Second,
 	ReceiveBufferMax: 4 << 20, SendBufferMax: 4 << 20, ReleaseAfter: time.Second,
 }
