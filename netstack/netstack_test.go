@@ -104,18 +104,20 @@ func mustPolicy(t testing.TB, src string) *policy.Policy {
 
 // testLink is a tun link endpoint and MTU the suite runs on.
 type testLink struct {
-	mode tunlink.Mode
-	mtu  uint32
+	mode   tunlink.Mode
+	mtu    uint32
+	queues int
 }
 
 // testLinks: the plain endpoint at the MTU it needs, and the offload endpoint at that MTU and
-// at the guest's ordinary 1500 (where segments are 64 KiB only thanks to TSO and GSO).
-var testLinks = []testLink{{tunlink.Plain, 65520}, {tunlink.Offload, 65520}, {tunlink.Offload, 1500}}
+// at the guest's ordinary 1500 (where segments are 64 KiB only thanks to TSO and GSO), there
+// with two queues.
+var testLinks = []testLink{{tunlink.Plain, 65520, 1}, {tunlink.Offload, 65520, 1}, {tunlink.Offload, 1500, 2}}
 
 // eachLink runs a test once per link endpoint and MTU, as subtests.
 func eachLink(t *testing.T, f func(t *testing.T, lk testLink)) {
 	for _, lk := range testLinks {
-		t.Run(fmt.Sprintf("%s-%d", lk.mode, lk.mtu), func(t *testing.T) { f(t, lk) })
+		t.Run(fmt.Sprintf("%s-%d-q%d", lk.mode, lk.mtu, lk.queues), func(t *testing.T) { f(t, lk) })
 	}
 }
 
@@ -129,7 +131,7 @@ func setup(t testing.TB, lk testLink, pol string, tune func(*Options)) *env {
 	e.eg = egress.New(mustPolicy(t, pol), egress.Options{HostAddrs: gw.Gateways(), Audit: e.aud})
 	up := nettest.DNSServer(t, nettest.Good, dnsTable)
 	res := resolver.New(e.eg, resolver.Options{Upstreams: []netip.AddrPort{up}})
-	o := Options{TunName: "agtun" + tp.ID, Link: lk.mode, MTU: lk.mtu, Egress: e.eg, DNS: res, Gateways: gw.Gateways(), Log: testLog(t)}
+	o := Options{TunName: "agtun" + tp.ID, Link: lk.mode, MTU: lk.mtu, Queues: lk.queues, Egress: e.eg, DNS: res, Gateways: gw.Gateways(), Log: testLog(t)}
 	if tune != nil {
 		tune(&o)
 	}
