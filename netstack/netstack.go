@@ -207,6 +207,14 @@ func (st *Stack) configure(ep stack.LinkEndpoint) error {
 	// packet delivery, and the transport handlers are not safe to install under traffic.
 	sack := tcpip.TCPSACKEnabled(true) // recovers from loss without resending whole windows
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
+	// RACK off: on the tun, round trips take microseconds, and its probe timer (twice the
+	// smoothed RTT) fires whenever an ACK waits for a goroutine to run, so it resent data the
+	// guest had (spurious recoveries in gVisor's counters); classic SACK recovery has no such
+	// timer. The tun never reorders. Measured: 4 streams toward the guest 12.3 against 8.9
+	// Gbit/s, 0.69 against 1.18 CPU-s/GB; upload unchanged. (Tailscale turned it off for the
+	// same reason, issue 9707.)
+	recovery := tcpip.TCPRecovery(0)
+	s.SetTransportProtocolOption(tcp.ProtocolNumber, &recovery)
 	moderate := tcpip.TCPModerateReceiveBufferOption(true) // grow receive buffers with the flow
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &moderate)
 	// Buffer sizes (Options): an idle connection holds none of it, only what is queued.
