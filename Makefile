@@ -13,8 +13,8 @@ FUZZ_TARGETS := \
 	./protocol:FuzzTCPPayload \
 	./initfs:FuzzLoadConfig \
 	./initfs:FuzzParseModuleList \
-	./policy:FuzzParse \
-	./resolver:FuzzAnswer \
+	./egress/policy:FuzzParse \
+	./egress/resolver:FuzzAnswer \
 	./netstack:FuzzClientHelloSNI
 
 .PHONY: all build test unit fuzz-smoke fuzz bench bench-egress bench-streams bench-vm lint run initramfs vm clean

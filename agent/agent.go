@@ -1,5 +1,5 @@
 // Package agent is agentd's loop: the init handshake on the channel, then one reader that
-// decodes host frames and dispatches them by type and id to sessions, and the mux writer that
+// decodes host frames and dispatches them by type and id to sessions, and the fair writer (sessionio) that
 // sends their output fairly. Bad input is answered with core.error and the loop goes on; only
 // a frame-level desync (a length prefix over the cap) ends it.
 package agent
@@ -17,14 +17,13 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/fs"
 	"github.com/agentd/agentd/heartbeat"
-	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
-	"github.com/agentd/agentd/streams"
+	"github.com/agentd/agentd/sessionio"
+	"github.com/agentd/agentd/hostdial"
 )
 
 // ErrShutdown is returned by Serve when the host sent core.shutdown.
@@ -60,12 +59,12 @@ type Config struct {
 
 	// Streams, when set, is offered to the host as feature "streams" (guest-initiated
 	// streams) and attached to the channel if the host enables it.
-	Streams *streams.Endpoint
+	Streams *hostdial.Endpoint
 
 	Relay relay.Options
 	Exec  exec.Options
 	Fs    fs.Options
-	Mux   mux.Options
+	Mux   sessionio.WriterOptions
 }
 
 // Defaults for the session cap and the shared buffer budget.
@@ -85,7 +84,7 @@ type Agent struct {
 	cfg     Config
 	log     *slog.Logger
 	fr      *protocol.FrameReader
-	out     *mux.Writer
+	out     *sessionio.Writer
 	fs      *fs.Service
 	hostGen uint8
 	enabled []string // features negotiated with the host
@@ -118,10 +117,10 @@ func New(cfg Config) *Agent {
 	if cfg.TCPBufferBudget <= 0 {
 		cfg.TCPBufferBudget = DefaultTCPBufferBudget
 	}
-	cfg.Relay.Inbound = budget.New(cfg.TCPBufferBudget)
-	cfg.Relay.Outbound = budget.New(cfg.TCPBufferBudget)
-	cfg.Exec.StdinBudget = budget.New(cfg.TCPBufferBudget)
-	cfg.Fs.WriteBudget = budget.New(cfg.TCPBufferBudget)
+	cfg.Relay.Inbound = sessionio.NewBudget(cfg.TCPBufferBudget)
+	cfg.Relay.Outbound = sessionio.NewBudget(cfg.TCPBufferBudget)
+	cfg.Exec.StdinBudget = sessionio.NewBudget(cfg.TCPBufferBudget)
+	cfg.Fs.WriteBudget = sessionio.NewBudget(cfg.TCPBufferBudget)
 	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port),
 		tcp: map[uint32]*relay.Session{}, execs: map[uint32]*exec.Session{}}
 }
@@ -197,7 +196,7 @@ func (a *Agent) deadline(d time.Duration) func() {
 // core.shutdown (ErrShutdown) or the channel fails. Every session is ended before it returns.
 func (a *Agent) Serve(ctx context.Context) error {
 	a.cfg.Mux.Observe = a.observe
-	a.out = mux.NewWriter(a.cfg.Port, a.cfg.Mux)
+	a.out = sessionio.NewWriter(a.cfg.Port, a.cfg.Mux)
 	a.fs = fs.New(a.out, a.cfg.Fs, a.log)
 	if a.cfg.Streams != nil && protocol.HasFeature(a.enabled, protocol.FeatureStreams) {
 		a.cfg.Streams.Attach(a.out)

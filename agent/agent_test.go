@@ -15,8 +15,8 @@ import (
 
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/scenario"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/scenario"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 )

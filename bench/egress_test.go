@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 var (

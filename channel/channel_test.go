@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/creack/pty"
 )
@@ -44,13 +45,13 @@ func TestOpenUnix(t *testing.T) {
 	}()
 	var c io.ReadWriteCloser
 	var err error
-	for i := 0; ; i++ { // the listener appears asynchronously
-		if c, err = Open("unix:" + sock); err == nil || i > 500 {
+	// The listener appears asynchronously and announces nothing: retry until a deadline (a
+	// count of tries ran out before the listener on a loaded machine).
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c, err = Open("unix:" + sock); err == nil || time.Now().After(deadline) {
 			break
 		}
-		if _, serr := os.Stat(sock); serr != nil {
-			continue
-		}
+		time.Sleep(time.Millisecond)
 	}
 	if err != nil {
 		t.Fatal(err)

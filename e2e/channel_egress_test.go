@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/nettest"
+	"github.com/agentd/agentd/internal/testkit/nettest"
 	"github.com/agentd/agentd/netstack"
 )
 

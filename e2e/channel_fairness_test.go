@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 // TestChannelFairness: over a pty channel (as slow as a virtio port), 8 bulk downloads

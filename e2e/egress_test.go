@@ -15,7 +15,7 @@ import (
 
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/nettest"
+	"github.com/agentd/agentd/internal/testkit/nettest"
 	"github.com/agentd/agentd/netstack"
 	"github.com/agentd/agentd/protocol"
 )

@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 // TestAgentctlPolicyReload: `agentctl policy reload` refuses a bad file before touching the

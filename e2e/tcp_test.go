@@ -19,8 +19,8 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/scenario"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/scenario"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
 )
 

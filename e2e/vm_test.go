@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/testutil"
-	"github.com/agentd/agentd/internal/vm"
+	"github.com/agentd/agentd/internal/testkit/testutil"
+	"github.com/agentd/agentd/internal/testkit/vm"
 	"github.com/agentd/agentd/protocol"
 )
 

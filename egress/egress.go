@@ -11,7 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 )
 
 // Options configure a Service.

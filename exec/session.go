@@ -20,11 +20,9 @@ import (
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 
-	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/channel"
-	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
-	"github.com/agentd/agentd/sink"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // Options configure exec sessions. Zero fields take DefaultOptions' values.
@@ -37,7 +35,7 @@ type Options struct {
 	// StdinLimit bounds stdin bytes queued for the child (the window under flow control).
 	StdinLimit int
 	// StdinBudget is shared by all sessions' stdin queues (nil: none).
-	StdinBudget *budget.Budget
+	StdinBudget *sessionio.Budget
 	// DefaultUser is MSB_USER: the user of requests that name none ("" = agentd's own).
 	DefaultUser string
 	// Restricted applies the restricted security profile to every child.
@@ -73,7 +71,7 @@ var DefaultOptions = Options{
 
 func (o Options) withDefaults() Options {
 	d := DefaultOptions
-	if o.ChunkSize <= 0 || o.ChunkSize > mux.ChunkSize {
+	if o.ChunkSize <= 0 || o.ChunkSize > sessionio.ChunkSize {
 		o.ChunkSize = d.ChunkSize
 	}
 	if o.HighWater <= 0 {
@@ -104,9 +102,9 @@ type Session struct {
 	cmd   *osexec.Cmd
 	pid   int
 	tty   *os.File // PTY master (PTY mode)
-	in    *sink.Sink
-	q     *mux.Queue
-	out   *mux.Writer
+	in    *sessionio.Sink
+	q     *sessionio.Queue
+	out   *sessionio.Writer
 	log   *slog.Logger
 	done  func(*Session)
 	flow  bool
@@ -116,7 +114,7 @@ type Session struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	credit *budget.Credit // flow: output bytes the host can still take
+	credit *sessionio.Credit // flow: output bytes the host can still take
 
 	mu       sync.Mutex
 	lastByte byte          // last stdin byte written (PTY EOF needs a line start)
@@ -135,7 +133,7 @@ func (s *Session) Finished() <-chan struct{} { return s.finished }
 
 // Start spawns the program of req; Go then announces and streams it. If the program never
 // ran, the returned ExecFailed says why.
-func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) (*Session, *protocol.ExecFailed) {
+func Start(id uint32, req protocol.ExecRequest, out *sessionio.Writer, opts Options, log *slog.Logger, done func(*Session)) (*Session, *protocol.ExecFailed) {
 	opts = opts.withDefaults()
 	ident := Identity{}
 	spec := strings.TrimSpace(ptrStr(req.User))
@@ -193,16 +191,16 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{id: id, cmd: cmd, out: out, log: log, done: done, ctx: ctx, cancel: cancel,
-		flow: req.Window > 0, credit: budget.NewCredit(int64(req.Window)),
+		flow: req.Window > 0, credit: sessionio.NewCredit(int64(req.Window)),
 		q: out.NewQueue(opts.HighWater, opts.LowWater), finished: make(chan struct{}), fed: make(chan struct{}),
 		wait: opts.Waiter}
-	cfg := sink.Config{Limit: opts.StdinLimit, Budget: opts.StdinBudget}
+	cfg := sessionio.SinkConfig{Limit: opts.StdinLimit, Budget: opts.StdinBudget}
 	if s.flow {
 		cfg.Grant = func(n int) {
 			out.ControlMsg(ctx, id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(n)})
 		}
 	}
-	s.in = sink.New(ctx, cfg)
+	s.in = sessionio.NewSink(ctx, cfg)
 
 	var outputs []io.ReadCloser
 	var stdin io.WriteCloser
@@ -384,7 +382,7 @@ func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
 				return
 			}
 		}
-		buf := mux.GetBuf()
+		buf := sessionio.GetBuf()
 		m, err := r.Read((*buf)[:n])
 		if s.flow && m < n {
 			s.credit.Add(int64(n - m)) // the unread part of the grant goes back
@@ -394,7 +392,7 @@ func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
 				return
 			}
 		} else {
-			mux.PutBuf(buf)
+			sessionio.PutBuf(buf)
 		}
 		if err != nil {
 			return

@@ -13,16 +13,14 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/internal/oserr"
-	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
-	"github.com/agentd/agentd/sink"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // Options bound the filesystem service.
 type Options struct {
-	// ChunkSize is the largest fs.data chunk sent (at most mux.ChunkSize; the reference's 3 MiB
+	// ChunkSize is the largest fs.data chunk sent (at most sessionio.ChunkSize; the reference's 3 MiB
 	// is the protocol's ceiling, not a requirement).
 	ChunkSize int
 	// HighWater and LowWater bound read-stream bytes queued toward the host, per stream.
@@ -30,7 +28,7 @@ type Options struct {
 	// WriteLimit bounds write-stream bytes queued for the disk, per stream; WriteBudget is
 	// shared by all write streams.
 	WriteLimit  int
-	WriteBudget *budget.Budget
+	WriteBudget *sessionio.Budget
 	// MaxHandlesPerClient is the reference's 1024 open handles per relay client.
 	MaxHandlesPerClient int
 	// Parallel bounds operations in flight; beyond it the agent loop waits.
@@ -56,19 +54,19 @@ type handle struct {
 // writeStream is an open core.fs Write: host chunks queue in a sink drained to the file.
 type writeStream struct {
 	owner uint32
-	in    *sink.Sink
+	in    *sessionio.Sink
 }
 
 type readStream struct {
 	owner  uint32
 	cancel context.CancelFunc
-	flow   *budget.Credit
+	flow   *sessionio.Credit
 }
 
 // Service is the filesystem side of one agent.
 type Service struct {
 	opts Options
-	out  *mux.Writer
+	out  *sessionio.Writer
 	log  *slog.Logger
 	sem  chan struct{}
 	wg   sync.WaitGroup
@@ -81,9 +79,9 @@ type Service struct {
 }
 
 // New makes a service writing its replies to out.
-func New(out *mux.Writer, opts Options, log *slog.Logger) *Service {
+func New(out *sessionio.Writer, opts Options, log *slog.Logger) *Service {
 	d := DefaultOptions
-	if opts.ChunkSize <= 0 || opts.ChunkSize > mux.ChunkSize {
+	if opts.ChunkSize <= 0 || opts.ChunkSize > sessionio.ChunkSize {
 		opts.ChunkSize = d.ChunkSize
 	}
 	if opts.HighWater <= 0 {
@@ -417,7 +415,7 @@ func (s *Service) startRead(ctx context.Context, id uint32, o *protocol.FsRead, 
 	rctx, cancel := context.WithCancel(ctx)
 	rs := &readStream{owner: id, cancel: cancel}
 	if flow && o.Window > 0 {
-		rs.flow = budget.NewCredit(int64(o.Window))
+		rs.flow = sessionio.NewCredit(int64(o.Window))
 	}
 	s.mu.Lock()
 	s.reads[id] = rs
@@ -450,7 +448,7 @@ func (s *Service) startRead(ctx context.Context, id uint32, o *protocol.FsRead, 
 
 // stream reads the file from offset in chunks onto q (which applies backpressure), holding the
 // handle for the whole stream as the reference does.
-func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.FsRead, q *mux.Queue, flow *budget.Credit) error {
+func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.FsRead, q *sessionio.Queue, flow *sessionio.Credit) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	off := int64(o.Offset)
@@ -469,7 +467,7 @@ func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.
 				return ctx.Err()
 			}
 		}
-		buf := mux.GetBuf()
+		buf := sessionio.GetBuf()
 		m, err := h.file.ReadAt((*buf)[:n], off)
 		if flow != nil && m < n {
 			flow.Add(int64(n - m)) // the unread part of the grant goes back
@@ -483,7 +481,7 @@ func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.
 				return perr
 			}
 		} else {
-			mux.PutBuf(buf)
+			sessionio.PutBuf(buf)
 		}
 		if err == io.EOF {
 			return nil
@@ -503,14 +501,14 @@ func (s *Service) startWrite(ctx context.Context, id uint32, o *protocol.FsWrite
 	if h.dir || !h.write {
 		return fmt.Errorf("write: handle %d is not open for writing", o.Handle)
 	}
-	cfg := sink.Config{Limit: s.opts.WriteLimit, Budget: s.opts.WriteBudget}
+	cfg := sessionio.SinkConfig{Limit: s.opts.WriteLimit, Budget: s.opts.WriteBudget}
 	flow = flow && o.Window > 0
 	if flow {
 		cfg.Grant = func(n int) {
 			s.out.ControlMsg(ctx, id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(n)})
 		}
 	}
-	ws := &writeStream{owner: id, in: sink.New(ctx, cfg)}
+	ws := &writeStream{owner: id, in: sessionio.NewSink(ctx, cfg)}
 	s.mu.Lock()
 	s.writes[id] = ws
 	s.mu.Unlock()
@@ -614,7 +612,7 @@ func (s *Service) closeWhere(in func(id uint32) bool) int {
 			delete(s.handles, n)
 		}
 	}
-	var sinks []*sink.Sink
+	var sinks []*sessionio.Sink
 	for id, ws := range s.writes {
 		if in(id) {
 			sinks = append(sinks, ws.in)

@@ -13,11 +13,10 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/protocol"
-	"github.com/agentd/agentd/resolver"
-	"github.com/agentd/agentd/sink"
+	"github.com/agentd/agentd/egress/resolver"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // StreamOptions make a relay serve guest-initiated streams (feature "streams"): the host dials
@@ -137,12 +136,12 @@ type hostStream struct {
 	dst      string
 	ctx      context.Context
 	cancel   context.CancelFunc
-	credit   *budget.Credit // agentd's grant for host -> guest data
+	credit   *sessionio.Credit // agentd's grant for host -> guest data
 	start    time.Time
 	up, down atomic.Int64
 
 	mu   sync.Mutex
-	in   *sink.Sink // guest -> destination bytes (tcp)
+	in   *sessionio.Sink // guest -> destination bytes (tcp)
 	conn net.Conn
 	once sync.Once
 }
@@ -181,7 +180,7 @@ func (s *streamServer) open(id uint32, p protocol.StreamOpen) {
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
 	st := &hostStream{s: s, id: id, proto: p.Proto, dst: dst, ctx: ctx, cancel: cancel,
-		credit: budget.NewCredit(int64(p.Window)), start: time.Now()}
+		credit: sessionio.NewCredit(int64(p.Window)), start: time.Now()}
 	s.mu.Lock()
 	if len(s.streams) >= s.opts.MaxStreams || s.streams[id] != nil {
 		s.mu.Unlock()
@@ -216,7 +215,7 @@ func (st *hostStream) run(window uint32) {
 		return
 	}
 	if st.proto == "tcp" {
-		in := sink.New(st.ctx, sink.Config{Limit: s.opts.Window, Grant: func(n int) {
+		in := sessionio.NewSink(st.ctx, sessionio.SinkConfig{Limit: s.opts.Window, Grant: func(n int) {
 			s.msg(st.id, protocol.TypeStreamCredit, protocol.StreamCredit{Bytes: uint32(n)})
 		}})
 		st.mu.Lock()
@@ -317,7 +316,7 @@ func (st *hostStream) toGuest(conn net.Conn) {
 }
 
 // fromGuest takes guest data: into the sink for tcp, straight out as one datagram for udp.
-func (st *hostStream) sink() *sink.Sink {
+func (st *hostStream) sink() *sessionio.Sink {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.in

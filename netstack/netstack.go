@@ -31,7 +31,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 )
 
 // DNS answers one DNS message from the guest (the resolver package).

@@ -19,7 +19,7 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 )
 
 // BufferSize is the size of the pooled relay buffers. A flow holds one per direction only

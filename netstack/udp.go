@@ -16,7 +16,7 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 )
 
 // maxDatagram is the largest UDP payload relayed.

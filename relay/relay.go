@@ -15,12 +15,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/internal/oserr"
-	"github.com/agentd/agentd/mux"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/protocol"
-	"github.com/agentd/agentd/sink"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // Dialer opens the destination stream of a session. The kernel dialer is net.Dialer; the
@@ -32,7 +30,7 @@ type Dialer interface {
 // Options are the per-session limits. Zero fields take DefaultOptions' values.
 type Options struct {
 	// ChunkSize is the most destination bytes read into one core.tcp.data frame (the
-	// reference's 64 KiB; at most mux.ChunkSize).
+	// reference's 64 KiB; at most sessionio.ChunkSize).
 	ChunkSize int
 	// HighWater and LowWater bound the bytes queued toward the host: at HighWater the session
 	// stops reading its destination (TCP backpressure reaches the sender) until the writer
@@ -49,7 +47,7 @@ type Options struct {
 	// Inbound and Outbound are byte budgets shared by all sessions (host -> destination and
 	// destination -> host buffers). The agent makes them from its MaxBuffered options; nil
 	// means only the per-session limits apply.
-	Inbound, Outbound *budget.Budget
+	Inbound, Outbound *sessionio.Budget
 	// Decide, if set, rules on every destination before it is dialed (the egress policy):
 	// agentd resolves the host itself and dials only an address the policy allows, with the
 	// name it asked for as the address's name (so domain rules apply).
@@ -69,7 +67,7 @@ var DefaultOptions = Options{
 
 func (o Options) withDefaults() Options {
 	d := DefaultOptions
-	if o.ChunkSize <= 0 || o.ChunkSize > mux.ChunkSize {
+	if o.ChunkSize <= 0 || o.ChunkSize > sessionio.ChunkSize {
 		o.ChunkSize = d.ChunkSize
 	}
 	if o.HighWater <= 0 {
@@ -94,8 +92,8 @@ func (o Options) withDefaults() Options {
 type Session struct {
 	id   uint32
 	opts Options
-	out  *mux.Writer
-	q    *mux.Queue
+	out  *sessionio.Writer
+	q    *sessionio.Queue
 	log  *slog.Logger
 	done func(*Session) // called once when the session ends, to drop it from the table
 	flow bool
@@ -103,11 +101,11 @@ type Session struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	in   *sink.Sink // host -> destination
+	in   *sessionio.Sink // host -> destination
 	host string
 	port uint16
 
-	credit *budget.Credit // flow: bytes we may still send to the host
+	credit *sessionio.Credit // flow: bytes we may still send to the host
 
 	mu       sync.Mutex
 	conn     net.Conn
@@ -116,7 +114,7 @@ type Session struct {
 }
 
 // Start is New followed by Go.
-func Start(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
+func Start(id uint32, req protocol.TCPConnect, out *sessionio.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
 	s := New(id, req, out, opts, log, done)
 	s.Go()
 	return s
@@ -129,25 +127,25 @@ func (s *Session) Go() { go s.run(s.host, s.port) }
 
 // New creates the session for a core.tcp.connect without starting it. done is called once,
 // when the session ends for any reason.
-func New(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
+func New(id uint32, req protocol.TCPConnect, out *sessionio.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
 	opts = opts.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{
 		id: id, opts: opts, out: out, log: log, done: done,
 		q:        out.NewQueue(opts.HighWater, opts.LowWater),
 		flow:     req.Window > 0,
-		credit:   budget.NewCredit(int64(req.Window)),
+		credit:   sessionio.NewCredit(int64(req.Window)),
 		ctx:      ctx,
 		cancel:   cancel,
 		finished: make(chan struct{}),
 	}
-	cfg := sink.Config{Limit: opts.InboundLimit, Budget: opts.Inbound}
+	cfg := sessionio.SinkConfig{Limit: opts.InboundLimit, Budget: opts.Inbound}
 	if s.flow {
 		cfg.Grant = func(n int) {
 			s.out.ControlMsg(s.ctx, s.id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(n)})
 		}
 	}
-	s.in = sink.New(ctx, cfg)
+	s.in = sessionio.NewSink(ctx, cfg)
 	s.host, s.port = req.Host, req.Port
 	return s
 }
@@ -248,14 +246,14 @@ func (s *Session) toHost(conn net.Conn) {
 		if err := s.opts.Outbound.Acquire(s.ctx, n); err != nil {
 			return
 		}
-		buf := mux.GetBuf()
+		buf := sessionio.GetBuf()
 		m, err := conn.Read((*buf)[:n])
 		s.opts.Outbound.Release(n - m) // keep only what was read, until it is written
 		if s.flow && m < n {
 			s.credit.Add(int64(n - m)) // the unread part of the grant goes back
 		}
 		if m > 0 {
-			var rel mux.Releaser
+			var rel sessionio.Releaser
 			if s.opts.Outbound != nil {
 				rel = s.opts.Outbound
 			}
@@ -263,7 +261,7 @@ func (s *Session) toHost(conn net.Conn) {
 				return
 			}
 		} else {
-			mux.PutBuf(buf)
+			sessionio.PutBuf(buf)
 		}
 		if err == io.EOF {
 			s.q.PushMsg(s.ctx, s.id, protocol.TypeTCPEOF, protocol.Empty{})

@@ -8,24 +8,24 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/testutil"
-	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sessionio"
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-// harness runs sessions on a mux writer whose channel end the test reads frame by frame.
+// harness runs sessions on a sessionio writer whose channel end the test reads frame by frame.
 type harness struct {
 	t    *testing.T
-	out  *mux.Writer
+	out  *sessionio.Writer
 	fr   *protocol.FrameReader
 	ends chan *Session
 }
 
 func newHarness(t *testing.T) *harness {
 	a, b := testutil.SocketPair(t)
-	w := mux.NewWriter(a, mux.Options{})
+	w := sessionio.NewWriter(a, sessionio.WriterOptions{})
 	t.Cleanup(func() { w.Close(); a.Close(); b.Close() })
 	return &harness{t: t, out: w, fr: protocol.NewFrameReader(b), ends: make(chan *Session, 16)}
 }

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/protocol"
 )
 

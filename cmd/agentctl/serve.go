@@ -9,7 +9,7 @@ import (
 
 	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 )
 
 func serve(args []string) error {

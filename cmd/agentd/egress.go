@@ -18,11 +18,11 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/netns"
+	"github.com/agentd/agentd/namespace"
 	"github.com/agentd/agentd/netstack"
-	"github.com/agentd/agentd/policy"
-	"github.com/agentd/agentd/resolver"
-	"github.com/agentd/agentd/streams"
+	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/egress/resolver"
+	"github.com/agentd/agentd/hostdial"
 )
 
 // egressOptions are the --egress-* flags.
@@ -132,8 +132,8 @@ type egressRuntime struct {
 	audit *egress.Audit
 	res   *resolver.Resolver
 	// streams carries flows to the host in channel mode (handed to the agent loop).
-	streams *streams.Endpoint
-	up      *netns.NS
+	streams *hostdial.Endpoint
+	up      *namespace.NS
 	stop    func()
 }
 
@@ -181,7 +181,7 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 	resDial := dial
 	if e.mode == "channel" {
 		// Every flow is a stream the host dials; DNS goes to the host's resolver as datagrams.
-		rt.streams = streams.New(streams.Options{})
+		rt.streams = hostdial.New(hostdial.Options{})
 		dial = rt.streams.DialContext
 		ups = []netip.AddrPort{netip.MustParseAddrPort("0.0.0.0:53")} // stands for the host's resolver
 		resDial = func(ctx context.Context, network, address string) (net.Conn, error) {
@@ -263,8 +263,8 @@ func (rt *egressRuntime) logCounters(log *slog.Logger) {
 // upstream sockets use: workloads, left with the tun, cannot bind to them, route to them or
 // send raw packets out of them. The interfaces keep their addresses and routes are added
 // again there (a move drops them).
-func isolateUplink(names []string) (*netns.NS, error) {
-	ns, err := netns.New()
+func isolateUplink(names []string) (*namespace.NS, error) {
+	ns, err := namespace.New()
 	if err != nil {
 		return nil, fmt.Errorf("--egress-uplink: %w", err)
 	}

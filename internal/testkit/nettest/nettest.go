@@ -15,7 +15,7 @@ import (
 
 	"golang.org/x/net/dns/dnsmessage"
 
-	"github.com/agentd/agentd/netns"
+	"github.com/agentd/agentd/namespace"
 )
 
 var seq atomic.Int32
@@ -32,7 +32,7 @@ var (
 // Topology is one test's guest namespace and test hosts.
 type Topology struct {
 	Name  string    // the guest namespace (ip netns name)
-	Guest *netns.NS // sockets inside the guest namespace
+	Guest *namespace.NS // sockets inside the guest namespace
 	ID    string    // unique suffix for device names
 }
 
@@ -54,7 +54,7 @@ func New(t testing.TB) *Topology {
 	Run(t, "ip", "netns", "add", tp.Name)
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", tp.Name).Run() })
 	Run(t, "ip", "-n", tp.Name, "link", "set", "lo", "up")
-	ns, err := netns.Open("/var/run/netns/" + tp.Name)
+	ns, err := namespace.Open("/var/run/netns/" + tp.Name)
 	if err != nil {
 		t.Fatal(err)
 	}

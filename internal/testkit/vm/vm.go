@@ -12,7 +12,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 // Options describe one boot.

@@ -1,4 +1,4 @@
-// Package streams is agentd's end of guest-initiated streams (protocol feature "streams"): a
+// Package hostdial is agentd's end of guest-initiated streams (protocol feature "streams"): a
 // Dialer whose connections are carried over the agent channel and dialed by the host. The
 // netstack uses it as its upstream dialer in a sandbox with no network device: every allowed
 // guest flow becomes a stream, and the host decides again and dials out.
@@ -6,7 +6,7 @@
 // Flow control is per stream in both directions: agentd sends at most what the host granted
 // (agentd.stream.credit) and buffers at most the window it granted the host, so one slow
 // stream holds back only itself and memory stays bounded however many streams are open.
-package streams
+package hostdial
 
 import (
 	"context"
@@ -20,9 +20,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/agentd/agentd/budget"
-	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // Options configure an Endpoint.
@@ -49,7 +48,7 @@ type Endpoint struct {
 	opts Options
 
 	mu    sync.Mutex
-	out   *mux.Writer
+	out   *sessionio.Writer
 	next  uint32
 	conns map[uint32]*Conn
 }
@@ -70,7 +69,7 @@ func New(o Options) *Endpoint {
 }
 
 // Attach starts dialing over w (the agent's writer, once the host enabled the feature).
-func (e *Endpoint) Attach(w *mux.Writer) {
+func (e *Endpoint) Attach(w *sessionio.Writer) {
 	e.mu.Lock()
 	e.out = w
 	e.mu.Unlock()
@@ -198,7 +197,7 @@ func (e *Endpoint) DialContext(ctx context.Context, network, address string) (ne
 		}
 	}
 	c := &Conn{ep: e, id: e.next, proto: proto, remote: ap, window: e.opts.Window, out: e.out,
-		q: e.out.NewQueue(e.opts.QueueHigh, e.opts.QueueLow), credit: budget.NewCredit(0),
+		q: e.out.NewQueue(e.opts.QueueHigh, e.opts.QueueLow), credit: sessionio.NewCredit(0),
 		opened: make(chan error, 1), notify: make(chan struct{}, 1)}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	e.conns[c.id] = c
@@ -232,9 +231,9 @@ type Conn struct {
 	proto  string
 	remote netip.AddrPort
 	window int
-	out    *mux.Writer
-	q      *mux.Queue
-	credit *budget.Credit
+	out    *sessionio.Writer
+	q      *sessionio.Queue
+	credit *sessionio.Credit
 	opened chan error
 	once   sync.Once
 	ctx    context.Context // ends when the stream does: unblocks writers waiting for credit
@@ -390,7 +389,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 				break
 			}
 		}
-		buf := mux.GetBuf()
+		buf := sessionio.GetBuf()
 		copy((*buf)[:got], b[sent:sent+got])
 		if err := c.q.PushData(ctx, c.id, protocol.TypeStreamData, buf, got); err != nil {
 			return sent, c.writeErr(ctx)

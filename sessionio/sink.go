@@ -1,28 +1,26 @@
-// Package sink is one session's bounded byte queue toward a local writer (a destination
+// A Sink is one session's bounded byte queue toward a local writer (a destination
 // socket, a child's stdin): the agent loop copies host data in, one goroutine drains it in
 // order, and, under flow control, grants the host credit as bytes leave. A host without flow
 // control that outruns the writer waits for room (bounded memory instead of unbounded queues).
-package sink
+
+package sessionio
 
 import (
 	"context"
 	"errors"
 	"io"
 	"sync"
-
-	"github.com/agentd/agentd/budget"
-	"github.com/agentd/agentd/mux"
 )
 
-// ErrClosed is returned by Write once the sink is closed or its writer failed.
-var ErrClosed = errors.New("session is closed")
+// ErrSinkClosed is returned by Write once the sink is closed or its writer failed.
+var ErrSinkClosed = errors.New("session is closed")
 
-// Config bounds a sink.
-type Config struct {
+// SinkConfig bounds a sink.
+type SinkConfig struct {
 	// Limit is the most bytes queued; under flow control it is the window granted to the host.
 	Limit int
 	// Budget is a byte budget shared with other sessions (nil: none).
-	Budget *budget.Budget
+	Budget *Budget
 	// Grant, when set, is called with the bytes written since the last grant, every quarter
 	// Limit or whenever the queue empties (flow-control credit back to the host).
 	Grant func(n int)
@@ -32,7 +30,7 @@ type Config struct {
 type Sink struct {
 	ctx    context.Context
 	cancel context.CancelFunc
-	cfg    Config
+	cfg    SinkConfig
 
 	mu     sync.Mutex
 	chunks []*[]byte // pooled buffers sliced to their length
@@ -43,8 +41,8 @@ type Sink struct {
 	space  chan struct{} // wakes a Write waiting for room
 }
 
-// New makes a sink; ctx ends it (as does Close).
-func New(ctx context.Context, cfg Config) *Sink {
+// NewSink makes a sink; ctx ends it (as does Close).
+func NewSink(ctx context.Context, cfg SinkConfig) *Sink {
 	ctx, cancel := context.WithCancel(ctx)
 	if cfg.Limit <= 0 {
 		cfg.Limit = 1 << 20
@@ -64,24 +62,24 @@ func poke(c chan struct{}) {
 // Data after CloseWrite is dropped, as by the reference.
 func (s *Sink) Write(data []byte) error {
 	for len(data) > 0 {
-		n := min(len(data), mux.ChunkSize)
+		n := min(len(data), ChunkSize)
 		if err := s.waitRoom(n); err != nil {
 			return err
 		}
 		if err := s.cfg.Budget.Acquire(s.ctx, n); err != nil {
-			return ErrClosed
+			return ErrSinkClosed
 		}
-		c := mux.GetBuf()
+		c := GetBuf()
 		*c = (*c)[:n]
 		copy(*c, data[:n])
 		s.mu.Lock()
 		if s.closed || s.eof {
 			closed := s.closed
 			s.mu.Unlock()
-			mux.PutBuf(c)
+			PutBuf(c)
 			s.cfg.Budget.Release(n)
 			if closed {
-				return ErrClosed
+				return ErrSinkClosed
 			}
 			return nil
 		}
@@ -100,7 +98,7 @@ func (s *Sink) waitRoom(n int) error {
 		closed, used := s.closed, s.bytes
 		s.mu.Unlock()
 		if closed {
-			return ErrClosed
+			return ErrSinkClosed
 		}
 		if used == 0 || used+n <= s.cfg.Limit {
 			return nil
@@ -108,7 +106,7 @@ func (s *Sink) waitRoom(n int) error {
 		select {
 		case <-s.space:
 		case <-s.ctx.Done():
-			return ErrClosed
+			return ErrSinkClosed
 		}
 	}
 }
@@ -118,7 +116,7 @@ func (s *Sink) CloseWrite() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
-		return ErrClosed
+		return ErrSinkClosed
 	}
 	s.eof = true
 	poke(s.wake)
@@ -156,7 +154,7 @@ func (s *Sink) Run(w io.Writer) error {
 
 		_, err := w.Write(*c)
 		n := len(*c)
-		mux.PutBuf(c)
+		PutBuf(c)
 		s.mu.Lock()
 		s.bytes -= n
 		idle := len(s.chunks) == 0
@@ -185,7 +183,7 @@ func (s *Sink) Close() {
 	}
 	s.closed = true
 	for _, c := range s.chunks {
-		mux.PutBuf(c)
+		PutBuf(c)
 	}
 	s.cfg.Budget.Release(s.bytes)
 	s.chunks, s.bytes = nil, 0

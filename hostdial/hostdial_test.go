@@ -1,4 +1,4 @@
-package streams
+package hostdial
 
 import (
 	"context"
@@ -10,12 +10,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/testutil"
-	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sessionio"
 )
 
-// harness: an Endpoint writing through a real mux.Writer into a socket; the test plays the
+// harness: an Endpoint writing through a real sessionio.Writer into a socket; the test plays the
 // host, reading the frames agentd sends and answering through Handle.
 type harness struct {
 	ep *Endpoint
@@ -24,7 +24,7 @@ type harness struct {
 
 func newHarness(t *testing.T, o Options) *harness {
 	a, b := testutil.SocketPair(t)
-	w := mux.NewWriter(a, mux.DefaultOptions)
+	w := sessionio.NewWriter(a, sessionio.DefaultWriterOptions)
 	t.Cleanup(w.Close)
 	ep := New(o)
 	ep.Attach(w)

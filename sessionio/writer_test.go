@@ -1,4 +1,4 @@
-package mux
+package sessionio
 
 import (
 	"context"
@@ -6,7 +6,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
 )
 
@@ -44,7 +44,7 @@ func TestRoundRobin(t *testing.T) {
 	defer a.Close()
 	defer b.Close()
 	g := &gate{a, make(chan struct{})}
-	w := NewWriter(g, Options{BatchBytes: 1}) // one frame per write, to observe the order
+	w := NewWriter(g, WriterOptions{BatchBytes: 1}) // one frame per write, to observe the order
 	defer w.Close()
 	bulk, small := w.NewQueue(1<<30, 0), w.NewQueue(1<<30, 0)
 	ctx := context.Background()
@@ -82,7 +82,7 @@ func TestHighWatermarkBlocks(t *testing.T) {
 	a, b := testutil.SocketPair(t)
 	defer a.Close()
 	defer b.Close()
-	w := NewWriter(a, Options{})
+	w := NewWriter(a, WriterOptions{})
 	defer w.Close()
 	const high = 4 * ChunkSize
 	q := w.NewQueue(high, ChunkSize)
@@ -108,7 +108,7 @@ func TestHighWatermarkBlocks(t *testing.T) {
 // TestCloseReleases: closing a queue drops its items and unblocks a pusher.
 func TestCloseReleases(t *testing.T) {
 	a, b := testutil.SocketPair(t)
-	w := NewWriter(a, Options{})
+	w := NewWriter(a, WriterOptions{})
 	defer func() { a.Close(); b.Close(); w.Close() }() // the socket first: nobody reads it
 	// Nobody reads b: the writer blocks on the socket and the queue fills.
 	q := w.NewQueue(ChunkSize, 0)
@@ -139,7 +139,7 @@ func TestControlFirst(t *testing.T) {
 	defer a.Close()
 	defer b.Close()
 	g := &gate{a, make(chan struct{})}
-	w := NewWriter(g, Options{BatchBytes: 1})
+	w := NewWriter(g, WriterOptions{BatchBytes: 1})
 	defer w.Close()
 	q := w.NewQueue(1<<30, 0)
 	for i := 0; i < 20; i++ {
@@ -161,7 +161,7 @@ func TestControlFirst(t *testing.T) {
 
 func TestFlushAndWriteError(t *testing.T) {
 	a, b := testutil.SocketPair(t)
-	w := NewWriter(a, Options{})
+	w := NewWriter(a, WriterOptions{})
 	go io.Copy(io.Discard, b)
 	w.ControlMsg(context.Background(), 0, protocol.TypeTCPEOF, protocol.Empty{})
 	if err := w.Flush(context.Background()); err != nil {

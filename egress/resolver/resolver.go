@@ -21,7 +21,7 @@ import (
 	"golang.org/x/net/dns/dnsmessage"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 )
 
 // Options configure a Resolver.

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
 )
 

@@ -1,4 +1,4 @@
-package sink
+package sessionio
 
 import (
 	"bytes"
@@ -6,8 +6,6 @@ import (
 	"errors"
 	"io"
 	"testing"
-
-	"github.com/agentd/agentd/budget"
 )
 
 // blockingWriter accepts writes only when told to.
@@ -20,7 +18,7 @@ func (w *blockingWriter) Write(p []byte) (int, error) { <-w.gate; return w.Buffe
 
 func TestOrderEOFAndGrants(t *testing.T) {
 	var granted int
-	s := New(context.Background(), Config{Limit: 1 << 20, Grant: func(n int) { granted += n }})
+	s := NewSink(context.Background(), SinkConfig{Limit: 1 << 20, Grant: func(n int) { granted += n }})
 	var out bytes.Buffer
 	done := make(chan error, 1)
 	go func() { done <- s.Run(&out) }()
@@ -40,8 +38,8 @@ func TestOrderEOFAndGrants(t *testing.T) {
 // TestBounded: a writer that does not drain holds Write at the limit; Close releases it and the
 // budget.
 func TestBounded(t *testing.T) {
-	b := budget.New(1 << 30)
-	s := New(context.Background(), Config{Limit: 256 << 10, Budget: b})
+	b := NewBudget(1 << 30)
+	s := NewSink(context.Background(), SinkConfig{Limit: 256 << 10, Budget: b})
 	w := &blockingWriter{gate: make(chan struct{})}
 	go s.Run(w)
 	wrote := make(chan error, 1)
@@ -61,7 +59,7 @@ func TestBounded(t *testing.T) {
 		t.Fatalf("buffered %d over the limit", s.Buffered())
 	}
 	s.Close()
-	if err := <-wrote; !errors.Is(err, ErrClosed) {
+	if err := <-wrote; !errors.Is(err, ErrSinkClosed) {
 		t.Fatalf("write after close: %v", err)
 	}
 	close(w.gate)

@@ -1,4 +1,4 @@
-package budget
+package sessionio
 
 import (
 	"context"
@@ -7,7 +7,7 @@ import (
 )
 
 func TestBudget(t *testing.T) {
-	b := New(100)
+	b := NewBudget(100)
 	ctx := context.Background()
 	if err := b.Acquire(ctx, 60); err != nil {
 		t.Fatal(err)

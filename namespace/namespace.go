@@ -1,11 +1,11 @@
-// Package netns opens sockets in a network namespace other than the process's own, without
+// Package namespace opens sockets in a network namespace other than the process's own, without
 // moving the process. A socket belongs for life to the namespace it was created in, so one
 // goroutine locked to a thread that entered the namespace creates every socket, and the caller
 // connects and uses it through the runtime poller like any other.
 //
 // agentd uses it two ways: as PID 1 it keeps the uplink in a namespace of its own (workloads
 // cannot see it, so they cannot bind to it or route to it), and tests use it to act as the guest.
-package netns
+package namespace
 
 import (
 	"context"

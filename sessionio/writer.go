@@ -1,8 +1,4 @@
-// Package mux schedules outgoing frames onto the agent channel: one bounded queue per session,
-// a small priority queue for control replies, and one writer that takes frames round-robin
-// from the sessions that have output, so a bulk stream cannot starve another session's frames
-// and a session that produces faster than the channel drains blocks only itself.
-package mux
+package sessionio
 
 import (
 	"context"
@@ -15,10 +11,10 @@ import (
 )
 
 // ErrClosed is returned when pushing to a closed queue or writer.
-var ErrClosed = errors.New("mux: closed")
+var ErrClosed = errors.New("sessionio: closed")
 
-// Options are the writer's limits.
-type Options struct {
+// WriterOptions are the writer's limits.
+type WriterOptions struct {
 	// BatchBytes is how many encoded bytes the writer gathers into one port write. Larger
 	// batches mean fewer syscalls; the cap bounds how long one batch delays a fresh frame.
 	BatchBytes int
@@ -30,8 +26,8 @@ type Options struct {
 	Observe func(t protocol.Type, dataLen int)
 }
 
-// DefaultOptions are tuned for a virtio-serial port or a unix socket.
-var DefaultOptions = Options{BatchBytes: 256 << 10, ControlItems: 1024}
+// DefaultWriterOptions are tuned for a virtio-serial port or a unix socket.
+var DefaultWriterOptions = WriterOptions{BatchBytes: 256 << 10, ControlItems: 1024}
 
 // Item is one outgoing frame: either Data for a data message (written without re-encoding)
 // or Payload, an encoded payload for any other type.
@@ -65,7 +61,7 @@ func (it *Item) size() int { return len(it.Data) + len(it.Payload) + 64 }
 // Writer owns the write side of the channel.
 type Writer struct {
 	w    io.Writer
-	opts Options
+	opts WriterOptions
 
 	mu      sync.Mutex
 	control []Item
@@ -78,12 +74,12 @@ type Writer struct {
 }
 
 // NewWriter starts a writer on w. Stop it with Close; Err reports a write failure.
-func NewWriter(w io.Writer, opts Options) *Writer {
+func NewWriter(w io.Writer, opts WriterOptions) *Writer {
 	if opts.BatchBytes <= 0 {
-		opts.BatchBytes = DefaultOptions.BatchBytes
+		opts.BatchBytes = DefaultWriterOptions.BatchBytes
 	}
 	if opts.ControlItems <= 0 {
-		opts.ControlItems = DefaultOptions.ControlItems
+		opts.ControlItems = DefaultWriterOptions.ControlItems
 	}
 	mw := &Writer{w: w, opts: opts, wake: make(chan struct{}, 1), ctlFree: make(chan struct{}, 1), done: make(chan struct{})}
 	go mw.loop()
@@ -404,22 +400,5 @@ func (q *Queue) wrote(size int) {
 		case q.space <- struct{}{}:
 		default:
 		}
-	}
-}
-
-// Data buffers are pooled so a relayed chunk costs no allocation in steady state.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, ChunkSize); return &b }}
-
-// ChunkSize is the size of pooled data buffers: the largest tcp.data chunk the reference sends.
-const ChunkSize = 64 << 10
-
-// GetBuf returns a pooled ChunkSize buffer.
-func GetBuf() *[]byte { return bufPool.Get().(*[]byte) }
-
-// PutBuf returns a buffer to the pool.
-func PutBuf(b *[]byte) {
-	if cap(*b) >= ChunkSize {
-		*b = (*b)[:ChunkSize]
-		bufPool.Put(b)
 	}
 }

@@ -1,6 +1,7 @@
-// Package budget is a byte budget shared by many sessions, so the total memory they hold in
+// A Budget is a byte budget shared by many sessions, so the total memory they hold in
 // buffers stays bounded however many sessions a host opens.
-package budget
+
+package sessionio
 
 import (
 	"context"
@@ -20,8 +21,8 @@ type Budget struct {
 	wake    chan struct{}
 }
 
-// New makes a budget of limit bytes (limit <= 0: unlimited).
-func New(limit int64) *Budget {
+// NewBudget makes a budget of limit bytes (limit <= 0: unlimited).
+func NewBudget(limit int64) *Budget {
 	return &Budget{limit: limit, wake: make(chan struct{})}
 }
 
