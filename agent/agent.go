@@ -20,10 +20,10 @@ import (
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/fs"
 	"github.com/agentd/agentd/heartbeat"
+	"github.com/agentd/agentd/hostdial"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 	"github.com/agentd/agentd/sessionio"
-	"github.com/agentd/agentd/hostdial"
 )
 
 // ErrShutdown is returned by Serve when the host sent core.shutdown.

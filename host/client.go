@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // ErrClosed is returned once the client's connection is gone.
@@ -44,22 +45,20 @@ type Options struct {
 	// Features are the extensions requested in core.init.ack (direct mode only; behind a relay
 	// the relay negotiates). Default: flow control.
 	Features []string
-	// StreamQueue bounds frames queued per stream that has no flow control (exec output, fs
-	// data). A full queue stalls the reader for every stream, as in microsandbox's client.
-	StreamQueue int
+	// SessionQueue bounds frames queued per session that has no flow control (exec output, fs
+	// data). A full queue stalls the reader for every session, as in microsandbox's client.
+	SessionQueue int
 	// Window is the receive window granted per flow-controlled TCP stream.
 	Window int
 	// HandshakeTimeout bounds the wait for init.resolved/ready (direct) or the relay greeting.
 	HandshakeTimeout time.Duration
 	Log              *slog.Logger
-
-	handshakeOnly bool // the relay takes over the channel after the handshake
 }
 
 // DefaultOptions for a client.
 var DefaultOptions = Options{
 	Features:         []string{protocol.FeatureFlow},
-	StreamQueue:      1024,
+	SessionQueue:     1024,
 	Window:           1 << 20,
 	HandshakeTimeout: 60 * time.Second,
 }
@@ -69,8 +68,8 @@ func (o Options) withDefaults() Options {
 	if o.Features == nil {
 		o.Features = d.Features
 	}
-	if o.StreamQueue <= 0 {
-		o.StreamQueue = d.StreamQueue
+	if o.SessionQueue <= 0 {
+		o.SessionQueue = d.SessionQueue
 	}
 	if o.Window <= 0 {
 		o.Window = d.Window
@@ -86,59 +85,82 @@ func (o Options) withDefaults() Options {
 
 // Client is one connection to an agent.
 type Client struct {
+	Greeting // what the handshake told
+
 	conn io.ReadWriteCloser
 	opts Options
 	fr   *protocol.FrameReader
 
 	idMin, idEnd uint32 // ids this client may use: [idMin, idEnd)
-	Ready        protocol.Ready
-	ReadyV       uint8
-	ReadyFrame   []byte // the raw core.ready frame (a relay hands it to its clients)
-	Resolved     protocol.InitResolved
 
-	wmu     sync.Mutex // serializes writes of whole frames
-	mu      sync.Mutex
-	next    uint32
-	streams map[uint32]*Stream
-	closed  bool
-	err     error
-	done    chan struct{}
+	// ctx ends when the connection does (done is closed first).
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	wmu      sync.Mutex // serializes writes of whole frames
+	mu       sync.Mutex
+	next     uint32
+	sessions map[uint32]*Session
+	closed   bool
+	err      error
+	done     chan struct{}
 }
 
-// Direct performs the host side of the init handshake on a raw agent channel: it waits for
-// core.init.resolved (dropping anything else), acknowledges it with the requested features
-// and waits for core.ready. The client then owns the whole id space.
-func Direct(conn io.ReadWriteCloser, opts Options) (*Client, error) {
+// Greeting is what the host learns from the agent in the handshake.
+type Greeting struct {
+	Resolved   protocol.InitResolved // direct mode only
+	Ready      protocol.Ready
+	ReadyV     uint8
+	ReadyFrame []byte // the raw core.ready frame (a relay server hands it to its clients)
+}
+
+// Handshake performs the host side of the init handshake on a raw agent channel: it waits for
+// core.init.resolved (dropping anything else), acknowledges it with features and waits for
+// core.ready. It returns the frame reader to go on with, which may hold bytes read past
+// core.ready. Direct uses it; so does a relay server, which then owns the channel.
+func Handshake(conn io.ReadWriteCloser, opts Options) (Greeting, *protocol.FrameReader, error) {
 	opts = opts.withDefaults()
-	c := newClient(conn, opts, 1, 1<<32-1)
+	var g Greeting
+	fr := protocol.NewFrameReader(conn)
 	stop := watchdog(conn, opts.HandshakeTimeout)
 	defer stop()
 	for {
-		m, raw, err := c.readMessage()
+		m, raw, err := readMessage(fr)
 		if err != nil {
-			return nil, fmt.Errorf("handshake: %w", err)
+			return g, nil, fmt.Errorf("handshake: %w", err)
 		}
 		switch m.Type {
 		case protocol.TypeInitResolved:
-			if err := protocol.Unmarshal(m.Payload, &c.Resolved); err != nil {
-				return nil, fmt.Errorf("handshake: decode core.init.resolved: %w", err)
+			if err := protocol.Unmarshal(m.Payload, &g.Resolved); err != nil {
+				return g, nil, fmt.Errorf("handshake: decode core.init.resolved: %w", err)
 			}
 			ack, _ := protocol.EncodeFrame(0, protocol.TypeInitAck, protocol.InitAck{Features: opts.Features})
 			if _, err := conn.Write(ack); err != nil {
-				return nil, fmt.Errorf("handshake: send core.init.ack: %w", err)
+				return g, nil, fmt.Errorf("handshake: send core.init.ack: %w", err)
 			}
 		case protocol.TypeReady:
-			if err := c.setReady(m, raw); err != nil {
-				return nil, err
+			if err := g.setReady(m, raw); err != nil {
+				return g, nil, err
 			}
-			if !opts.handshakeOnly {
-				go c.readLoop()
-			}
-			return c, nil
+			return g, fr, nil
 		default:
 			opts.Log.Debug("dropped pre-ready frame", "type", m.Name())
 		}
 	}
+}
+
+// Direct performs the init handshake on a raw agent channel (see Handshake). The client then
+// owns the whole id space.
+func Direct(conn io.ReadWriteCloser, opts Options) (*Client, error) {
+	opts = opts.withDefaults()
+	g, fr, err := Handshake(conn, opts)
+	if err != nil {
+		return nil, err
+	}
+	c := newClient(conn, fr, opts, 1, 1<<32-1)
+	c.Greeting = g
+	go c.readLoop()
+	return c, nil
 }
 
 // Connect dials a relay's unix socket and performs microsandbox's client handshake:
@@ -169,8 +191,8 @@ func FromRelay(conn io.ReadWriteCloser, opts Options) (*Client, error) {
 	if start == 0 || end <= start {
 		return nil, fmt.Errorf("relay handshake: bad id range [%d, %d)", start, end)
 	}
-	c := newClient(conn, opts, start, end)
-	m, raw, err := c.readMessage()
+	c := newClient(conn, protocol.NewFrameReader(conn), opts, start, end)
+	m, raw, err := readMessage(c.fr)
 	if err != nil {
 		return nil, fmt.Errorf("relay handshake: read core.ready: %w", err)
 	}
@@ -190,13 +212,14 @@ func watchdog(conn io.Closer, d time.Duration) func() {
 	return func() { t.Stop() }
 }
 
-func newClient(conn io.ReadWriteCloser, opts Options, start, end uint32) *Client {
-	return &Client{conn: conn, opts: opts, fr: protocol.NewFrameReader(conn), idMin: start, idEnd: end,
-		next: start, streams: map[uint32]*Stream{}, done: make(chan struct{})}
+func newClient(conn io.ReadWriteCloser, fr *protocol.FrameReader, opts Options, start, end uint32) *Client {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Client{conn: conn, opts: opts, fr: fr, idMin: start, idEnd: end, ctx: ctx, cancel: cancel,
+		next: start, sessions: map[uint32]*Session{}, done: make(chan struct{})}
 }
 
-func (c *Client) readMessage() (protocol.Message, []byte, error) {
-	f, err := c.fr.Next()
+func readMessage(fr *protocol.FrameReader) (protocol.Message, []byte, error) {
+	f, err := fr.Next()
 	if err != nil {
 		return protocol.Message{}, nil, err
 	}
@@ -209,11 +232,11 @@ func (c *Client) readMessage() (protocol.Message, []byte, error) {
 	return m, raw, nil
 }
 
-func (c *Client) setReady(m protocol.Message, raw []byte) error {
-	if err := protocol.Unmarshal(m.Payload, &c.Ready); err != nil {
+func (g *Greeting) setReady(m protocol.Message, raw []byte) error {
+	if err := protocol.Unmarshal(m.Payload, &g.Ready); err != nil {
 		return fmt.Errorf("handshake: decode core.ready: %w", err)
 	}
-	c.ReadyV, c.ReadyFrame = m.V, raw
+	g.ReadyV, g.ReadyFrame = m.V, raw
 	return nil
 }
 
@@ -236,7 +259,7 @@ func (c *Client) Err() error {
 	return c.err
 }
 
-// Close closes the connection; every stream sees ErrClosed.
+// Close closes the connection; every session sees ErrClosed.
 func (c *Client) Close() error {
 	err := c.conn.Close()
 	<-c.done
@@ -316,64 +339,46 @@ func (c *Client) Shutdown() error {
 	return c.Send(0, protocol.TypeShutdown, []byte{0xf6})
 }
 
-// delivery is a message for a stream; data payloads sit in a pooled buffer (buf) that the
+// delivery is a message for a session; data payloads sit in a pooled buffer (buf) that the
 // internal consumers return once used.
 type delivery struct {
 	m   protocol.Message
 	buf *[]byte
 }
 
-// Stream is every frame of one id.
-type Stream struct {
-	c    *Client
-	ID   uint32
-	ch   chan delivery // bounded; the reader waits when full (flow-controlled senders never fill it)
-	tcp  *TCPConn      // set for flow-controlled TCP streams
-	done chan struct{}
-	once sync.Once
+// Session is every frame of one id.
+type Session struct {
+	c   *Client
+	ID  uint32
+	ch  chan delivery // bounded; the reader waits when full (flow-controlled senders never fill it)
+	tcp *TCPConn      // set for flow-controlled TCP sessions
+	// ctx ends when the session is closed (or the client is); done is its Done channel.
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   <-chan struct{}
 
 	// Send credit (agentd.flow.credit), taken in by the reader so that a sender waiting for
 	// credit never depends on anyone draining ch.
-	cmu    sync.Mutex
-	credit int64
-	cwake  chan struct{}
+	credit *sessionio.Credit
 }
 
-func (s *Stream) addCredit(n int64) {
-	s.cmu.Lock()
-	s.credit += n
-	s.cmu.Unlock()
-	select {
-	case s.cwake <- struct{}{}:
-	default:
+// takeCredit waits for credit and takes up to want bytes of it; it gives up when ctx ends or
+// the session or the client is closed.
+func (s *Session) takeCredit(ctx context.Context, want int) (int, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)()
+	if n, ok := s.credit.Take(ctx, want); ok {
+		return n, nil
 	}
-}
-
-// takeCredit waits for credit and takes up to want bytes of it.
-func (s *Stream) takeCredit(ctx context.Context, want int64) (int64, error) {
-	for {
-		s.cmu.Lock()
-		if s.credit > 0 {
-			n := min(want, s.credit)
-			s.credit -= n
-			s.cmu.Unlock()
-			return n, nil
-		}
-		s.cmu.Unlock()
-		select {
-		case <-s.cwake:
-		case <-s.done:
-			return 0, ErrClosed
-		case <-s.c.done:
-			return 0, ErrClosed
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		}
+	if s.ctx.Err() != nil {
+		return 0, ErrClosed
 	}
+	return 0, ctx.Err()
 }
 
-// Open allocates an id and registers a stream for it, without sending anything.
-func (c *Client) Open() (*Stream, error) {
+// Open allocates an id and registers a session for it, without sending anything.
+func (c *Client) Open() (*Session, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
@@ -386,36 +391,38 @@ func (c *Client) Open() (*Stream, error) {
 		if c.next >= c.idEnd {
 			c.next = c.idMin
 		}
-		if _, busy := c.streams[id]; !busy {
-			s := c.newStream(id)
-			c.streams[id] = s
+		if _, busy := c.sessions[id]; !busy {
+			s := c.newSession(id)
+			c.sessions[id] = s
 			return s, nil
 		}
 	}
 	return nil, errors.New("id range exhausted")
 }
 
-// OpenID registers a stream for a chosen id (raw tier: tests and tools that need exact ids).
-func (c *Client) OpenID(id uint32) (*Stream, error) {
+// OpenID registers a session for a chosen id (raw tier: tests and tools that need exact ids).
+func (c *Client) OpenID(id uint32) (*Session, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return nil, ErrClosed
 	}
-	if _, busy := c.streams[id]; busy {
+	if _, busy := c.sessions[id]; busy {
 		return nil, fmt.Errorf("id %d is in use", id)
 	}
-	s := c.newStream(id)
-	c.streams[id] = s
+	s := c.newSession(id)
+	c.sessions[id] = s
 	return s, nil
 }
 
-func (c *Client) newStream(id uint32) *Stream {
-	return &Stream{c: c, ID: id, ch: make(chan delivery, c.opts.StreamQueue), done: make(chan struct{}), cwake: make(chan struct{}, 1)}
+func (c *Client) newSession(id uint32) *Session {
+	ctx, cancel := context.WithCancel(c.ctx)
+	return &Session{c: c, ID: id, ch: make(chan delivery, c.opts.SessionQueue), ctx: ctx, cancel: cancel, done: ctx.Done(),
+		credit: sessionio.NewCredit(0)}
 }
 
-// Start opens a stream and sends its first (session-start) message.
-func (c *Client) Start(t protocol.Type, v any) (*Stream, error) {
+// Start opens a session and sends its first (session-start) message.
+func (c *Client) Start(t protocol.Type, v any) (*Session, error) {
 	s, err := c.Open()
 	if err != nil {
 		return nil, err
@@ -427,14 +434,14 @@ func (c *Client) Start(t protocol.Type, v any) (*Stream, error) {
 	return s, nil
 }
 
-// Recv returns the stream's next message. After the terminal message it returns io.EOF.
-func (s *Stream) Recv(ctx context.Context) (protocol.Message, error) {
+// Recv returns the session's next message. After the terminal message it returns io.EOF.
+func (s *Session) Recv(ctx context.Context) (protocol.Message, error) {
 	d, err := s.recv(ctx)
 	return d.m, err // a pooled buffer is simply left to the garbage collector
 }
 
 // recv is Recv with the pooled buffer, for consumers that hand it back with release.
-func (s *Stream) recv(ctx context.Context) (delivery, error) {
+func (s *Session) recv(ctx context.Context) (delivery, error) {
 	select {
 	case d, ok := <-s.ch:
 		if !ok {
@@ -464,16 +471,14 @@ func (d *delivery) release() {
 	}
 }
 
-// Close unregisters the stream (no frame is sent).
-func (s *Stream) Close() {
-	s.once.Do(func() {
-		s.c.mu.Lock()
-		if s.c.streams[s.ID] == s {
-			delete(s.c.streams, s.ID)
-		}
-		s.c.mu.Unlock()
-		close(s.done)
-	})
+// Close unregisters the session (no frame is sent).
+func (s *Session) Close() {
+	s.c.mu.Lock()
+	if s.c.sessions[s.ID] == s {
+		delete(s.c.sessions, s.ID)
+	}
+	s.c.mu.Unlock()
+	s.cancel()
 }
 
 func isData(t protocol.Type) bool {
@@ -520,11 +525,12 @@ func (c *Client) readLoop() {
 	defer func() {
 		c.mu.Lock()
 		c.closed, c.err = true, err
-		streams := c.streams
-		c.streams = map[uint32]*Stream{}
+		sessions := c.sessions
+		c.sessions = map[uint32]*Session{}
 		c.mu.Unlock()
 		close(c.done)
-		for _, s := range streams {
+		c.cancel()
+		for _, s := range sessions {
 			if s.tcp != nil {
 				s.tcp.fail(ErrClosed)
 			}
@@ -545,7 +551,7 @@ func (c *Client) readLoop() {
 			continue
 		}
 		c.mu.Lock()
-		s := c.streams[m.ID]
+		s := c.sessions[m.ID]
 		var tc *TCPConn
 		if s != nil {
 			tc = s.tcp
@@ -560,7 +566,7 @@ func (c *Client) readLoop() {
 		if m.Type == protocol.TypeFlowCredit {
 			var p protocol.FlowCredit
 			if protocol.Unmarshal(m.Payload, &p) == nil {
-				s.addCredit(int64(p.Bytes))
+				s.credit.Add(int64(p.Bytes))
 			}
 			continue
 		}
@@ -581,11 +587,12 @@ func (c *Client) readLoop() {
 		}
 		if m.Flags&protocol.FlagTerminal != 0 {
 			c.mu.Lock()
-			if c.streams[m.ID] == s {
-				delete(c.streams, m.ID)
+			if c.sessions[m.ID] == s {
+				delete(c.sessions, m.ID)
 			}
 			c.mu.Unlock()
 			close(s.ch)
+			s.cancel() // the session is over: a sender waiting for credit gives up
 		}
 	}
 }

@@ -10,7 +10,7 @@ import (
 // ExecSession is a running core.exec session.
 type ExecSession struct {
 	c        *Client
-	s        *Stream
+	s        *Session
 	PID      uint32
 	flow     bool
 	win      int
@@ -57,7 +57,7 @@ func (c *Client) Exec(ctx context.Context, req protocol.ExecRequest) (*ExecSessi
 		if e.flow && p.Window == 0 {
 			e.flow = false // an agent that does not do flow control for exec
 		}
-		s.addCredit(int64(p.Window))
+		s.credit.Add(int64(p.Window))
 		return e, nil
 	case protocol.TypeExecFailed:
 		var f protocol.ExecFailed
@@ -137,11 +137,11 @@ func (e *ExecSession) Stdin(ctx context.Context, data []byte) error {
 	for len(data) > 0 {
 		n := min(len(data), 64<<10)
 		if e.flow {
-			c, err := e.s.takeCredit(ctx, int64(n))
+			c, err := e.s.takeCredit(ctx, n)
 			if err != nil {
 				return err
 			}
-			n = int(c)
+			n = c
 		}
 		if err := e.c.sendData(e.s.ID, protocol.TypeExecStdin, data[:n]); err != nil {
 			return err

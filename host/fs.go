@@ -103,15 +103,15 @@ func (c *Client) FsWrite(ctx context.Context, handle, offset uint64, n *uint64, 
 	for {
 		want := len(buf)
 		if flow {
-			got, err := s.takeCredit(ctx, int64(want))
+			got, err := s.takeCredit(ctx, want)
 			if err != nil {
 				return total, err
 			}
-			want = int(got)
+			want = got
 		}
 		k, rerr := r.Read(buf[:want])
 		if flow && k < want {
-			s.addCredit(int64(want - k))
+			s.credit.Add(int64(want - k))
 		}
 		if k > 0 {
 			if err := c.sendData(s.ID, protocol.TypeFsData, buf[:k]); err != nil {

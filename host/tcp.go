@@ -5,19 +5,31 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
 	"sync"
+	"time"
 
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sessionio"
 )
 
-// TCPConn is a core.tcp session seen from the host: a byte stream to a destination the agent
+// TCPConn is a core.tcp session seen from the host: a net.Conn to a destination the agent
 // dialed. With the "flow" extension, receiving is bounded by the window this side grants and
 // sending by the agent's grants, so one slow stream never stalls the others.
 type TCPConn struct {
-	c    *Client
-	s    *Stream
-	flow bool
-	win  int
+	c      *Client
+	s      *Session
+	flow   bool
+	win    int
+	remote net.Addr
+	credit *sessionio.Credit // bytes we may still send (flow)
+	// ctx ends with the session (terminal frame, failure, Close): a writer waiting for credit
+	// gives up.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	mu        sync.Mutex
 	rbuf      []rchunk
@@ -25,11 +37,11 @@ type TCPConn struct {
 	rEOF      bool
 	err       error // terminal failure or local close
 	consumed  int   // bytes read since the last credit sent
-	credit    int64 // bytes we may still send (flow)
 	connected bool
 	terminal  bool
+	rdl, wdl  time.Time
 	// One wake channel per kind of waiter, so a token taken by one never strands another.
-	rwake, wwake, swake chan struct{} // reader (and dialer), writer, deliverer waiting for room
+	rwake, swake chan struct{} // reader (and dialer), deliverer waiting for room
 }
 
 // DialTCP asks the agent to connect to host:port and returns the stream once the agent reports
@@ -39,8 +51,9 @@ func (c *Client) DialTCP(ctx context.Context, host string, port uint16) (*TCPCon
 	if err != nil {
 		return nil, err
 	}
-	t := &TCPConn{c: c, s: s, win: c.opts.Window, flow: c.HasFeature(protocol.FeatureFlow),
-		rwake: make(chan struct{}, 1), wwake: make(chan struct{}, 1), swake: make(chan struct{}, 1)}
+	t := &TCPConn{c: c, s: s, win: c.opts.Window, flow: c.HasFeature(protocol.FeatureFlow), remote: destAddr(host, port),
+		credit: sessionio.NewCredit(0), rwake: make(chan struct{}, 1), swake: make(chan struct{}, 1)}
+	t.ctx, t.cancel = context.WithCancel(s.ctx)
 	c.mu.Lock()
 	s.tcp = t
 	c.mu.Unlock()
@@ -77,7 +90,7 @@ func (c *Client) DialTCP(ctx context.Context, host string, port uint16) (*TCPCon
 func (t *TCPConn) ID() uint32 { return t.s.ID }
 
 func (t *TCPConn) signal() {
-	for _, c := range [...]chan struct{}{t.rwake, t.wwake, t.swake} {
+	for _, c := range [...]chan struct{}{t.rwake, t.swake} {
 		select {
 		case c <- struct{}{}:
 		default:
@@ -128,13 +141,11 @@ func (t *TCPConn) deliver(m protocol.Message) bool {
 		protocol.Unmarshal(m.Payload, &p)
 		t.mu.Lock()
 		t.connected = true
-		if t.flow {
-			t.credit = int64(p.Window)
-			if p.Window == 0 { // an agent that ignored our window: no flow control
-				t.flow = false
-			}
+		if t.flow && p.Window == 0 { // an agent that ignored our window: no flow control
+			t.flow = false
 		}
 		t.mu.Unlock()
+		t.credit.Add(int64(p.Window))
 	case protocol.TypeTCPEOF:
 		t.mu.Lock()
 		t.rEOF = true
@@ -142,9 +153,7 @@ func (t *TCPConn) deliver(m protocol.Message) bool {
 	case protocol.TypeFlowCredit:
 		var p protocol.FlowCredit
 		if protocol.Unmarshal(m.Payload, &p) == nil {
-			t.mu.Lock()
-			t.credit += int64(p.Bytes)
-			t.mu.Unlock()
+			t.credit.Add(int64(p.Bytes))
 		}
 	case protocol.TypeTCPFailed:
 		var p protocol.TCPFailed
@@ -173,6 +182,7 @@ func (t *TCPConn) end(err error) {
 	}
 	t.mu.Unlock()
 	t.s.Close()
+	t.cancel()
 	t.signal()
 }
 
@@ -182,6 +192,7 @@ func (t *TCPConn) fail(err error) {
 		t.err = err
 	}
 	t.mu.Unlock()
+	t.cancel()
 	t.signal()
 }
 
@@ -212,7 +223,7 @@ func (t *TCPConn) Read(p []byte) (int, error) {
 			}
 			return n, nil
 		}
-		eof, err := t.rEOF, t.err
+		eof, err, dl := t.rEOF, t.err, t.rdl
 		t.mu.Unlock()
 		if eof {
 			return 0, io.EOF
@@ -220,25 +231,45 @@ func (t *TCPConn) Read(p []byte) (int, error) {
 		if err != nil {
 			return 0, err
 		}
-		select {
-		case <-t.rwake:
-		case <-t.c.done:
-			t.fail(ErrClosed)
+		if err := t.waitRead(dl); err != nil {
+			return 0, err
 		}
 	}
 }
 
+// waitRead blocks until the session's state changes or the read deadline passes.
+func (t *TCPConn) waitRead(dl time.Time) error {
+	var timeout <-chan time.Time
+	if !dl.IsZero() {
+		d := time.Until(dl)
+		if d <= 0 {
+			return os.ErrDeadlineExceeded
+		}
+		tm := time.NewTimer(d)
+		defer tm.Stop()
+		timeout = tm.C
+	}
+	select {
+	case <-t.rwake:
+	case <-t.c.done:
+		t.fail(ErrClosed)
+	case <-timeout:
+		return os.ErrDeadlineExceeded
+	}
+	return nil
+}
+
 // Write sends bytes to the destination, in frames of at most 64 KiB, within the agent's grant.
+// The write deadline bounds the wait for credit.
 func (t *TCPConn) Write(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
 		n := min(len(p), 64<<10)
 		if t.flow {
-			c, err := t.waitCredit()
-			if err != nil {
+			var err error
+			if n, err = t.takeCredit(n); err != nil {
 				return written, err
 			}
-			n = int(min(int64(n), c))
 		} else {
 			t.mu.Lock()
 			err := t.err
@@ -250,34 +281,37 @@ func (t *TCPConn) Write(p []byte) (int, error) {
 		if err := t.c.sendData(t.s.ID, protocol.TypeTCPData, p[:n]); err != nil {
 			return written, err
 		}
-		if t.flow {
-			t.mu.Lock()
-			t.credit -= int64(n)
-			t.mu.Unlock()
-		}
 		written += n
 		p = p[n:]
 	}
 	return written, nil
 }
 
-func (t *TCPConn) waitCredit() (int64, error) {
-	for {
-		t.mu.Lock()
-		c, err := t.credit, t.err
-		t.mu.Unlock()
-		if err != nil {
-			return 0, err
-		}
-		if c > 0 {
-			return c, nil
-		}
-		select {
-		case <-t.wwake:
-		case <-t.c.done:
-			return 0, ErrClosed
-		}
+func (t *TCPConn) takeCredit(want int) (int, error) {
+	t.mu.Lock()
+	err, dl := t.err, t.wdl
+	t.mu.Unlock()
+	if err != nil {
+		return 0, err
 	}
+	ctx, cancel := t.ctx, context.CancelFunc(func() {})
+	if !dl.IsZero() {
+		ctx, cancel = context.WithDeadline(ctx, dl)
+	}
+	defer cancel()
+	if n, ok := t.credit.Take(ctx, want); ok {
+		return n, nil
+	}
+	t.mu.Lock()
+	err = t.err
+	t.mu.Unlock()
+	switch {
+	case err != nil:
+		return 0, err
+	case errors.Is(ctx.Err(), context.DeadlineExceeded):
+		return 0, os.ErrDeadlineExceeded
+	}
+	return 0, ErrClosed
 }
 
 // CloseWrite sends core.tcp.eof: the destination sees FIN after all data written before.
@@ -298,6 +332,7 @@ func (t *TCPConn) Close() error {
 	t.rbuf, t.rbytes = nil, 0
 	t.mu.Unlock()
 	t.s.Close()
+	t.cancel()
 	t.signal()
 	if already {
 		return nil
@@ -311,6 +346,53 @@ func (t *TCPConn) Close() error {
 
 // errStreamClosed is what a closed TCPConn's Read and Write return.
 var errStreamClosed = errors.New("use of closed agent TCP stream")
+
+// LocalAddr is the agent's end of the session, which has no address of its own here.
+func (t *TCPConn) LocalAddr() net.Addr {
+	return Addr("agent session " + strconv.FormatUint(uint64(t.s.ID), 10))
+}
+
+// RemoteAddr is the destination as it was asked for (an address, or a name the agent resolved).
+func (t *TCPConn) RemoteAddr() net.Addr { return t.remote }
+
+// SetDeadline sets both deadlines.
+func (t *TCPConn) SetDeadline(d time.Time) error {
+	t.SetReadDeadline(d)
+	return t.SetWriteDeadline(d)
+}
+
+// SetReadDeadline bounds Read (os.ErrDeadlineExceeded once it passes); zero means none.
+func (t *TCPConn) SetReadDeadline(d time.Time) error {
+	t.mu.Lock()
+	t.rdl = d
+	t.mu.Unlock()
+	t.signal() // a waiting reader re-reads its deadline
+	return nil
+}
+
+// SetWriteDeadline bounds a Write's wait for the agent's credit; zero means none.
+func (t *TCPConn) SetWriteDeadline(d time.Time) error {
+	t.mu.Lock()
+	t.wdl = d
+	t.mu.Unlock()
+	return nil
+}
+
+// Addr is an address that is not an IP socket address (a name, an agent session).
+type Addr string
+
+func (a Addr) Network() string { return "tcp" }
+func (a Addr) String() string  { return string(a) }
+
+// destAddr is a destination as a net.Addr: a *net.TCPAddr for an IP, else the name.
+func destAddr(host string, port uint16) net.Addr {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, port))
+	}
+	return Addr(net.JoinHostPort(host, strconv.Itoa(int(port))))
+}
+
+var _ net.Conn = (*TCPConn)(nil)
 
 // rchunk is received data in a pooled buffer (frames of up to 64 KiB, the agent's chunk size)
 // or, for larger frames, a buffer of its own.

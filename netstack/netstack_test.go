@@ -32,10 +32,10 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/internal/testkit/nettest"
-	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/egress/resolver"
+	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 // testPolicy: default deny (so only names a rule allows resolve); Good by CIDR (v4 and v6); Bad only on TCP

@@ -15,8 +15,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/sessionio"
 )

@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/channel"
-	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/hostserver"
 )
 
 func serve(args []string) error {
@@ -42,12 +42,12 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
-	opts := host.RelayOptions{ClockSyncEvery: *clock, Log: log}
+	opts := hostserver.Options{ClockSyncEvery: *clock, Log: log}
 	if *noFlow {
 		opts.Features = []string{}
 	}
 	if *egress {
-		so := &host.StreamOptions{Log: log.With("component", "egress")}
+		so := &hostserver.DialOutOptions{Log: log.With("component", "egress")}
 		if *policyFile != "" {
 			p, _, err := readPolicy(*policyFile)
 			if err != nil {
@@ -72,9 +72,9 @@ func serve(args []string) error {
 			}
 			so.DNS = []netip.AddrPort{ap}
 		}
-		opts.Streams = so
+		opts.DialOut = so
 	}
-	r, err := host.NewRelay(conn, opts)
+	r, err := hostserver.New(conn, opts)
 	if err != nil {
 		return err
 	}

@@ -18,11 +18,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/namespace"
-	"github.com/agentd/agentd/netstack"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/egress/resolver"
 	"github.com/agentd/agentd/hostdial"
+	"github.com/agentd/agentd/internal/resolvconf"
+	"github.com/agentd/agentd/namespace"
+	"github.com/agentd/agentd/netstack"
 )
 
 // egressOptions are the --egress-* flags.
@@ -175,7 +176,7 @@ func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
 	}
 	ups, _ := e.upstreams()
 	if len(ups) == 0 {
-		ups = resolver.SystemServers("/etc/resolv.conf") // read before the guest's is rewritten
+		ups = resolvconf.Servers(resolvconf.Path) // read before the guest's is rewritten
 	}
 	dial := (&net.Dialer{}).DialContext
 	resDial := dial

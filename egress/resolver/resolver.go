@@ -13,7 +13,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -230,23 +229,6 @@ func (r *Resolver) exchange(ctx context.Context, up netip.AddrPort, query []byte
 		return nil, fmt.Errorf("resolver: upstream %s: %w", up, err)
 	}
 	return buf[:n], nil
-}
-
-// SystemServers reads the nameserver lines of a resolv.conf (port 53); nil if it cannot.
-func SystemServers(path string) []netip.AddrPort {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil
-	}
-	var out []netip.AddrPort
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "nameserver" {
-			if a, err := netip.ParseAddr(f[1]); err == nil {
-				out = append(out, netip.AddrPortFrom(a, 53))
-			}
-		}
-	}
-	return out
 }
 
 // WriteTCP writes one message with its 2-byte length prefix (RFC 1035 4.2.2).

@@ -10,9 +10,9 @@ import (
 	"golang.org/x/net/dns/dnsmessage"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/internal/testkit/nettest"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/egress/resolver"
+	"github.com/agentd/agentd/internal/testkit/nettest"
 )
 
 func query(t testing.TB, id uint16, name string, typ dnsmessage.Type) []byte {

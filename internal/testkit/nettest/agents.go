@@ -12,13 +12,13 @@ import (
 	"github.com/creack/pty"
 
 	"github.com/agentd/agentd/channel"
-	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/hostserver"
 )
 
 // ChannelAgent starts the agentd binary in the guest namespace in --egress channel mode on a
 // pty (a channel as slow as a virtio port), plus extra flags, and serves its guest-initiated
 // streams from this namespace with an in-process relay. agentd's stderr goes to log.
-func (tp *Topology) ChannelAgent(t testing.TB, bin string, log io.Writer, extra ...string) *host.Relay {
+func (tp *Topology) ChannelAgent(t testing.TB, bin string, log io.Writer, extra ...string) *hostserver.Server {
 	t.Helper()
 	master, slave, err := pty.Open()
 	if err != nil {
@@ -36,7 +36,7 @@ func (tp *Topology) ChannelAgent(t testing.TB, bin string, log io.Writer, extra 
 		t.Fatal(err)
 	}
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	r, err := host.NewRelay(hostEnd, host.RelayOptions{Log: quiet, Streams: &host.StreamOptions{Log: quiet}})
+	r, err := hostserver.New(hostEnd, hostserver.Options{Log: quiet, DialOut: &hostserver.DialOutOptions{Log: quiet}})
 	if err != nil {
 		cmd.Process.Kill()
 		cmd.Wait()

@@ -31,9 +31,9 @@ var (
 
 // Topology is one test's guest namespace and test hosts.
 type Topology struct {
-	Name  string    // the guest namespace (ip netns name)
+	Name  string        // the guest namespace (ip netns name)
 	Guest *namespace.NS // sockets inside the guest namespace
-	ID    string    // unique suffix for device names
+	ID    string        // unique suffix for device names
 }
 
 // Run runs a command and fails the test on error.

@@ -144,7 +144,7 @@ func HostHalfClose(t *testing.T, a Agent) {
 type raw struct {
 	t *testing.T
 	c *host.Client
-	s *host.Stream
+	s *host.Session
 }
 
 func openRaw(t *testing.T, c *host.Client) *raw {

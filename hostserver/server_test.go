@@ -1,4 +1,4 @@
-package host_test
+package hostserver_test
 
 import (
 	"bytes"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/hostserver"
 	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
 )
@@ -32,7 +33,7 @@ func startRelay(t *testing.T) (string, *agent.Agent) {
 		}
 		agentEnd.Close()
 	}()
-	r, err := host.NewRelay(hostEnd, host.RelayOptions{Log: quiet, ClockSyncEvery: -1})
+	r, err := hostserver.New(hostEnd, hostserver.Options{Log: quiet, ClockSyncEvery: -1})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package host
+package hostserver
 
 import (
 	"bytes"
@@ -51,12 +51,12 @@ func msg(t *testing.T, id uint32, ty protocol.Type, v any) protocol.Message {
 	return protocol.Message{ID: id, Type: ty, Payload: p}
 }
 
-func TestStreamServerDatagrams(t *testing.T) {
+func TestDialOutDatagrams(t *testing.T) {
 	echo := testutil.UDPEcho(t, net.IPv4(127, 0, 0, 1), "re:")
 	fa := &fakeAgent{ch: make(chan protocol.Message, 16)}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	s := newStreamServer(ctx, StreamOptions{DNS: []netip.AddrPort{echo.AddrPort()}}, fa.send, &StreamCounters{})
+	s := newDialOut(ctx, DialOutOptions{DNS: []netip.AddrPort{echo.AddrPort()}}, fa.send, &DialOutCounters{})
 	s.handle(msg(t, 7, protocol.TypeStreamOpen, protocol.StreamOpen{Proto: "dns", Window: 1 << 20}))
 	if m := fa.next(t); m.Type != protocol.TypeStreamOpened || m.ID != 7 {
 		t.Fatalf("got %s", m.Name())

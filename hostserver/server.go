@@ -1,4 +1,8 @@
-package host
+// Package hostserver is the host's end of an agent channel when many clients share it: the
+// relay microsandbox runs for 128 clients on a unix socket (each with its own id range), and
+// the host end of guest-initiated streams (the guest has no network of its own; the host dials
+// out for it, under a policy of its own). Clients talk to it with the host package.
+package hostserver
 
 import (
 	"bytes"
@@ -11,11 +15,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/protocol"
 )
 
-// RelayOptions configure a relay.
-type RelayOptions struct {
+// Options configure a server.
+type Options struct {
 	// Features are requested from the agent in core.init.ack and thereby offered to clients
 	// (each client still opts in per session).
 	Features []string
@@ -27,13 +32,13 @@ type RelayOptions struct {
 	ToAgentQueue, ClientQueue int
 	HandshakeTimeout          time.Duration
 	Log                       *slog.Logger
-	// Streams, when set, serves guest-initiated streams: the relay asks for feature
+	// DialOut, when set, serves guest-initiated streams: the server asks for feature
 	// "streams" and dials out for the guest (agentctl serve --egress).
-	Streams *StreamOptions
+	DialOut *DialOutOptions
 }
 
-// DefaultRelayOptions mirror microsandbox's relay (256 frames toward the guest, 64 per client).
-var DefaultRelayOptions = RelayOptions{
+// DefaultOptions mirror microsandbox's relay (256 frames toward the guest, 64 per client).
+var DefaultOptions = Options{
 	Features:         []string{protocol.FeatureFlow},
 	ClockSyncEvery:   60 * time.Second,
 	ToAgentQueue:     256,
@@ -41,11 +46,11 @@ var DefaultRelayOptions = RelayOptions{
 	HandshakeTimeout: 60 * time.Second,
 }
 
-// Relay owns an agent channel and serves up to 128 clients on a unix socket, each with its
+// Server owns an agent channel and serves up to 128 clients on a unix socket, each with its
 // own id range, as microsandbox's relay does.
-type Relay struct {
+type Server struct {
 	conn    io.ReadWriteCloser
-	opts    RelayOptions
+	opts    Options
 	log     *slog.Logger
 	fr      *protocol.FrameReader
 	ready   []byte
@@ -57,9 +62,9 @@ type Relay struct {
 	mu      sync.Mutex
 	clients [protocol.RelayMaxClients]*relayClient
 
-	streams *streamServer // nil unless the agent enabled guest-initiated streams
-	// StreamCounters count guest-initiated streams.
-	StreamCounters StreamCounters
+	dialOut *dialOut // nil unless the agent enabled guest-initiated streams
+	// DialOutCounters count guest-initiated streams.
+	DialOutCounters DialOutCounters
 }
 
 type relayClient struct {
@@ -71,9 +76,9 @@ type relayClient struct {
 	execIDs    map[uint32]bool // guarded by Relay.mu
 }
 
-// NewRelay performs the host handshake on the agent channel and starts routing.
-func NewRelay(conn io.ReadWriteCloser, opts RelayOptions) (*Relay, error) {
-	d := DefaultRelayOptions
+// New performs the host handshake on the agent channel and starts routing.
+func New(conn io.ReadWriteCloser, opts Options) (*Server, error) {
+	d := DefaultOptions
 	if opts.Features == nil {
 		opts.Features = d.Features
 	}
@@ -90,21 +95,21 @@ func NewRelay(conn io.ReadWriteCloser, opts RelayOptions) (*Relay, error) {
 		opts.Log = slog.Default()
 	}
 	features := opts.Features
-	if opts.Streams != nil {
+	if opts.DialOut != nil {
 		features = append(append([]string(nil), features...), protocol.FeatureStreams)
 	}
-	c, err := Direct(conn, Options{Features: features, HandshakeTimeout: opts.HandshakeTimeout, Log: opts.Log, handshakeOnly: true})
+	g, fr, err := host.Handshake(conn, host.Options{Features: features, HandshakeTimeout: opts.HandshakeTimeout, Log: opts.Log})
 	if err != nil {
 		return nil, err
 	}
-	r := &Relay{conn: conn, opts: opts, log: opts.Log, fr: c.fr, ready: c.ReadyFrame,
+	r := &Server{conn: conn, opts: opts, log: opts.Log, fr: fr, ready: g.ReadyFrame,
 		toAgent: make(chan agentFrame, opts.ToAgentQueue), done: make(chan struct{})}
-	if opts.Streams != nil && c.HasFeature(protocol.FeatureStreams) {
+	if opts.DialOut != nil && protocol.HasFeature(g.Ready.Features, protocol.FeatureStreams) {
 		ctx, cancel := context.WithCancel(context.Background())
 		go func() { <-r.done; cancel() }()
-		r.streams = newStreamServer(ctx, *opts.Streams, r.sendAgentThen, &r.StreamCounters)
+		r.dialOut = newDialOut(ctx, *opts.DialOut, r.sendAgentThen, &r.DialOutCounters)
 	}
-	r.log.Info("agent ready", "agent_version", c.Ready.AgentVersion, "generation", c.ReadyV, "features", c.Ready.Features)
+	r.log.Info("agent ready", "agent_version", g.Ready.AgentVersion, "generation", g.ReadyV, "features", g.Ready.Features)
 	go r.writeAgent()
 	go r.readAgent()
 	if opts.ClockSyncEvery > 0 {
@@ -114,20 +119,20 @@ func NewRelay(conn io.ReadWriteCloser, opts RelayOptions) (*Relay, error) {
 }
 
 // Done is closed when the agent channel is gone.
-func (r *Relay) Done() <-chan struct{} { return r.done }
+func (r *Server) Done() <-chan struct{} { return r.done }
 
 // Err says why the channel ended.
-func (r *Relay) Err() error {
+func (r *Server) Err() error {
 	<-r.done
 	return r.err
 }
 
-func (r *Relay) stop(err error) {
+func (r *Server) stop(err error) {
 	r.once.Do(func() {
 		r.err = err
 		close(r.done)
-		if r.streams != nil {
-			go r.streams.closeAll()
+		if r.dialOut != nil {
+			go r.dialOut.closeAll()
 		}
 		r.conn.Close()
 		r.mu.Lock()
@@ -140,8 +145,8 @@ func (r *Relay) stop(err error) {
 	})
 }
 
-// Close ends the relay.
-func (r *Relay) Close() { r.stop(ErrClosed) }
+// Close ends the server.
+func (r *Server) Close() { r.stop(host.ErrClosed) }
 
 // agentFrame is a frame for the channel and what to do once it is written (or dropped).
 type agentFrame struct {
@@ -149,7 +154,7 @@ type agentFrame struct {
 	after func()
 }
 
-func (r *Relay) writeAgent() {
+func (r *Server) writeAgent() {
 	for {
 		select {
 		case f := <-r.toAgent:
@@ -167,12 +172,12 @@ func (r *Relay) writeAgent() {
 	}
 }
 
-func (r *Relay) sendAgent(frame []byte) bool { return r.sendAgentThen(frame, nil) }
+func (r *Server) sendAgent(frame []byte) bool { return r.sendAgentThen(frame, nil) }
 
 // sendAgentThen queues a frame for the channel; after runs once it was written (a stream uses
 // it to keep at most one data frame of its own in the queue, so a bulk stream cannot build a
 // long line in front of an interactive one).
-func (r *Relay) sendAgentThen(frame []byte, after func()) bool {
+func (r *Server) sendAgentThen(frame []byte, after func()) bool {
 	select {
 	case r.toAgent <- agentFrame{frame, after}:
 		return true
@@ -184,7 +189,7 @@ func (r *Relay) sendAgentThen(frame []byte, after func()) bool {
 	}
 }
 
-func (r *Relay) clockSync() {
+func (r *Server) clockSync() {
 	t := time.NewTicker(r.opts.ClockSyncEvery)
 	defer t.Stop()
 	for {
@@ -201,19 +206,19 @@ func (r *Relay) clockSync() {
 }
 
 // readAgent routes each guest frame to the client whose range holds its id.
-func (r *Relay) readAgent() {
+func (r *Server) readAgent() {
 	for {
 		f, err := r.fr.Next()
 		if err != nil {
 			if err == io.EOF {
-				err = ErrClosed
+				err = host.ErrClosed
 			}
 			r.stop(err)
 			return
 		}
-		if r.streams != nil && isStreamFrame(f) {
+		if r.dialOut != nil && isStreamFrame(f) {
 			if m, err := protocol.DecodeMessage(f); err == nil && isStreamType(m.Type) {
-				r.streams.handle(m) // guest-initiated: by type, before any id routing
+				r.dialOut.handle(m) // guest-initiated: by type, before any id routing
 				continue
 			}
 		}
@@ -239,8 +244,8 @@ func (r *Relay) readAgent() {
 	}
 }
 
-// Serve accepts clients on l until the relay or the listener ends.
-func (r *Relay) Serve(l net.Listener) error {
+// Serve accepts clients on l until the server or the listener ends.
+func (r *Server) Serve(l net.Listener) error {
 	go func() { <-r.done; l.Close() }()
 	for {
 		conn, err := l.Accept()
@@ -256,7 +261,7 @@ func (r *Relay) Serve(l net.Listener) error {
 	}
 }
 
-func (r *Relay) admit(conn net.Conn) {
+func (r *Server) admit(conn net.Conn) {
 	r.mu.Lock()
 	slot := -1
 	for i, c := range r.clients {
@@ -285,7 +290,7 @@ func (r *Relay) admit(conn net.Conn) {
 	go r.readClient(c)
 }
 
-func (r *Relay) writeClient(c *relayClient) {
+func (r *Server) writeClient(c *relayClient) {
 	for {
 		select {
 		case f := <-c.out:
@@ -301,7 +306,7 @@ func (r *Relay) writeClient(c *relayClient) {
 
 // readClient forwards a client's frames to the agent. An id outside the client's range
 // disconnects it, except id 0 with the shutdown flag.
-func (r *Relay) readClient(c *relayClient) {
+func (r *Server) readClient(c *relayClient) {
 	defer r.leave(c)
 	fr := protocol.NewFrameReader(c.conn)
 	for {
@@ -329,7 +334,7 @@ func (r *Relay) readClient(c *relayClient) {
 
 // leave frees the client's slot: its exec sessions get SIGKILL, then the agent is told to
 // close everything else in the client's id range.
-func (r *Relay) leave(c *relayClient) {
+func (r *Server) leave(c *relayClient) {
 	c.conn.Close()
 	r.mu.Lock()
 	r.clients[c.slot] = nil
@@ -348,7 +353,7 @@ func (r *Relay) leave(c *relayClient) {
 }
 
 // Clients returns the number of connected clients.
-func (r *Relay) Clients() int {
+func (r *Server) Clients() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	n := 0

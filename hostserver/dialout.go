@@ -1,4 +1,4 @@
-package host
+package hostserver
 
 import (
 	"context"
@@ -14,14 +14,14 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/internal/oserr"
+	"github.com/agentd/agentd/internal/resolvconf"
 	"github.com/agentd/agentd/protocol"
-	"github.com/agentd/agentd/egress/resolver"
 	"github.com/agentd/agentd/sessionio"
 )
 
-// StreamOptions make a relay serve guest-initiated streams (feature "streams"): the host dials
-// out for the guest, which has no network device of its own.
-type StreamOptions struct {
+// DialOutOptions make a server serve guest-initiated streams (feature "streams"): the host
+// dials out for the guest, which has no network device of its own.
+type DialOutOptions struct {
 	// Dial opens destinations (default: kernel sockets).
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Decide is the host's own policy (nil: allow every stream agentd asks for). It returns
@@ -37,28 +37,28 @@ type StreamOptions struct {
 	Log            *slog.Logger
 }
 
-// DefaultStreamOptions are used for zero fields.
-var DefaultStreamOptions = StreamOptions{Window: 256 << 10, MaxStreams: 4096, ConnectTimeout: 30 * time.Second}
+// DefaultDialOutOptions are used for zero fields.
+var DefaultDialOutOptions = DialOutOptions{Window: 256 << 10, MaxStreams: 4096, ConnectTimeout: 30 * time.Second}
 
-// StreamCounters are a stream server's totals.
-type StreamCounters struct {
+// DialOutCounters are the totals of guest-initiated streams.
+type DialOutCounters struct {
 	Opened, Refused, Active, BytesUp, BytesDown atomic.Int64
 }
 
-// streamServer is the host end of guest-initiated streams on one channel.
-type streamServer struct {
-	opts     StreamOptions
+// dialOut is the host end of guest-initiated streams on one channel.
+type dialOut struct {
+	opts     DialOutOptions
 	send     func(frame []byte, after func()) bool // to the agent, in order; after runs once written
 	log      *slog.Logger
 	ctx      context.Context
-	Counters *StreamCounters
+	Counters *DialOutCounters
 
 	mu      sync.Mutex
 	streams map[uint32]*hostStream
 }
 
-func newStreamServer(ctx context.Context, o StreamOptions, send func([]byte, func()) bool, c *StreamCounters) *streamServer {
-	d := DefaultStreamOptions
+func newDialOut(ctx context.Context, o DialOutOptions, send func([]byte, func()) bool, c *DialOutCounters) *dialOut {
+	d := DefaultDialOutOptions
 	if o.Window <= 0 {
 		o.Window = d.Window
 	}
@@ -72,15 +72,15 @@ func newStreamServer(ctx context.Context, o StreamOptions, send func([]byte, fun
 		o.Dial = (&net.Dialer{}).DialContext
 	}
 	if o.DNS == nil {
-		o.DNS = resolver.SystemServers("/etc/resolv.conf")
+		o.DNS = resolvconf.Servers(resolvconf.Path)
 	}
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	return &streamServer{opts: o, send: send, log: o.Log, ctx: ctx, Counters: c, streams: map[uint32]*hostStream{}}
+	return &dialOut{opts: o, send: send, log: o.Log, ctx: ctx, Counters: c, streams: map[uint32]*hostStream{}}
 }
 
-func (s *streamServer) msg(id uint32, t protocol.Type, v any) bool {
+func (s *dialOut) msg(id uint32, t protocol.Type, v any) bool {
 	f, err := protocol.EncodeFrame(id, t, v)
 	if err != nil {
 		return false
@@ -90,7 +90,7 @@ func (s *streamServer) msg(id uint32, t protocol.Type, v any) bool {
 
 // handle takes one agentd.stream.* message from the agent (called by the relay's reader, so
 // it never blocks on a destination).
-func (s *streamServer) handle(m protocol.Message) {
+func (s *dialOut) handle(m protocol.Message) {
 	if m.Type == protocol.TypeStreamOpen {
 		var p protocol.StreamOpen
 		if err := protocol.Unmarshal(m.Payload, &p); err != nil {
@@ -130,7 +130,7 @@ func (s *streamServer) handle(m protocol.Message) {
 
 // hostStream is one guest-initiated stream on the host.
 type hostStream struct {
-	s        *streamServer
+	s        *dialOut
 	id       uint32
 	proto    string
 	dst      string
@@ -146,7 +146,7 @@ type hostStream struct {
 	once sync.Once
 }
 
-func (s *streamServer) open(id uint32, p protocol.StreamOpen) {
+func (s *dialOut) open(id uint32, p protocol.StreamOpen) {
 	dst := net.JoinHostPort(p.Addr, fmt.Sprint(p.Port))
 	var ap netip.AddrPort
 	refuse := func(why string) {
@@ -372,7 +372,7 @@ func (st *hostStream) end(why string, tell bool) {
 }
 
 // closeAll ends every stream (the channel is gone).
-func (s *streamServer) closeAll() {
+func (s *dialOut) closeAll() {
 	s.mu.Lock()
 	all := make([]*hostStream, 0, len(s.streams))
 	for _, st := range s.streams {
