@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -226,7 +227,7 @@ func relayOpts(f func(*relay.Options)) relay.Options {
 // hangingDialer never connects: it models a destination that drops SYNs.
 type hangingDialer struct{}
 
-func (hangingDialer) DialContext(ctx context.Context, _, _ string) (net.Conn, error) {
+func (hangingDialer) Dial(ctx context.Context, _ string, _ []netip.AddrPort) (net.Conn, error) {
 	<-ctx.Done()
 	return nil, ctx.Err()
 }

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/internal/testkit/nettest"
-	"github.com/agentd/agentd/netstack"
 )
 
 // TestChannelEgress: a guest namespace with no interface but agentd's tun. Each allowed flow
@@ -43,7 +43,7 @@ func TestChannelEgress(t *testing.T) {
 	serve.Stderr = serveLog
 	startProc(t, serve, serveLog)
 	waitPath(t, chanSock)
-	tp.UseResolver(t, netstack.DefaultGuestNet.ResolvConf())
+	tp.UseResolver(t, egress.DefaultGuestNet.ResolvConf())
 	agentLog := &logBuffer{}
 	agentd := exec.Command("ip", "netns", "exec", tp.Name, filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:"+chanSock,
 		"--egress", "channel", "--egress-policy", guestPol, "--egress-tun", "agtun"+tp.ID, "--egress-audit", filepath.Join(dir, "audit.jsonl"))

@@ -15,6 +15,9 @@ type Record struct {
 	Time       time.Time `json:"time"`
 	Event      string    `json:"event"` // decision, sni, dns, revoked, close
 	Protocol   string    `json:"proto"`
+	Direction  string    `json:"direction,omitempty"` // ingress (a host connection into the guest); omitted for egress
+	Via        string    `json:"via,omitempty"`       // core.tcp or host: a flow agentd (or the host) opened, not the guest
+	Peer       string    `json:"peer,omitempty"`      // ingress: the address the connection comes from
 	Src        string    `json:"src,omitempty"`
 	Dst        string    `json:"dst,omitempty"`
 	Name       string    `json:"name,omitempty"`

@@ -223,6 +223,31 @@ func (e *Endpoint) DialContext(ctx context.Context, network, address string) (ne
 	}
 }
 
+// Exchange sends one DNS query to the host's resolver on a datagram stream and returns the
+// answer: the guest resolver's upstream in channel mode (resolver.Upstream). DNS over TCP is
+// not carried over the channel, so an answer too big for one datagram is a SERVFAIL.
+func (e *Endpoint) Exchange(ctx context.Context, query []byte, tcp bool) ([]byte, error) {
+	if tcp {
+		return nil, errors.New("stream dns: tcp is not carried over the channel")
+	}
+	c, err := e.DialContext(ctx, "dns", "")
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	dl, _ := ctx.Deadline()
+	c.SetDeadline(dl)
+	if _, err := c.Write(query); err != nil {
+		return nil, fmt.Errorf("stream dns: %w", err)
+	}
+	buf := make([]byte, 64<<10)
+	n, err := c.Read(buf)
+	if err != nil {
+		return nil, fmt.Errorf("stream dns: %w", err)
+	}
+	return buf[:n], nil
+}
+
 // Conn is one stream: a net.Conn (byte stream for tcp, one datagram per Read/Write for udp
 // and dns).
 type Conn struct {

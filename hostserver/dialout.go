@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/internal/resolvconf"
 	"github.com/agentd/agentd/protocol"
@@ -24,9 +26,10 @@ import (
 type DialOutOptions struct {
 	// Dial opens destinations (default: kernel sockets).
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
-	// Decide is the host's own policy (nil: allow every stream agentd asks for). It returns
-	// false and a reason to refuse.
-	Decide func(proto string, dst netip.AddrPort) (ok bool, reason string)
+	// Egress is the host's own policy point (nil: allow every stream agentd asks for): each
+	// stream is admitted there once, tracked (a reload can revoke it) and audited, like a
+	// guest flow inside agentd.
+	Egress *egress.Service
 	// DNS are the resolvers "dns" streams go to (default: /etc/resolv.conf's nameservers).
 	DNS []netip.AddrPort
 	// Window is the receive window granted to agentd per stream (default 256 KiB).
@@ -139,6 +142,7 @@ type hostStream struct {
 	credit   *sessionio.Credit // agentd's grant for host -> guest data
 	start    time.Time
 	up, down atomic.Int64
+	flow     *egress.Flow // the host's decision (nil without a host policy)
 
 	mu   sync.Mutex
 	in   *sessionio.Sink // guest -> destination bytes (tcp)
@@ -172,24 +176,34 @@ func (s *dialOut) open(id uint32, p protocol.StreamOpen) {
 		refuse("unsupported protocol " + p.Proto)
 		return
 	}
-	if s.opts.Decide != nil {
-		if ok, why := s.opts.Decide(p.Proto, ap); !ok {
-			refuse("denied by the host's policy: " + why)
+	var flow *egress.Flow
+	if s.opts.Egress != nil {
+		proto := policy.Protocol(p.Proto)
+		if p.Proto == "dns" {
+			proto = policy.UDP // the guest decided the query by name; here it is a datagram to the resolver
+		}
+		var d policy.Decision
+		if flow, d = s.opts.Egress.AdmitRequest(egress.Request{Protocol: proto, Dsts: []netip.AddrPort{ap}, Via: "host"}); flow == nil {
+			refuse("denied by the host's policy: rule " + d.RuleID)
 			return
 		}
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
 	st := &hostStream{s: s, id: id, proto: p.Proto, dst: dst, ctx: ctx, cancel: cancel,
-		credit: sessionio.NewCredit(int64(p.Window)), start: time.Now()}
+		credit: sessionio.NewCredit(int64(p.Window)), start: time.Now(), flow: flow}
 	s.mu.Lock()
 	if len(s.streams) >= s.opts.MaxStreams || s.streams[id] != nil {
 		s.mu.Unlock()
 		cancel()
+		flow.Close()
 		refuse("too many streams (or a duplicate id)")
 		return
 	}
 	s.streams[id] = st
 	s.mu.Unlock()
+	if flow != nil {
+		flow.OnRevoke(func() { st.abort("revoked by the host's policy") })
+	}
 	go st.run(p.Window)
 }
 
@@ -368,6 +382,8 @@ func (st *hostStream) end(why string, tell bool) {
 			"bytes_down", st.down.Load(), "duration", time.Since(st.start).Round(time.Millisecond).String(), "error", why)
 		s.Counters.BytesUp.Add(st.up.Load())
 		s.Counters.BytesDown.Add(st.down.Load())
+		st.flow.Count(st.up.Load(), st.down.Load())
+		st.flow.Close()
 	})
 }
 

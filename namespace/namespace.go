@@ -31,11 +31,11 @@ type NS struct {
 func Open(path string) (*NS, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("netns: open %s: %w", path, err)
+		return nil, fmt.Errorf("namespace: open %s: %w", path, err)
 	}
 	return start(func() (int, error) {
 		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			return -1, fmt.Errorf("netns: enter %s: %w", path, err)
+			return -1, fmt.Errorf("namespace: enter %s: %w", path, err)
 		}
 		return fd, nil
 	}, fd)
@@ -45,11 +45,11 @@ func Open(path string) (*NS, error) {
 func New() (*NS, error) {
 	return start(func() (int, error) {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			return -1, fmt.Errorf("netns: unshare: %w", err)
+			return -1, fmt.Errorf("namespace: unshare: %w", err)
 		}
 		fd, err := unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
-			return -1, fmt.Errorf("netns: open new namespace: %w", err)
+			return -1, fmt.Errorf("namespace: open new namespace: %w", err)
 		}
 		return fd, nil
 	}, -1)
@@ -104,7 +104,7 @@ func (ns *NS) Do(f func() error) error {
 	select {
 	case ns.reqs <- func() { errc <- f() }:
 	case <-ns.done:
-		return errors.New("netns: closed")
+		return errors.New("namespace: closed")
 	}
 	return <-errc
 }

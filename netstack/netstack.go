@@ -85,15 +85,14 @@ var DefaultOptions = Options{
 	ConnectTimeout: 30 * time.Second, UDPIdleTimeout: 60 * time.Second, SNIWait: 5 * time.Second,
 }
 
-// Counters are the stack's flow statistics, one per outcome and drop reason.
+// Counters are the stack's data-path statistics, one per outcome and drop reason. What the
+// policy decided (allowed, denied, SNI refusals, revocations) is counted once, by the egress
+// service.
 type Counters struct {
-	Allowed, Denied, DialFailed, Active atomic.Int64
+	DialFailed, Active, UDPActive atomic.Int64
 	// Refused for capacity: all flows, per destination, handshake failures.
 	FlowCapDrop, DestCapDrop, HandshakeFailed atomic.Int64
-	// Cut: TLS flows whose SNI the policy refused, and flows a reload revoked.
-	SNIDenied, Revoked               atomic.Int64
-	UDPAllowed, UDPDenied, UDPActive atomic.Int64
-	DNSQueries, GatewayRefused       atomic.Int64
+	DNSQueries, GatewayRefused                atomic.Int64
 }
 
 // Stack is a running netstack.

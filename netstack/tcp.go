@@ -20,6 +20,7 @@ import (
 
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/egress/resolver"
 )
 
 // BufferSize is the size of the pooled relay buffers. A flow holds one per direction only
@@ -67,7 +68,6 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	flow, d := st.eg.Admit(policy.TCP, src, dst)
 	if flow == nil {
 		st.release(dst)
-		st.Counters.Denied.Add(1)
 		st.log.Debug("tcp denied", "src", src, "dst", dst, "rule", d.RuleID)
 		r.Complete(true) // RST: the guest sees ECONNREFUSED at once
 		return
@@ -95,7 +95,6 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	ep.SocketOptions().SetKeepAlive(true) // notice a guest that vanished
-	st.Counters.Allowed.Add(1)
 	t := &tcpFlow{st: st, ep: ep, wq: &wq, guest: gonet.NewTCPConn(&wq, ep), up: up, flow: flow, dead: make(chan struct{})}
 	st.runFlow(&st.Counters.Active, dst, flow, t.run)
 }
@@ -130,10 +129,7 @@ func (t *tcpFlow) run() {
 	// send again, and nothing else would wake the relay waiting on it).
 	stop := context.AfterFunc(t.st.ctx, func() { t.abort("stack closing", nil) })
 	defer stop()
-	t.flow.OnRevoke(func() {
-		t.st.Counters.Revoked.Add(1)
-		t.abort("revoked by a policy reload", nil)
-	})
+	t.flow.OnRevoke(func() { t.abort("revoked by a policy reload", nil) })
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { defer wg.Done(); t.toUpstream() }()
@@ -207,7 +203,6 @@ func (t *tcpFlow) toUpstream() {
 				}
 				checked = true
 				if sni != "" && !t.flow.CheckSNI(sni) {
-					t.st.Counters.SNIDenied.Add(1)
 					t.abort("sni denied", sni)
 					return
 				}
@@ -393,12 +388,8 @@ func (st *Stack) acceptDNS(r *tcp.ForwarderRequest, src netip.AddrPort) {
 		defer stop()
 		for {
 			c.SetReadDeadline(time.Now().Add(10 * time.Second)) // idle DNS connections end
-			var l [2]byte
-			if _, err := io.ReadFull(c, l[:]); err != nil {
-				return
-			}
-			q := make([]byte, int(l[0])<<8|int(l[1]))
-			if _, err := io.ReadFull(c, q); err != nil {
+			q, err := resolver.ReadTCP(c)
+			if err != nil {
 				return
 			}
 			st.Counters.DNSQueries.Add(1)
@@ -406,8 +397,7 @@ func (st *Stack) acceptDNS(r *tcp.ForwarderRequest, src netip.AddrPort) {
 			if err != nil {
 				return
 			}
-			out := append([]byte{byte(len(resp) >> 8), byte(len(resp))}, resp...)
-			if _, err := c.Write(out); err != nil {
+			if err := resolver.WriteTCP(c, resp); err != nil {
 				return
 			}
 		}

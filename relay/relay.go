@@ -1,6 +1,7 @@
-// Package relay implements core.tcp.* sessions: it dials a destination through a Dialer and
-// moves bytes between that stream and the agent channel with bounded buffers in both
-// directions. It does not know where the stream comes from (kernel socket, netstack).
+// Package relay implements core.tcp.* sessions: it resolves the destination through a
+// Resolver, connects through a Dialer and moves bytes between that stream and the agent channel
+// with bounded buffers in both directions. It decides nothing itself: with egress on, the
+// Dialer is the policy point's (egress.Dialer) and the Resolver the guest's resolver.
 package relay
 
 import (
@@ -11,20 +12,46 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"strconv"
 	"sync"
 	"time"
 
-	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/sessionio"
 )
 
-// Dialer opens the destination stream of a session. The kernel dialer is net.Dialer; the
-// netstack provides another.
+// Dialer opens the destination stream of a session: a connection to the first of addrs it can
+// reach (in the resolver's order). name is the host name the addresses were resolved from ("",
+// when the host gave an address).
 type Dialer interface {
-	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+	Dial(ctx context.Context, name string, addrs []netip.AddrPort) (net.Conn, error)
+}
+
+// Resolver resolves a destination name (net.Resolver has this method).
+type Resolver interface {
+	LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error)
+}
+
+// DialFunc makes a Dialer of a net.Dialer-style function: each address is tried in turn, as
+// the reference's connect does, and the last error is returned.
+type DialFunc func(ctx context.Context, network, address string) (net.Conn, error)
+
+// Dial implements Dialer.
+func (f DialFunc) Dial(ctx context.Context, _ string, addrs []netip.AddrPort) (net.Conn, error) {
+	var err error
+	for _, a := range addrs {
+		var c net.Conn
+		if c, err = f(ctx, "tcp", a.String()); err == nil {
+			return c, nil
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if err == nil {
+		err = errors.New("no address to connect to")
+	}
+	return nil, err
 }
 
 // Options are the per-session limits. Zero fields take DefaultOptions' values.
@@ -42,16 +69,14 @@ type Options struct {
 	InboundLimit int
 	// ConnectTimeout bounds one dial (the reference's 30 s).
 	ConnectTimeout time.Duration
-	// Dialer opens destinations (default: kernel sockets).
+	// Dialer opens destinations (default: kernel sockets, each address in turn).
 	Dialer Dialer
+	// Resolver resolves destination names (default: the system's resolver).
+	Resolver Resolver
 	// Inbound and Outbound are byte budgets shared by all sessions (host -> destination and
 	// destination -> host buffers). The agent makes them from its MaxBuffered options; nil
 	// means only the per-session limits apply.
 	Inbound, Outbound *sessionio.Budget
-	// Decide, if set, rules on every destination before it is dialed (the egress policy):
-	// agentd resolves the host itself and dials only an address the policy allows, with the
-	// name it asked for as the address's name (so domain rules apply).
-	Decide func(policy.Flow) policy.Decision
 }
 
 // DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 4 MiB inbound (a
@@ -62,7 +87,8 @@ var DefaultOptions = Options{
 	LowWater:       64 << 10,
 	InboundLimit:   4 << 20,
 	ConnectTimeout: 30 * time.Second,
-	Dialer:         &net.Dialer{},
+	Dialer:         DialFunc((&net.Dialer{}).DialContext),
+	Resolver:       net.DefaultResolver,
 }
 
 func (o Options) withDefaults() Options {
@@ -84,6 +110,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Dialer == nil {
 		o.Dialer = d.Dialer
+	}
+	if o.Resolver == nil {
+		o.Resolver = d.Resolver
 	}
 	return o
 }
@@ -158,18 +187,8 @@ func (s *Session) Finished() <-chan struct{} { return s.finished }
 
 func (s *Session) run(host string, port uint16) {
 	defer close(s.finished)
-	addr := net.JoinHostPort(host, strconv.Itoa(int(port)))
 	dctx, dcancel := context.WithTimeout(s.ctx, s.opts.ConnectTimeout)
-	if s.opts.Decide != nil {
-		allowed, err := s.allowed(dctx, host, port)
-		if err != nil {
-			dcancel()
-			s.fail(fmt.Sprintf("connect %s:%d: %s", host, port, err))
-			return
-		}
-		addr = net.JoinHostPort(allowed.String(), strconv.Itoa(int(port)))
-	}
-	conn, err := s.opts.Dialer.DialContext(dctx, "tcp", addr)
+	conn, err := s.dial(dctx, host, port)
 	dcancel()
 	if err != nil {
 		if s.ctx.Err() != nil { // aborted while dialing: no frame is owed
@@ -206,26 +225,23 @@ func (s *Session) run(host string, port uint16) {
 	wg.Wait()
 }
 
-// allowed resolves host and returns the first address the policy allows for it.
-func (s *Session) allowed(ctx context.Context, host string, port uint16) (netip.Addr, error) {
+// dial resolves host (unless it is an address) and connects through the Dialer.
+func (s *Session) dial(ctx context.Context, host string, port uint16) (net.Conn, error) {
 	var addrs []netip.Addr
-	var names []string
+	name := ""
 	if a, err := netip.ParseAddr(host); err == nil {
 		addrs = []netip.Addr{a}
 	} else {
-		names = []string{host}
-		if addrs, err = net.DefaultResolver.LookupNetIP(ctx, "ip", host); err != nil {
-			return netip.Addr{}, fmt.Errorf("resolve: %w", err)
+		name = host
+		if addrs, err = s.opts.Resolver.LookupNetIP(ctx, "ip", host); err != nil {
+			return nil, fmt.Errorf("resolve: %w", err)
 		}
 	}
-	var last policy.Decision
-	for _, a := range addrs {
-		last = s.opts.Decide(policy.Flow{Direction: policy.Egress, Protocol: policy.TCP, Addr: a, Port: port, Names: names})
-		if last.Action == policy.Allow {
-			return a.Unmap(), nil
-		}
+	dsts := make([]netip.AddrPort, len(addrs))
+	for i, a := range addrs {
+		dsts[i] = netip.AddrPortFrom(a.Unmap(), port)
 	}
-	return netip.Addr{}, fmt.Errorf("denied by egress policy (rule %s)", last.RuleID)
+	return s.opts.Dialer.Dial(ctx, name, dsts)
 }
 
 // describe renders an error the way the reference's messages read: the OS error text.

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/protocol"
 )
@@ -46,18 +47,6 @@ func policyCmd(args []string) error {
 	return usageError{fmt.Errorf("unknown policy subcommand %q", args[0])}
 }
 
-func readPolicy(path string) (*policy.Policy, []byte, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, nil, err
-	}
-	p, err := policy.Parse(data)
-	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return p, data, nil
-}
-
 func policyCheck(args []string) error {
 	fs, _ := newFlags("policy check", "FILE")
 	if err := parse(fs, args); err != nil {
@@ -66,7 +55,7 @@ func policyCheck(args []string) error {
 	if fs.NArg() != 1 {
 		return usageError{fmt.Errorf("policy check takes one FILE")}
 	}
-	p, _, err := readPolicy(fs.Arg(0))
+	p, _, err := policy.ReadFile(fs.Arg(0))
 	if err != nil {
 		return err
 	}
@@ -86,7 +75,7 @@ func policyExplain(args []string) error {
 	if fs.NArg() != 4 {
 		return usageError{fmt.Errorf("policy explain takes FILE PROTO DEST PORT")}
 	}
-	p, _, err := readPolicy(fs.Arg(0))
+	p, _, err := policy.ReadFile(fs.Arg(0))
 	if err != nil {
 		return err
 	}
@@ -105,15 +94,18 @@ func policyExplain(args []string) error {
 	if err != nil {
 		return usageError{fmt.Errorf("PORT %q: want 0-65535", fs.Arg(3))}
 	}
+	// Decided by the same service agentd runs, in the guest network's context (the gateway is
+	// group "host"), with no DNS pins: --name stands for them.
+	svc := egress.New(p, egress.Options{HostAddrs: egress.DefaultGuestNet.Gateways()})
 	var d policy.Decision
 	what := ""
 	if addr, err := netip.ParseAddr(fs.Arg(2)); err == nil {
-		d = p.Decide(policy.Flow{Direction: policy.Egress, Protocol: proto, Addr: addr, Port: uint16(port), Names: names}, policy.Context{})
+		d = svc.Decide(policy.Flow{Direction: policy.Egress, Protocol: proto, Addr: addr, Port: uint16(port), Names: names})
 		what = fmt.Sprintf("%s %s", proto, netip.AddrPortFrom(addr, uint16(port)))
 		if len(names) > 0 {
 			what += " known as " + strings.Join(names, ", ")
 		}
-		what += fmt.Sprintf(" (group %s)", policy.Classify(addr, policy.Context{}))
+		what += fmt.Sprintf(" (group %s)", policy.Classify(addr, svc.Context()))
 	} else {
 		d = p.DecideQuery(fs.Arg(2), proto, uint16(port))
 		what = fmt.Sprintf("DNS query for %s over %s/%d", fs.Arg(2), proto, port)
@@ -137,7 +129,7 @@ func policyReload(args []string) error {
 	if fs.NArg() != 1 {
 		return usageError{fmt.Errorf("policy reload takes one FILE")}
 	}
-	_, data, err := readPolicy(fs.Arg(0)) // refuse a bad file here, before touching the guest
+	_, data, err := policy.ReadFile(fs.Arg(0)) // refuse a bad file here, before touching the guest
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/channel"
+	egresspkg "github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/hostserver"
 )
@@ -20,6 +21,7 @@ func serve(args []string) error {
 	noFlow := fs.Bool("no-flow-control", false, "do not negotiate the flow-control extension")
 	egress := fs.Bool("egress", false, "serve guest-initiated streams: dial out from this host for a guest that has no network of its own")
 	policyFile := fs.String("egress-policy", "", "host-side policy `FILE` (microsandbox's format) the guest's streams must also pass")
+	auditPath := fs.String("egress-audit", "", "append one JSON line per host-side decision and closed stream to `FILE` (- for stderr)")
 	dns := fs.String("egress-dns", "", "resolver `ADDR:PORT` for the guest's DNS (default: this host's /etc/resolv.conf)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -49,21 +51,24 @@ func serve(args []string) error {
 	if *egress {
 		so := &hostserver.DialOutOptions{Log: log.With("component", "egress")}
 		if *policyFile != "" {
-			p, _, err := readPolicy(*policyFile)
+			p, err := policy.Load(*policyFile, "")
 			if err != nil {
 				return err
 			}
-			if p, err = policy.WithFloor(policy.DefaultFloor, p); err != nil {
-				return err
-			}
-			so.Decide = func(proto string, dst netip.AddrPort) (bool, string) {
-				pr := policy.Protocol(proto)
-				if proto == "dns" {
-					pr = policy.UDP
+			var audit *egresspkg.Audit
+			switch *auditPath {
+			case "":
+			case "-":
+				audit = egresspkg.NewAudit(os.Stderr, log)
+			default:
+				f, err := os.OpenFile(*auditPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+				if err != nil {
+					return fmt.Errorf("--egress-audit: %w", err)
 				}
-				d := p.Decide(policy.Flow{Direction: policy.Egress, Protocol: pr, Addr: dst.Addr(), Port: dst.Port()}, policy.Context{})
-				return d.Action == policy.Allow, "rule " + d.RuleID
+				audit = egresspkg.NewAudit(f, log)
 			}
+			defer audit.Close()
+			so.Egress = egresspkg.New(p, egresspkg.Options{HostAddrs: egresspkg.DefaultGuestNet.Gateways(), Audit: audit})
 		}
 		if *dns != "" {
 			ap, err := netip.ParseAddrPort(*dns)

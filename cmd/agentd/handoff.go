@@ -11,6 +11,7 @@ import (
 
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/gateway"
 	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/initfs"
 )
@@ -95,19 +96,19 @@ func handoffAgentMain(boot uint64) int {
 		if err != nil {
 			return err
 		}
-		var eg *egressRuntime
+		var gw *gateway.Gateway
 		if o.egress.mode != "off" {
-			if eg, err = startGuestEgress(o.egress, conf, log); err != nil {
+			if gw, err = startGuestEgress(o.egress, conf, log); err != nil {
 				return err
 			}
-			defer eg.stop()
+			defer gw.Stop()
 		}
 		port, err := channel.Pollable(os.NewFile(3, "agent-channel"))
 		if err != nil {
 			return err
 		}
 		defer port.Close()
-		return serve(o, log, boot, 0, port, execOpts, defaultUser, eg, serveHooks{adopted: &st})
+		return serve(o, log, boot, 0, port, execOpts, defaultUser, gw, serveHooks{adopted: &st})
 	}()
 	if err != nil {
 		log.Error("agent stopped", "error", err)

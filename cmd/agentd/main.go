@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"runtime/pprof"
@@ -21,9 +22,9 @@ import (
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/exec"
+	"github.com/agentd/agentd/gateway"
 	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/initfs"
-	"github.com/agentd/agentd/netstack"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 )
@@ -227,19 +228,19 @@ func run(o options, log *slog.Logger, boot uint64) error {
 	if err != nil {
 		return err
 	}
-	eg, err := startEgress(o.egress, log)
+	gw, err := startEgress(o.egress, "", log)
 	if err != nil {
 		return err
 	}
-	if eg != nil {
-		defer eg.stop()
+	if gw != nil {
+		defer gw.Stop()
 	}
 	port, err := channel.Open(o.port)
 	if err != nil {
 		return err
 	}
 	defer port.Close()
-	return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg, serveHooks{})
+	return serve(o, log, boot, initStart, port, execOpts, defaultUser, gw, serveHooks{})
 }
 
 // runInit is agentd as PID 1: the init duties, then the agent loop, then power-off. Whatever
@@ -338,14 +339,14 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		}
 		execOpts.BaseEnv = append(execOpts.BaseEnv, tlsEnv...) // for workloads, not agentd itself
 		steps.mark("tls", t)
-		var eg *egressRuntime
+		var gw *gateway.Gateway
 		if o.egress.mode != "off" && conf.Handoff == nil { // with a handoff, the agent child runs it
 			bg.Wait() // the tun driver
 			t = time.Now()
-			if eg, err = startGuestEgress(o.egress, conf, log); err != nil {
+			if gw, err = startGuestEgress(o.egress, conf, log); err != nil {
 				return err
 			}
-			defer eg.stop()
+			defer gw.Stop()
 			steps.mark("egress", t)
 		}
 		t = time.Now()
@@ -356,7 +357,7 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		defer port.Close()
 		steps.mark("port", t)
 		t = time.Now()
-		return serve(o, log, boot, initStart, port, execOpts, defaultUser, eg, serveHooks{
+		return serve(o, log, boot, initStart, port, execOpts, defaultUser, gw, serveHooks{
 			afterInit: func() {
 				steps.mark("handshake", t)
 				log.Info("init steps", steps...)
@@ -431,19 +432,20 @@ func (s *initSteps) mark(step string, since time.Time) {
 // startGuestEgress starts egress for the whole guest (agentd as its init): the MSB_NET
 // interface, configured already, becomes the private uplink, and the guest resolves through
 // the netstack's resolver.
-func startGuestEgress(e egressOptions, conf initfs.Config, log *slog.Logger) (*egressRuntime, error) {
-	if e.mode == "netstack" && e.uplink == "" && conf.Net != nil {
-		e.uplink = conf.Net.Iface // moved with its addresses and routes
+func startGuestEgress(e egressOptions, conf initfs.Config, log *slog.Logger) (*gateway.Gateway, error) {
+	uplink := ""
+	if conf.Net != nil {
+		uplink = conf.Net.Iface // moved with its addresses and routes
 	}
-	eg, err := startEgress(e, log)
+	gw, err := startEgress(e, uplink, log)
 	if err != nil {
 		return nil, fmt.Errorf("init: egress: %w", err)
 	}
-	if err := os.WriteFile("/etc/resolv.conf", []byte(netstack.DefaultGuestNet.ResolvConf()), 0o644); err != nil {
-		eg.stop()
-		return nil, fmt.Errorf("init: resolv.conf: %w", err)
+	if err := gw.WriteResolvConf("/etc/resolv.conf"); err != nil {
+		gw.Stop()
+		return nil, fmt.Errorf("init: %w", err)
 	}
-	return eg, nil
+	return gw, nil
 }
 
 // openPort opens the channel, waiting for the virtio port to appear (its driver binds, and
@@ -470,7 +472,7 @@ type serveHooks struct {
 
 // serve runs the handshake and the agent loop on port.
 
-func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, eg *egressRuntime, hooks serveHooks) error {
+func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, gw *gateway.Gateway, hooks serveHooks) error {
 	cfg := agent.Config{
 		Port:            port,
 		Log:             log,
@@ -490,12 +492,15 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	if o.noFlow {
 		cfg.Features = []string{}
 	}
-	if eg != nil {
-		cfg.Relay.Decide = eg.svc.Check // core.tcp destinations pass the same policy, and are audited
-		cfg.Streams = eg.streams
-		if o.tcpDialer == "netstack" && eg.stack != nil {
-			cfg.Relay.Dialer = eg.stack
+	if gw != nil {
+		// core.tcp destinations pass the same policy point as the guest's flows, once.
+		local := (&net.Dialer{}).DialContext
+		if o.tcpDialer == "netstack" && gw.Stack != nil {
+			local = gw.Stack.DialContext
 		}
+		cfg.Relay.Dialer = gw.TCPDialer(local)
+		cfg.Relay.Resolver = gw.TCPResolver()
+		cfg.Streams = gw.Streams
 	}
 	a := agent.New(cfg)
 	if hooks.adopted != nil {
@@ -519,8 +524,8 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if eg != nil {
-		eg.watchReload(ctx, o.egress, log)
+	if gw != nil {
+		watchReload(ctx, gw, o.egress, log)
 	}
 	err := a.Serve(ctx)
 	switch {

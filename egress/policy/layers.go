@@ -36,7 +36,7 @@ func WithFloor(floor []Rule, p *Policy) (*Policy, error) {
 // rules only group "host" matches (it names the resolver itself). So a deny-by-default policy
 // needs an explicit DNS allow.
 func (p *Policy) DecideQuery(name string, proto Protocol, port uint16) Decision {
-	name = canonical(name)
+	name = CanonicalName(name)
 	for i := range p.Rules {
 		r := &p.Rules[i]
 		if r.Direction == Ingress {

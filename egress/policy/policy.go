@@ -160,13 +160,13 @@ func (d *Destination) matches(f Flow, ctx Context) bool {
 		return Classify(f.Addr, ctx) == d.Group
 	case d.Domain != "":
 		for _, n := range f.Names {
-			if canonical(n) == d.Domain {
+			if CanonicalName(n) == d.Domain {
 				return true
 			}
 		}
 	case d.DomainSuffix != "":
 		for _, n := range f.Names {
-			n = canonical(n)
+			n = CanonicalName(n)
 			if n == d.DomainSuffix || strings.HasSuffix(n, "."+d.DomainSuffix) {
 				return true
 			}
@@ -189,7 +189,21 @@ func (d Destination) String() string {
 	return "domain_suffix " + d.DomainSuffix
 }
 
-func canonical(name string) string { return strings.TrimSuffix(strings.ToLower(name), ".") }
+// CanonicalName is a DNS name as rules and pins compare it: ASCII letters lower-cased (DNS names
+// are case-insensitive in ASCII only, RFC 4343; a Unicode case fold would let a look-alike such
+// as the Kelvin sign match "k") and one trailing dot dropped.
+func CanonicalName(name string) string {
+	b := []byte(name)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	if n := len(b); n > 0 && b[n-1] == '.' {
+		b = b[:n-1]
+	}
+	return string(b)
+}
 
 var (
 	metadataAddr = netip.MustParseAddr("169.254.169.254")
@@ -380,7 +394,7 @@ func parseDestination(raw json.RawMessage) (Destination, error) {
 			}
 			d.CIDR = p.Masked()
 		case "domain", "domain_suffix":
-			n := canonical(v)
+			n := CanonicalName(v)
 			if n == "" || strings.ContainsAny(n, " /*:") || strings.Contains(n, "..") {
 				return d, fmt.Errorf("%s: %q is not a domain name", k, v)
 			}

@@ -25,10 +25,9 @@ import (
 
 // Options configure a Resolver.
 type Options struct {
-	// Upstreams are the resolvers allowed queries are forwarded to, tried in order.
-	Upstreams []netip.AddrPort
-	// Dial opens upstream sockets ("udp" or "tcp"); the uplink's dialer.
-	Dial func(ctx context.Context, network, address string) (net.Conn, error)
+	// Upstream is where allowed queries go: Servers (DNS servers reached over the uplink), or
+	// in channel mode the host's resolver over the agent channel (hostdial.Endpoint).
+	Upstream Upstream
 	// Timeout bounds one upstream exchange (microsandbox uses 5 s).
 	Timeout time.Duration
 	// MaxInFlight bounds queries being forwarded at once; more are answered SERVFAIL.
@@ -39,6 +38,19 @@ type Options struct {
 
 // DefaultOptions are used for zero fields.
 var DefaultOptions = Options{Timeout: 5 * time.Second, MaxInFlight: 256}
+
+// Upstream forwards one query and returns the answer. tcp asks for the TCP transport (the
+// retry of an answer too big for UDP).
+type Upstream interface {
+	Exchange(ctx context.Context, query []byte, tcp bool) ([]byte, error)
+}
+
+// Servers are DNS servers, tried in order until one answers.
+type Servers struct {
+	Addrs []netip.AddrPort
+	// Dial opens upstream sockets ("udp" or "tcp"): the uplink's dialer (nil: kernel sockets).
+	Dial func(ctx context.Context, network, address string) (net.Conn, error)
+}
 
 // MaxMessage is the largest DNS message handled (the TCP transport's limit).
 const MaxMessage = 65535
@@ -61,9 +73,6 @@ func New(eg *egress.Service, o Options) *Resolver {
 	}
 	if o.MaxInFlight <= 0 {
 		o.MaxInFlight = DefaultOptions.MaxInFlight
-	}
-	if o.Dial == nil {
-		o.Dial = (&net.Dialer{}).DialContext
 	}
 	return &Resolver{opts: o, eg: eg, sem: make(chan struct{}, o.MaxInFlight)}
 }
@@ -172,26 +181,24 @@ func (r *Resolver) inspect(h dnsmessage.Header, qs []dnsmessage.Question, resp [
 	return resp, nil
 }
 
-// forward sends the query to the upstreams in turn until one answers.
+// forward sends the query upstream over UDP; only an answer too big for it (TC set) is asked
+// again over TCP, and only for a guest that asked over TCP (a UDP guest gets the truncated
+// answer and retries over TCP itself).
 func (r *Resolver) forward(ctx context.Context, query []byte, proto policy.Protocol) ([]byte, error) {
-	if len(r.opts.Upstreams) == 0 {
+	if r.opts.Upstream == nil {
 		return nil, errors.New("resolver: no upstream resolvers configured")
 	}
-	var last error
-	for _, up := range r.opts.Upstreams {
-		// Upstream queries go over UDP; only an answer too big for it (TC set) is asked
-		// again over TCP, and only for a guest that asked over TCP (a UDP guest gets the
-		// truncated answer and retries over TCP itself).
-		resp, err := r.exchange(ctx, up, query, policy.UDP)
-		if err == nil && proto == policy.TCP && truncated(resp) {
-			resp, err = r.exchange(ctx, up, query, policy.TCP)
-		}
-		if err == nil {
-			return resp, nil
-		}
-		last = err
+	resp, err := r.exchange(ctx, query, false)
+	if err == nil && proto == policy.TCP && truncated(resp) {
+		resp, err = r.exchange(ctx, query, true)
 	}
-	return nil, last
+	return resp, err
+}
+
+func (r *Resolver) exchange(ctx context.Context, query []byte, tcp bool) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.opts.Timeout)
+	defer cancel()
+	return r.opts.Upstream.Exchange(ctx, query, tcp)
 }
 
 func sameQuestion(a, b dnsmessage.Question) bool {
@@ -200,21 +207,42 @@ func sameQuestion(a, b dnsmessage.Question) bool {
 
 func truncated(msg []byte) bool { return len(msg) > 2 && msg[2]&0x02 != 0 }
 
-func (r *Resolver) exchange(ctx context.Context, up netip.AddrPort, query []byte, proto policy.Protocol) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, r.opts.Timeout)
-	defer cancel()
+// Exchange asks each server in turn until one answers.
+func (s Servers) Exchange(ctx context.Context, query []byte, tcp bool) ([]byte, error) {
+	if len(s.Addrs) == 0 {
+		return nil, errors.New("resolver: no upstream resolvers configured")
+	}
+	var last error
+	for _, up := range s.Addrs {
+		resp, err := s.exchange(ctx, up, query, tcp)
+		if err == nil {
+			return resp, nil
+		}
+		last = err
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, last
+}
+
+func (s Servers) exchange(ctx context.Context, up netip.AddrPort, query []byte, tcp bool) ([]byte, error) {
+	dial := s.Dial
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
 	network := "udp"
-	if proto == policy.TCP {
+	if tcp {
 		network = "tcp"
 	}
-	c, err := r.opts.Dial(ctx, network, up.String())
+	c, err := dial(ctx, network, up.String())
 	if err != nil {
 		return nil, fmt.Errorf("resolver: upstream %s: %w", up, err)
 	}
 	defer c.Close()
 	dl, _ := ctx.Deadline()
 	c.SetDeadline(dl)
-	if network == "tcp" {
+	if tcp {
 		if err := WriteTCP(c, query); err != nil {
 			return nil, fmt.Errorf("resolver: upstream %s: %w", up, err)
 		}
@@ -276,6 +304,29 @@ func typeName(t dnsmessage.Type) string {
 		return s[4:]
 	}
 	return s
+}
+
+// LookupNetIP is Lookup in net.Resolver's shape (relay.Resolver): network "ip" asks for both
+// families, "ip4" and "ip6" keep one.
+func (r *Resolver) LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error) {
+	addrs, err := r.Lookup(ctx, host)
+	if err != nil {
+		return nil, err
+	}
+	switch network {
+	case "ip4", "ip6":
+		keep := addrs[:0]
+		for _, a := range addrs {
+			if a.Is4() == (network == "ip4") {
+				keep = append(keep, a)
+			}
+		}
+		if len(keep) == 0 {
+			return nil, fmt.Errorf("resolve %s: no %s addresses", host, network)
+		}
+		return keep, nil
+	}
+	return addrs, nil
 }
 
 // Lookup resolves name for agentd itself (core.tcp destinations) through the same policy,

@@ -2,7 +2,6 @@ package resolver_test
 
 import (
 	"context"
-	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -50,7 +49,7 @@ func TestAnswer(t *testing.T) {
 		"intranet.example.org.":    {ip("10.99.0.1")},
 		"nonexistent.example.com.": nil, // known to the upstream, no addresses
 	})
-	r := resolver.New(eg, resolver.Options{Upstreams: []netip.AddrPort{up}, Timeout: 2 * time.Second})
+	r := resolver.New(eg, resolver.Options{Upstream: resolver.Servers{Addrs: []netip.AddrPort{up}}, Timeout: 2 * time.Second})
 	cases := []struct {
 		name  string
 		typ   dnsmessage.Type
@@ -103,7 +102,7 @@ func TestAnswer(t *testing.T) {
 		t.Errorf("no question: %v %+v", err, msg.Header)
 	}
 	// A dead upstream: SERVFAIL, not a hang.
-	dead := resolver.New(eg, resolver.Options{Upstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}, Timeout: 200 * time.Millisecond})
+	dead := resolver.New(eg, resolver.Options{Upstream: resolver.Servers{Addrs: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}, Timeout: 200 * time.Millisecond})
 	resp, err = dead.Answer(context.Background(), netip.AddrPort{}, query(t, 9, "www.example.com.", dnsmessage.TypeA), policy.UDP)
 	if err != nil || msg.Unpack(resp) != nil || msg.RCode != dnsmessage.RCodeServerFailure {
 		t.Errorf("dead upstream: %v %+v", err, msg.Header)
@@ -122,17 +121,7 @@ func FuzzAnswer(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, q, upstream []byte) {
 		eg := egress.New(p, egress.Options{MaxPins: 64})
-		r := resolver.New(eg, resolver.Options{Upstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:53")}, Timeout: time.Second,
-			Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
-				a, b := net.Pipe()
-				go func() {
-					buf := make([]byte, 65535)
-					b.Read(buf)
-					b.Write(upstream)
-					b.Close()
-				}()
-				return a, nil
-			}})
+		r := resolver.New(eg, resolver.Options{Upstream: answer(upstream), Timeout: time.Second})
 		resp, err := r.Answer(context.Background(), netip.AddrPort{}, q, policy.UDP)
 		if err != nil {
 			return
@@ -144,3 +133,8 @@ func FuzzAnswer(f *testing.F) {
 		}
 	})
 }
+
+// answer is an upstream that answers every query with the same bytes.
+type answer []byte
+
+func (a answer) Exchange(context.Context, []byte, bool) ([]byte, error) { return a, nil }

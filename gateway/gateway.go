@@ -1,0 +1,246 @@
+// Package gateway assembles agentd's egress path and runs it: the policy point (egress) with
+// its audit log, the guest's resolver, the netstack on the guest's tun, and the way out (an
+// uplink moved into a namespace only agentd uses, or in channel mode the host, over the agent
+// channel). It also gives core.tcp its dialer and resolver, so agentd's own connections pass
+// the same policy point once. cmd/agentd turns flags into a Config; everything here is
+// mechanism.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/egress/resolver"
+	"github.com/agentd/agentd/hostdial"
+	"github.com/agentd/agentd/internal/resolvconf"
+	"github.com/agentd/agentd/namespace"
+	"github.com/agentd/agentd/netstack"
+	"github.com/agentd/agentd/relay"
+)
+
+// Mode is how the guest's flows leave.
+type Mode string
+
+const (
+	// Off: no netstack; a policy, if any, filters only core.tcp destinations.
+	Off Mode = "off"
+	// Netstack: the tun is the guest's only route; allowed flows are dialed by agentd through
+	// its private uplink.
+	Netstack Mode = "netstack"
+	// Channel: as Netstack, but each allowed flow is a stream over the agent channel that the
+	// host dials (for a guest with no network device).
+	Channel Mode = "channel"
+)
+
+// Config is one egress path.
+type Config struct {
+	Mode   Mode
+	Policy *policy.Policy // with its floor (policy.Load)
+	// Audit receives one JSON line per decision and per closed flow (nil: none).
+	Audit io.Writer
+	// GuestNetns is the network namespace the tun moves into ("": agentd's own, the guest
+	// when agentd is its init).
+	GuestNetns string
+	// Uplink names the interfaces moved into agentd's private namespace (netstack mode).
+	Uplink []string
+	// Upstreams are the resolvers the guest's DNS goes to (empty: resolv.conf's, read at
+	// start); unused in channel mode, where the host resolves.
+	Upstreams []netip.AddrPort
+	TunName   string
+	MTU       uint32
+	Queues    int
+	Guest     egress.GuestNet
+	Log       *slog.Logger
+}
+
+// Gateway is a running egress path.
+type Gateway struct {
+	cfg      Config
+	Service  *egress.Service
+	Resolver *resolver.Resolver    // nil in Off mode
+	Stack    *netstack.Stack       // nil in Off mode
+	Streams  *hostdial.Endpoint    // channel mode: handed to the agent loop
+	audit    *egress.Audit
+	uplink   *namespace.NS
+	upstream func(ctx context.Context, network, address string) (net.Conn, error)
+	log      *slog.Logger
+}
+
+// ErrUplinkNeeded is Start's answer to a netstack path with nowhere to go: agentd's own
+// upstream sockets would route back into the tun.
+var ErrUplinkNeeded = errors.New("--egress netstack needs --egress-uplink (as PID 1: MSB_NET) or --egress-guest-netns: " +
+	"otherwise agentd's own upstream sockets would route back into the tun")
+
+// Start builds the path. On error nothing it made is left running.
+func Start(c Config) (g *Gateway, err error) {
+	if c.Log == nil {
+		c.Log = slog.Default()
+	}
+	if c.Mode == "" {
+		c.Mode = Off
+	}
+	if c.Mode == Netstack && c.GuestNetns == "" && len(c.Uplink) == 0 {
+		return nil, ErrUplinkNeeded
+	}
+	g = &Gateway{cfg: c, log: c.Log}
+	defer func() {
+		if err != nil {
+			g.Stop()
+			g = nil
+		}
+	}()
+	if c.Audit != nil {
+		g.audit = egress.NewAudit(c.Audit, c.Log)
+	}
+	g.Service = egress.New(c.Policy, egress.Options{HostAddrs: c.Guest.Gateways(), Audit: g.audit})
+	if c.Mode == Off {
+		return g, nil
+	}
+	var up resolver.Upstream
+	upNames := "the host's resolver"
+	switch c.Mode {
+	case Channel:
+		// Every flow is a stream the host dials; DNS goes to the host's resolver.
+		g.Streams = hostdial.New(hostdial.Options{})
+		g.upstream = g.Streams.DialContext
+		up = g.Streams
+	case Netstack:
+		g.upstream = (&net.Dialer{}).DialContext
+		if len(c.Uplink) > 0 {
+			if g.uplink, err = namespace.IsolateUplink(c.Uplink); err != nil {
+				return g, fmt.Errorf("--egress-uplink: %w", err)
+			}
+			g.upstream = g.uplink.DialContext
+		}
+		ups := c.Upstreams
+		if len(ups) == 0 {
+			ups = resolvconf.Servers(resolvconf.Path) // before the guest's is rewritten
+		}
+		up = resolver.Servers{Addrs: ups, Dial: g.upstream}
+		upNames = fmt.Sprint(ups)
+	default:
+		return g, fmt.Errorf("egress mode %q: want off, netstack or channel", c.Mode)
+	}
+	g.Resolver = resolver.New(g.Service, resolver.Options{Upstream: up})
+	if g.Stack, err = netstack.New(netstack.Options{TunName: c.TunName, MTU: c.MTU, Queues: c.Queues, Egress: g.Service,
+		DNS: g.Resolver, Gateways: c.Guest.Gateways(), Dial: g.upstream, Log: c.Log.With("component", "netstack")}); err != nil {
+		return g, err
+	}
+	if err := g.attachGuest(); err != nil {
+		return g, err
+	}
+	c.Log.Info("egress netstack up", "mode", c.Mode, "tun", c.TunName, "mtu", c.MTU, "resolver", c.Guest.Gateway4,
+		"upstream_dns", upNames, "uplink_isolated", g.uplink != nil, "rules", len(c.Policy.Rules))
+	return g, nil
+}
+
+// attachGuest makes the tun the guest's route, in the guest's namespace.
+func (g *Gateway) attachGuest() error {
+	if g.cfg.GuestNetns == "" {
+		return netstack.AttachGuest(&netlink.Handle{}, g.cfg.TunName, -1, g.cfg.MTU, g.cfg.Guest) // this namespace
+	}
+	ns, err := namespace.Open(g.cfg.GuestNetns)
+	if err != nil {
+		return fmt.Errorf("--egress-guest-netns: %w", err)
+	}
+	defer ns.Close()
+	h, err := ns.Netlink()
+	if err != nil {
+		return fmt.Errorf("--egress-guest-netns: %w", err)
+	}
+	defer h.Close()
+	return netstack.AttachGuest(h, g.cfg.TunName, ns.FD(), g.cfg.MTU, g.cfg.Guest)
+}
+
+// WriteResolvConf points the guest's resolv.conf at the netstack's resolver.
+func (g *Gateway) WriteResolvConf(path string) error {
+	if err := os.WriteFile(path, []byte(g.cfg.Guest.ResolvConf()), 0o644); err != nil {
+		return fmt.Errorf("resolv.conf: %w", err)
+	}
+	return nil
+}
+
+// TCPDialer is core.tcp's way out with this path: through the policy point (decided once,
+// tracked, audited), to egress destinations by the same upstream as the guest's flows, and to
+// the guest itself (a forward to a guest service) by local, decided as ingress.
+func (g *Gateway) TCPDialer(local egress.DialFunc) relay.Dialer {
+	d := &egress.Dialer{Service: g.Service, Upstream: g.upstream, Local: local}
+	if g.cfg.Mode == Off {
+		d.Upstream = local // no uplink of agentd's own: its namespace is the way out
+	} else {
+		guest := g.cfg.Guest
+		d.Guest = &guest
+	}
+	return d
+}
+
+// TCPResolver resolves core.tcp names: through the guest's resolver (name rules, rebinding
+// refusal, pins) when there is one, else the system's.
+func (g *Gateway) TCPResolver() relay.Resolver {
+	if g.Resolver != nil {
+		return g.Resolver
+	}
+	return net.DefaultResolver
+}
+
+// Reload swaps in a new policy; flows it no longer allows are revoked. It returns how many.
+func (g *Gateway) Reload(p *policy.Policy) int { return g.Service.Reload(p) }
+
+// Stop ends the path: flows, the stack, the uplink namespace, the audit log (after the totals).
+func (g *Gateway) Stop() {
+	if g.Stack != nil {
+		g.Stack.Close()
+	}
+	if g.Service != nil {
+		g.logTotals()
+	}
+	if g.uplink != nil {
+		g.uplink.Close()
+	}
+	if g.audit != nil {
+		g.audit.Close()
+	}
+}
+
+// logTotals logs the decisions, the data path's and the resolver's counters, and the
+// per-destination counters (at most 20, the most denied first).
+func (g *Gateway) logTotals() {
+	c := &g.Service.Counters
+	attrs := []any{"allowed", c.Allowed(), "denied", c.Denied(), "revoked", c.Revoked.Load(),
+		"sni_denied", c.SNIDenied.Load(), "dns_queries", c.Queries.Load(), "dns_denied", c.QueriesDenied.Load(),
+		"udp_allowed", c.UDPAllowed.Load(), "udp_denied", c.UDPDenied.Load()}
+	if n := g.Stack; n != nil {
+		attrs = append(attrs, "dial_failed", n.Counters.DialFailed.Load(), "handshake_failed", n.Counters.HandshakeFailed.Load(),
+			"flow_cap_drops", n.Counters.FlowCapDrop.Load(), "dest_cap_drops", n.Counters.DestCapDrop.Load(),
+			"inflight_drops", n.Stats().TCP.ForwardMaxInFlightDrop.Value())
+	}
+	if g.Resolver != nil {
+		r := g.Resolver.Counters()
+		attrs = append(attrs, "dns_forwarded", r.Forwarded, "dns_rebinding", r.Rebinding, "dns_failed", r.Failed,
+			"dns_malformed", r.Malformed, "dns_busy", r.Busy)
+	}
+	g.log.Info("egress totals", attrs...)
+	type dest struct {
+		a netip.Addr
+		s egress.DestStats
+	}
+	var ds []dest
+	for a, s := range g.Service.Destinations() {
+		ds = append(ds, dest{a, s})
+	}
+	slices.SortFunc(ds, func(x, y dest) int { return int(y.s.Denied - x.s.Denied) })
+	for _, d := range ds[:min(len(ds), 20)] {
+		g.log.Info("egress destination", "addr", d.a, "allowed", d.s.Allowed, "denied", d.s.Denied, "bytes_up", d.s.BytesUp, "bytes_down", d.s.BytesDown)
+	}
+}
