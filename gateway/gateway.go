@@ -68,9 +68,9 @@ type Config struct {
 type Gateway struct {
 	cfg      Config
 	Service  *egress.Service
-	Resolver *resolver.Resolver    // nil in Off mode
-	Stack    *netstack.Stack       // nil in Off mode
-	Streams  *hostdial.Endpoint    // channel mode: handed to the agent loop
+	Resolver *resolver.Resolver // nil in Off mode
+	Stack    *netstack.Stack    // nil in Off mode
+	Streams  *hostdial.Endpoint // channel mode: handed to the agent loop
 	audit    *egress.Audit
 	uplink   *namespace.NS
 	upstream func(ctx context.Context, network, address string) (net.Conn, error)
