@@ -56,6 +56,10 @@ type Config struct {
 	// TCPBufferBudget caps the bytes buffered by all TCP sessions together, per direction, on
 	// top of the per-session limits in Relay: many sessions cannot add up to unbounded memory.
 	TCPBufferBudget int64
+	// ExecStdinBudget caps host stdin bytes queued for all exec children together;
+	// FsWriteBudget caps host bytes queued for the disk by all fs writes together. Each is its
+	// own budget: a busy direction of one kind never starves another kind.
+	ExecStdinBudget, FsWriteBudget int64
 
 	// Streams, when set, is offered to the host as feature "streams" (guest-initiated
 	// streams) and attached to the channel if the host enables it.
@@ -67,10 +71,12 @@ type Config struct {
 	Mux   sessionio.WriterOptions
 }
 
-// Defaults for the session cap and the shared buffer budget.
+// Defaults for the session cap and the shared buffer budgets.
 const (
 	DefaultMaxTCPSessions  = 4096
 	DefaultTCPBufferBudget = 64 << 20
+	DefaultExecStdinBudget = 64 << 20
+	DefaultFsWriteBudget   = 64 << 20
 )
 
 // DefaultInitAckTimeout is the reference's INIT_ACK_TIMEOUT_SECS.
@@ -114,13 +120,19 @@ func New(cfg Config) *Agent {
 	if cfg.MaxTCPSessions <= 0 {
 		cfg.MaxTCPSessions = DefaultMaxTCPSessions
 	}
-	if cfg.TCPBufferBudget <= 0 {
-		cfg.TCPBufferBudget = DefaultTCPBufferBudget
+	budget := func(b **sessionio.Budget, limit *int64, def int64) {
+		if *b != nil { // the caller made its own
+			return
+		}
+		if *limit <= 0 {
+			*limit = def
+		}
+		*b = sessionio.NewBudget(*limit)
 	}
-	cfg.Relay.Inbound = sessionio.NewBudget(cfg.TCPBufferBudget)
-	cfg.Relay.Outbound = sessionio.NewBudget(cfg.TCPBufferBudget)
-	cfg.Exec.StdinBudget = sessionio.NewBudget(cfg.TCPBufferBudget)
-	cfg.Fs.WriteBudget = sessionio.NewBudget(cfg.TCPBufferBudget)
+	budget(&cfg.Relay.Inbound, &cfg.TCPBufferBudget, DefaultTCPBufferBudget)
+	budget(&cfg.Relay.Outbound, &cfg.TCPBufferBudget, DefaultTCPBufferBudget)
+	budget(&cfg.Exec.StdinBudget, &cfg.ExecStdinBudget, DefaultExecStdinBudget)
+	budget(&cfg.Fs.WriteBudget, &cfg.FsWriteBudget, DefaultFsWriteBudget)
 	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port),
 		tcp: map[uint32]*relay.Session{}, execs: map[uint32]*exec.Session{}}
 }
@@ -220,14 +232,19 @@ func (a *Agent) Serve(ctx context.Context) error {
 	}
 	if a.cfg.HeartbeatPath != "" {
 		hctx, stop := context.WithCancel(ctx)
-		defer stop()
 		interval := a.cfg.HeartbeatInterval
 		if interval <= 0 {
 			interval = time.Second
 		}
-		go heartbeat.Run(hctx, a.cfg.HeartbeatPath, interval, &a.act, func() (int, int, int) {
-			return a.ExecSessions(), a.fs.Streams(), a.Sessions()
-		})
+		beat := make(chan struct{})
+		go func() {
+			defer close(beat)
+			heartbeat.Run(hctx, a.cfg.HeartbeatPath, interval, &a.act, func() (int, int, int) {
+				st := a.Stats()
+				return st.ExecSessions, st.FsStreams, st.TCPSessions
+			})
+		}()
+		defer func() { stop(); <-beat }() // joined: no write after Serve returns
 	}
 	readErr := make(chan error, 1)
 	go func() { readErr <- a.readLoop(ctx) }()
@@ -581,26 +598,21 @@ func (a *Agent) abortAll(sig syscall.Signal) {
 	}
 }
 
-// FsHandles returns the open filesystem handles and streams.
-func (a *Agent) FsHandles() int {
-	if a.fs == nil {
-		return 0
+// Stats are the agent's live sessions.
+type Stats struct {
+	ExecSessions, TCPSessions int
+	FsHandles, FsStreams      int // open handles; read and write streams
+}
+
+// Stats counts the live sessions (the heartbeat's gauges; leak checks in tests).
+func (a *Agent) Stats() Stats {
+	a.mu.Lock()
+	st := Stats{ExecSessions: len(a.execs), TCPSessions: len(a.tcp)}
+	a.mu.Unlock()
+	if a.fs != nil {
+		st.FsHandles, st.FsStreams = a.fs.Counts()
 	}
-	return a.fs.Handles() + a.fs.Streams()
-}
-
-// ExecSessions returns the number of live exec sessions.
-func (a *Agent) ExecSessions() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return len(a.execs)
-}
-
-// Sessions returns the number of live TCP sessions (for tests and the heartbeat).
-func (a *Agent) Sessions() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return len(a.tcp)
+	return st
 }
 
 // BootTimeNs reads CLOCK_BOOTTIME in nanoseconds.

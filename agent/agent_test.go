@@ -94,8 +94,10 @@ func TestScenarios(t *testing.T) {
 		h := start(t, features, Config{})
 		return scenario.Agent{
 			Client:   h.c,
-			Sessions: h.a.Sessions,
-			Idle:     func(t *testing.T) { testutil.WaitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end") },
+			Sessions: func() int { return h.a.Stats().TCPSessions },
+			Idle: func(t *testing.T) {
+				testutil.WaitFor(t, func() bool { return h.a.Stats().TCPSessions == 0 }, "sessions to end")
+			},
 		}
 	})
 }
@@ -109,7 +111,7 @@ func TestExecScenarios(t *testing.T) {
 		return scenario.Agent{
 			Client: h.c,
 			Idle: func(t *testing.T) {
-				testutil.WaitFor(t, func() bool { return h.a.ExecSessions() == 0 }, "exec sessions to end")
+				testutil.WaitFor(t, func() bool { return h.a.Stats().ExecSessions == 0 }, "exec sessions to end")
 			},
 		}
 	})
@@ -163,7 +165,7 @@ func TestShutdown(t *testing.T) {
 		t.Fatalf("served returned %v", err)
 	}
 	h.served <- err
-	if n := h.a.Sessions(); n != 0 {
+	if n := h.a.Stats().TCPSessions; n != 0 {
 		t.Fatalf("%d sessions left after shutdown", n)
 	}
 }
@@ -252,7 +254,7 @@ func TestSessionCap(t *testing.T) {
 	for _, c := range open {
 		c.Close()
 	}
-	testutil.WaitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end")
+	testutil.WaitFor(t, func() bool { return h.a.Stats().TCPSessions == 0 }, "sessions to end")
 	c, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
 	if err != nil {
 		t.Fatalf("connect after the others closed: %v", err)

@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/creack/pty"
+
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 // relayed starts agentd behind agentctl serve and returns the relay socket.
@@ -21,10 +23,10 @@ func relayed(t *testing.T) string {
 }
 
 // relayedWith is relayed with extra agentd flags; it also returns the agentd process and log.
-func relayedWith(t *testing.T, agentdArgs ...string) (string, *exec.Cmd, *logBuffer) {
+func relayedWith(t *testing.T, agentdArgs ...string) (string, *exec.Cmd, *testutil.Buffer) {
 	dir := t.TempDir()
 	chanSock, relaySock := filepath.Join(dir, "chan.sock"), filepath.Join(dir, "relay.sock")
-	serveLog, agentLog := &logBuffer{}, &logBuffer{}
+	serveLog, agentLog := &testutil.Buffer{}, &testutil.Buffer{}
 	serve := exec.Command(filepath.Join(binDir, "agentctl"), "serve", "--port", "unix-listen:"+chanSock, "--listen", relaySock)
 	serve.Stderr = serveLog
 	startProc(t, serve, serveLog)

@@ -21,7 +21,7 @@ import (
 func TestChannelFairness(t *testing.T) {
 	tp := nettest.New(t)
 	nettest.Hosts(t)
-	agentLog := &logBuffer{}
+	agentLog := &testutil.Buffer{}
 	tp.ChannelAgent(t, filepath.Join(binDir, "agentd"), agentLog)
 	echo := testutil.ServeOn(t, nettest.Good.String(), testutil.Echo).Addr.String()
 	nettest.Iperf3Server(t, nettest.Good, 5212, true)

@@ -226,7 +226,7 @@ func TestStalledHost(t *testing.T) {
 // agentd and checks half-close in both directions through the forward.
 func TestForwardHalfClose(t *testing.T) {
 	relaySock := relayed(t)
-	fwdLog := &logBuffer{}
+	fwdLog := &testutil.Buffer{}
 	got := make(chan string, 1)
 	srv := testutil.Serve(t, func(c *net.TCPConn) {
 		defer c.Close()
@@ -257,7 +257,7 @@ func TestForwardHalfClose(t *testing.T) {
 	}
 }
 
-func startProc(t *testing.T, cmd *exec.Cmd, log *logBuffer) {
+func startProc(t *testing.T, cmd *exec.Cmd, log *testutil.Buffer) {
 	t.Helper()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -293,7 +293,7 @@ func waitPath(t *testing.T, path string) {
 	}
 }
 
-func waitLog(t *testing.T, log *logBuffer, s string) {
+func waitLog(t *testing.T, log *testutil.Buffer, s string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for !bytes.Contains([]byte(log.String()), []byte(s)) {

@@ -639,16 +639,10 @@ func (s *Service) closeWhere(in func(id uint32) bool) int {
 	return len(files) + len(sinks) + len(cancels)
 }
 
-// Streams returns the open read and write streams (the heartbeat's active_fs_streams).
-func (s *Service) Streams() int {
+// Counts returns the open handles, and the open read and write streams (the heartbeat's
+// active_fs_streams).
+func (s *Service) Counts() (handles, streams int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.reads) + len(s.writes)
-}
-
-// Handles returns the open handles.
-func (s *Service) Handles() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.handles)
+	return len(s.handles), len(s.reads) + len(s.writes)
 }

@@ -223,7 +223,7 @@ func (g *Gateway) logTotals() {
 	if n := g.Stack; n != nil {
 		attrs = append(attrs, "dial_failed", n.Counters.DialFailed.Load(), "handshake_failed", n.Counters.HandshakeFailed.Load(),
 			"flow_cap_drops", n.Counters.FlowCapDrop.Load(), "dest_cap_drops", n.Counters.DestCapDrop.Load(),
-			"inflight_drops", n.Stats().TCP.ForwardMaxInFlightDrop.Value())
+			"inflight_drops", n.Stats().TCP.ForwardMaxInFlightDrop.Value(), "gvisor_endpoints_left", n.Endpoints())
 	}
 	if g.Resolver != nil {
 		r := g.Resolver.Counters()

@@ -118,15 +118,6 @@ func New(conn io.ReadWriteCloser, opts Options) (*Server, error) {
 	return r, nil
 }
 
-// Done is closed when the agent channel is gone.
-func (r *Server) Done() <-chan struct{} { return r.done }
-
-// Err says why the channel ended.
-func (r *Server) Err() error {
-	<-r.done
-	return r.err
-}
-
 func (r *Server) stop(err error) {
 	r.once.Do(func() {
 		r.err = err
@@ -350,19 +341,6 @@ func (r *Server) leave(c *relayClient) {
 		protocol.RelayClientDisconnected{IDStart: c.start, IDEndExclusive: c.end})
 	r.sendAgent(f)
 	r.log.Debug("client disconnected", "slot", c.slot)
-}
-
-// Clients returns the number of connected clients.
-func (r *Server) Clients() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := 0
-	for _, c := range r.clients {
-		if c != nil {
-			n++
-		}
-	}
-	return n
 }
 
 // isStreamFrame reports whether a frame's type is agentd.stream.* without a full decode: the

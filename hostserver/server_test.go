@@ -139,8 +139,8 @@ func TestRelayClientDisconnect(t *testing.T) {
 	if _, err := ca.Exec(ctx, protocol.ExecRequest{Cmd: "sleep", Args: []string{"60"}}); err != nil {
 		t.Fatal(err)
 	}
-	if a.FsHandles() != 1 || a.ExecSessions() != 1 {
-		t.Fatalf("before: %d handles, %d exec sessions", a.FsHandles(), a.ExecSessions())
+	if a.Stats().FsHandles+a.Stats().FsStreams != 1 || a.Stats().ExecSessions != 1 {
+		t.Fatalf("before: %d handles, %d exec sessions", a.Stats().FsHandles+a.Stats().FsStreams, a.Stats().ExecSessions)
 	}
 	ca.Close() // the relay SIGKILLs A's exec sessions, then sends core.relay.client.disconnected
 	got := map[string]bool{<-closed: true, <-closed: true}
@@ -152,10 +152,10 @@ func TestRelayClientDisconnect(t *testing.T) {
 	if _, err := io.ReadFull(kept, buf); err != nil || string(buf) != "still here" {
 		t.Fatalf("b after a left: %q %v", buf, err)
 	}
-	if n := a.Sessions(); n != 1 {
+	if n := a.Stats().TCPSessions; n != 1 {
 		t.Fatalf("%d sessions, want 1", n)
 	}
-	testutil.WaitFor(t, func() bool { return a.FsHandles() == 0 && a.ExecSessions() == 0 }, "A's handles and exec sessions to close")
+	testutil.WaitFor(t, func() bool { return a.Stats().FsHandles+a.Stats().FsStreams == 0 && a.Stats().ExecSessions == 0 }, "A's handles and exec sessions to close")
 	select {
 	case name := <-closed:
 		t.Fatalf("session %s closed too", name)

@@ -142,13 +142,6 @@ type Session struct {
 	finished chan struct{}
 }
 
-// Start is New followed by Go.
-func Start(id uint32, req protocol.TCPConnect, out *sessionio.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
-	s := New(id, req, out, opts, log, done)
-	s.Go()
-	return s
-}
-
 // Go dials in the background: the caller's loop never waits for the connect. The session
 // reports connected or a terminal failed. Register the session before calling Go, so the host
 // never sees connected for a session the agent does not know.

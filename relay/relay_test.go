@@ -31,7 +31,9 @@ func newHarness(t *testing.T) *harness {
 }
 
 func (h *harness) start(id uint32, req protocol.TCPConnect, opts Options) *Session {
-	return Start(id, req, h.out, opts, quiet, func(s *Session) { h.ends <- s })
+	s := New(id, req, h.out, opts, quiet, func(s *Session) { h.ends <- s })
+	s.Go()
+	return s
 }
 
 func (h *harness) next() protocol.Message {

@@ -1,10 +1,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/agentd/agentd/channel"
@@ -83,6 +86,15 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	// SIGINT/SIGTERM end the server cleanly: the socket is removed, clients see EOF.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() { <-ctx.Done(); r.Close() }()
 	log.Info("serving clients", "listen", *listen)
-	return r.Serve(l)
+	err = r.Serve(l)
+	if ctx.Err() != nil {
+		log.Info("stopped by signal")
+		return nil
+	}
+	return err
 }

@@ -6,8 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"syscall"
-	"time"
 
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
@@ -25,10 +23,6 @@ import (
 const (
 	handoffAgentName = "agentd-handoff-agent"
 	handoffStateEnv  = "AGENTD_HANDOFF_STATE"
-	// handoffPoweroffTimeout is how long the init gets to power off (SIGRTMIN+4, systemd's
-	// poweroff) before it gets SIGTERM, as in the reference.
-	handoffPoweroffTimeout = 5 * time.Second
-	sigRTMinPlus4          = syscall.Signal(38) // glibc's SIGRTMIN (34) + 4
 )
 
 // handoffState is what the agent child needs from PID 1's handshake.
@@ -52,24 +46,13 @@ func handOff(log *slog.Logger, h *initfs.Handoff, a *agent.Agent, port io.ReadWr
 	}
 	gen, features := a.Negotiated()
 	state, _ := json.Marshal(handoffState{HostGen: gen, Features: features, InitNs: initNs})
-	if err := os.MkdirAll("/run/microsandbox", 0o755); err != nil {
-		return fmt.Errorf("handoff: %w", err)
-	}
-	logf, err := os.OpenFile(initfs.HandoffLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-	if err != nil {
-		return fmt.Errorf("handoff: %w", err)
-	}
-	null, err := os.Open(os.DevNull)
-	if err != nil {
-		return fmt.Errorf("handoff: %w", err)
-	}
 	argv := append([]string{handoffAgentName}, os.Args[1:]...)
 	env := append(os.Environ(), handoffStateEnv+"="+string(state))
-	child, err := os.StartProcess("/proc/self/exe", argv, &os.ProcAttr{Env: env, Files: []*os.File{null, logf, logf, f}})
+	pid, err := initfs.StartHandoffAgent(argv, env, f)
 	if err != nil {
-		return fmt.Errorf("handoff: start the agent: %w", err)
+		return err
 	}
-	log.Info("handing PID 1 to another init", "init", path, "agent_pid", child.Pid, "agent_log", initfs.HandoffLog)
+	log.Info("handing PID 1 to another init", "init", path, "agent_pid", pid, "agent_log", initfs.HandoffLog)
 	// The channel's fd is close-on-exec here: the new init does not inherit it.
 	return initfs.ExecInit(path, initfs.HandoffArgv(path, h), initfs.HandoffEnv(os.Environ(), h))
 }
@@ -115,12 +98,4 @@ func handoffAgentMain(boot uint64) int {
 		return 1
 	}
 	return 0
-}
-
-// powerOffViaInit asks the init that took PID 1 to power off (systemd's SIGRTMIN+4), and
-// after handoffPoweroffTimeout sends it SIGTERM.
-func powerOffViaInit() {
-	syscall.Kill(1, sigRTMinPlus4)
-	time.Sleep(handoffPoweroffTimeout) // the power-off ends this process; nothing to await
-	syscall.Kill(1, syscall.SIGTERM)
 }

@@ -15,7 +15,6 @@ import (
 	"os/signal"
 	"runtime/pprof"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -243,111 +242,37 @@ func run(o options, log *slog.Logger, boot uint64) error {
 	return serve(o, log, boot, initStart, port, execOpts, defaultUser, gw, serveHooks{})
 }
 
-// runInit is agentd as PID 1: the init duties, then the agent loop, then power-off. Whatever
-// happens, it ends by powering off (returning would panic the kernel).
-//
-// The steps run in the reference's order, except that those it runs after its early
-// handshake (initSetup: volumes, hosts, tmpfs, network, /etc/profile, loopback; then TLS)
-// come before the handshake here, so that egress can take over the configured uplink before
-// the agent starts. (Running them alongside the handshake instead gained nothing measurable
-// on one emulated CPU.)
+// runInit is agentd as PID 1: the boot sequence (initfs.StartBoot), egress, the agent loop,
+// then power-off. Whatever happens, it ends by powering off (returning would panic the kernel).
 func runInit(o options, log *slog.Logger, boot uint64) {
 	initStart := agent.BootTimeNs()
-	var steps initSteps // step durations, logged once init is done
 	err := func() error {
 		t := time.Now()
 		conf, err := initfs.LoadConfig(os.Getenv) // all of it, before any side effect
 		if err != nil {
 			return fmt.Errorf("config: %w", err)
 		}
-		if err := initfs.ApplyRlimits(conf.Rlimits); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		steps.mark("config", t)
-		t = time.Now()
-		if err := initfs.MountEarly(); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		steps.mark("base mounts", t)
-		reaper := initfs.StartReaper()
-		t = time.Now()
-		if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.LoadOrder, log); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		if err := initfs.LoadVirtiofs(log); err != nil { // only with a virtio-fs device
-			return fmt.Errorf("init: %w", err)
-		}
-		disks := conf.BlockRoot != nil || len(conf.DiskMounts) > 0
-		if disks {
-			if _, err := initfs.LoadModules(initfs.ModulesDir, initfs.BlockOrder, log); err != nil {
-				return fmt.Errorf("init: %w", err)
-			}
-		}
-		// Not needed for the channel: they load in the background, from files opened now (a
-		// block root is about to replace the initramfs as /).
-		bgModules, err := initfs.OpenModules(initfs.ModulesDir, initfs.BackgroundOrder)
+		b, err := initfs.StartBoot(conf, initfs.BootOptions{NetworkEarly: o.egress.mode != "off", Log: log})
+		defer b.Close() // an init that fails before the handshake still closes the module files
 		if err != nil {
-			return fmt.Errorf("init: %w", err)
+			return err
 		}
-		if !disks { // a workload may still attach a disk
-			block, err := initfs.OpenModules(initfs.ModulesDir, initfs.BlockOrder)
-			if err != nil {
-				return fmt.Errorf("init: %w", err)
-			}
-			bgModules = append(block, bgModules...)
-		}
-		steps.mark("modules", t)
-		t = time.Now()
-		initfs.MountRuntime(log)
-		steps.mark("runtime share", t)
-		if conf.BlockRoot != nil {
-			t = time.Now()
-			if err := initfs.MountBlockRoot(conf.BlockRoot); err != nil {
-				return fmt.Errorf("init: %w", err)
-			}
-			steps.mark("block root", t)
-		}
+		b.Steps = append(initfs.Steps{"config", time.Since(t).Round(time.Microsecond).String()}, b.Steps...)
 		execOpts, defaultUser, err := execOptions(conf) // after the pivot: the image's passwd
 		if err != nil {
 			return fmt.Errorf("config: %w", err)
 		}
-		execOpts.Waiter = reaper
-		// The background modules load right away when init needs them (MSB_NET, egress),
-		// otherwise once the host acknowledged init, so that they do not compete with the
-		// init steps for the CPU (under emulation that is most of the cost).
-		var bg sync.WaitGroup
-		bg.Add(1)
-		loadBackground := sync.OnceFunc(func() {
-			go func() {
-				defer bg.Done()
-				if err := initfs.LoadOpened(bgModules, log); err != nil {
-					log.Error("kernel modules", "error", err)
-				}
-			}()
-		})
-		defer loadBackground() // an init that fails before the handshake still closes the files
-		if conf.Net != nil || o.egress.mode != "off" {
-			loadBackground()
-		}
-		if err := initSetup(conf, bg.Wait, &steps, log); err != nil {
-			return err
-		}
-		t = time.Now()
-		tlsEnv, err := initfs.InstallTLS("/", log)
-		if err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		execOpts.BaseEnv = append(execOpts.BaseEnv, tlsEnv...) // for workloads, not agentd itself
-		steps.mark("tls", t)
+		execOpts.Waiter = b.Reaper
+		execOpts.BaseEnv = append(execOpts.BaseEnv, b.TLSEnv...) // for workloads, not agentd itself
 		var gw *gateway.Gateway
 		if o.egress.mode != "off" && conf.Handoff == nil { // with a handoff, the agent child runs it
-			bg.Wait() // the tun driver
+			b.WaitModules() // the tun driver
 			t = time.Now()
 			if gw, err = startGuestEgress(o.egress, conf, log); err != nil {
 				return err
 			}
 			defer gw.Stop()
-			steps.mark("egress", t)
+			b.Steps.Mark("egress", t)
 		}
 		t = time.Now()
 		port, err := openPort(o.port, 10*time.Second)
@@ -355,15 +280,15 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			return err
 		}
 		defer port.Close()
-		steps.mark("port", t)
+		b.Steps.Mark("port", t)
 		t = time.Now()
 		return serve(o, log, boot, initStart, port, execOpts, defaultUser, gw, serveHooks{
 			afterInit: func() {
-				steps.mark("handshake", t)
-				log.Info("init steps", steps...)
-				loadBackground()
+				b.Steps.Mark("handshake", t)
+				log.Info("init steps", b.Steps...)
+				b.LoadBackground()
 				if conf.Handoff != nil {
-					bg.Wait() // exec'ing the new init must not cut a module load short
+					b.WaitModules() // exec'ing the new init must not cut a module load short
 				}
 			},
 			handoff: conf.Handoff,
@@ -374,59 +299,6 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 	}
 	initfs.PowerOff(log, initfs.DefaultGrace)
 	os.Exit(1) // only if the power-off itself failed
-}
-
-// initSetup is the reference's init after its early handshake (volumes, hosts, tmpfs, network,
-// /etc/profile, loopback), after the rest of the base mounts. netModules waits for the network
-// drivers.
-func initSetup(conf initfs.Config, netModules func(), steps *initSteps, log *slog.Logger) error {
-	t := time.Now()
-	if err := initfs.MountRest(); err != nil {
-		return fmt.Errorf("init: %w", err)
-	}
-	if err := initfs.MountTmpfs(conf.Tmpfs, conf.Restricted); err != nil {
-		return fmt.Errorf("init: %w", err)
-	}
-	if err := initfs.MountDirs(conf.DirMounts, conf.Restricted); err != nil {
-		return fmt.Errorf("init: %w", err)
-	}
-	if err := initfs.MountFiles(conf.FileMounts, conf.Restricted); err != nil {
-		return fmt.Errorf("init: %w", err)
-	}
-	if err := initfs.MountDisks(conf.DiskMounts, conf.Restricted); err != nil {
-		return fmt.Errorf("init: %w", err)
-	}
-	steps.mark("volumes", t)
-	t = time.Now()
-	if err := initfs.ApplyHostname("/", conf, true); err != nil {
-		return fmt.Errorf("init: %w", err)
-	}
-	if err := initfs.EnsureProfileBlock("/etc/profile"); err != nil {
-		return fmt.Errorf("init: %w", err)
-	}
-	steps.mark("hosts+profile", t)
-	t = time.Now()
-	if err := initfs.LoopbackUp(); err != nil {
-		log.Warn("loopback not up", "error", err)
-	}
-	steps.mark("lo", t)
-	if conf.Net != nil {
-		netModules()
-		t = time.Now()
-		if err := initfs.ConfigureNetwork("/", conf); err != nil {
-			return fmt.Errorf("init: %w", err)
-		}
-		steps.mark("network", t)
-	}
-	return nil
-}
-
-// initSteps records how long each init step took, for one log line once init_time_ns is
-// taken (a line on the serial console costs milliseconds under emulation).
-type initSteps []any // step, duration, ...
-
-func (s *initSteps) mark(step string, since time.Time) {
-	*s = append(*s, step, time.Since(since).Round(time.Microsecond).String())
 }
 
 // startGuestEgress starts egress for the whole guest (agentd as its init): the MSB_NET
@@ -531,7 +403,7 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	switch {
 	case errors.Is(err, agent.ErrShutdown) && hooks.adopted != nil:
 		log.Info("shut down: asking the init to power off")
-		powerOffViaInit()
+		initfs.PowerOffViaInit()
 		return nil
 	case errors.Is(err, agent.ErrShutdown):
 		log.Info("shut down")
