@@ -77,6 +77,9 @@ func moveLinks(ns *NS, names []string) error {
 				continue
 			}
 			r.LinkIndex = nl.Attrs().Index
+			// Flags the kernel reports but refuses in a request (EINVAL): a route over a link
+			// without carrier is listed as linkdown.
+			r.Flags &^= unix.RTNH_F_LINKDOWN | unix.RTNH_F_DEAD
 			if err := h.RouteReplace(&r); err != nil {
 				return fmt.Errorf("uplink %s: route %s: %w", name, r, err)
 			}
