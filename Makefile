@@ -59,13 +59,14 @@ bench:
 	$(GO) test ./bench -run TestReport -count=1 -v -args -report -channel pty -bytes 268435456
 	$(GO) test ./bench -run TestReport -count=1 -v -args -report -channel socket
 
-# Boot the microVM 5 times: boot-to-ready, agentd's init_time_ns, artifact sizes.
+# iperf3 and connection rates through the netstack against kernel loopback and a copy relay.
 bench-egress:
 	$(GO) test ./bench -run TestEgressReport -count=1 -v -args -egress
 
 bench-streams:
 	$(GO) test ./bench -run TestStreamsReport -count=1 -v -args -streams
 
+# Boot the microVM 5 times on each machine: boot-to-ready, agentd's init_time_ns, artifact sizes.
 bench-vm:
 	$(GO) test ./bench -run TestBootReport -count=1 -v -args -report -boots 5
 

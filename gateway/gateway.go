@@ -1,8 +1,8 @@
 // Package gateway assembles agentd's egress path and runs it: the policy point (egress) with
 // its audit log, the guest's resolver, the netstack on the guest's tun, and the way out (an
 // uplink moved into a namespace only agentd uses, or in channel mode the host, over the agent
-// channel). It also gives core.tcp its dialer and resolver, so agentd's own connections pass
-// the same policy point once. cmd/agentd turns flags into a Config; everything here is
+// channel). Its TCPDialer and Resolver serve core.tcp too, so agentd's own connections pass
+// the same policy point, once. cmd/agentd turns flags into a Config; everything here is
 // mechanism.
 package gateway
 
@@ -26,7 +26,6 @@ import (
 	"github.com/agentd/agentd/internal/resolvconf"
 	"github.com/agentd/agentd/namespace"
 	"github.com/agentd/agentd/netstack"
-	"github.com/agentd/agentd/relay"
 )
 
 // Mode is how the guest's flows leave.
@@ -174,7 +173,7 @@ func (g *Gateway) WriteResolvConf(path string) error {
 // TCPDialer is core.tcp's way out with this path: through the policy point (decided once,
 // tracked, audited), to egress destinations by the same upstream as the guest's flows, and to
 // the guest itself (a forward to a guest service) by local, decided as ingress.
-func (g *Gateway) TCPDialer(local egress.DialFunc) relay.Dialer {
+func (g *Gateway) TCPDialer(local egress.DialFunc) *egress.Dialer {
 	d := &egress.Dialer{Service: g.Service, Upstream: g.upstream, Local: local}
 	if g.cfg.Mode == Off {
 		d.Upstream = local // no uplink of agentd's own: its namespace is the way out
@@ -183,15 +182,6 @@ func (g *Gateway) TCPDialer(local egress.DialFunc) relay.Dialer {
 		d.Guest = &guest
 	}
 	return d
-}
-
-// TCPResolver resolves core.tcp names: through the guest's resolver (name rules, rebinding
-// refusal, pins) when there is one, else the system's.
-func (g *Gateway) TCPResolver() relay.Resolver {
-	if g.Resolver != nil {
-		return g.Resolver
-	}
-	return net.DefaultResolver
 }
 
 // Reload swaps in a new policy; flows it no longer allows are revoked. It returns how many.

@@ -91,7 +91,7 @@ func TestCoreTCPDecidedOnce(t *testing.T) {
 
 	agentEnd, hostEnd := testutil.SocketPair(t)
 	a := agent.New(agent.Config{Port: agentEnd, Log: quiet,
-		Relay: relay.Options{Dialer: g.TCPDialer((&net.Dialer{}).DialContext), Resolver: g.TCPResolver()}})
+		Relay: relay.Options{Dialer: g.TCPDialer((&net.Dialer{}).DialContext), Resolver: g.Resolver}})
 	served := make(chan struct{})
 	go func() {
 		defer close(served)

@@ -91,7 +91,7 @@ func (s *dialOut) msg(id uint32, t protocol.Type, v any) bool {
 	return s.send(f, nil)
 }
 
-// handle takes one agentd.stream.* message from the agent (called by the relay's reader, so
+// handle takes one agentd.stream.* message from the agent (called by the server's reader, so
 // it never blocks on a destination).
 func (s *dialOut) handle(m protocol.Message) {
 	if m.Type == protocol.TypeStreamOpen {
@@ -329,13 +329,14 @@ func (st *hostStream) toGuest(conn net.Conn) {
 	}
 }
 
-// fromGuest takes guest data: into the sink for tcp, straight out as one datagram for udp.
+// sink is the guest -> destination queue of a tcp stream (nil until it is connected).
 func (st *hostStream) sink() *sessionio.Sink {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.in
 }
 
+// fromGuest takes guest data: into the sink for tcp, straight out as one datagram for udp.
 func (st *hostStream) fromGuest(data []byte) {
 	if in := st.sink(); in != nil {
 		if in.Write(data) != nil {

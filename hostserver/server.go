@@ -24,7 +24,7 @@ type Options struct {
 	// Features are requested from the agent in core.init.ack and thereby offered to clients
 	// (each client still opts in per session).
 	Features []string
-	// ClockSyncEvery is how often the relay sends core.clock.sync (0: never). microsandbox's
+	// ClockSyncEvery is how often the server sends core.clock.sync (0: never). microsandbox's
 	// host sends one at start and then every 60 s.
 	ClockSyncEvery time.Duration
 	// ToAgentQueue bounds frames waiting for the channel; ClientQueue bounds frames waiting
@@ -73,7 +73,7 @@ type relayClient struct {
 	conn       net.Conn
 	out        chan []byte
 	gone       chan struct{}
-	execIDs    map[uint32]bool // guarded by Relay.mu
+	execIDs    map[uint32]bool // guarded by Server.mu
 }
 
 // New performs the host handshake on the agent channel and starts routing.

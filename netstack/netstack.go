@@ -78,7 +78,7 @@ type Options struct {
 	Log           *slog.Logger
 }
 
-// DefaultOptions are the settings measured best on a tun (docs/netstack.md).
+// DefaultOptions are the settings measured best on a tun (see docs/egress.md).
 var DefaultOptions = Options{
 	TunName: "agentd0", MTU: 65520, Queues: 1, MaxInFlight: 1024,
 	MaxFlows: 16384, MaxFlowsPerDest: 8192, MaxBuffers: 256, // 64 MiB of relay buffers

@@ -41,7 +41,7 @@ type Item struct {
 	flush   chan struct{} // a Flush marker, not a frame
 }
 
-// Releaser is a byte budget an item was charged to (relay.Budget).
+// Releaser is the byte budget an item was charged to (a Budget), credited once it is written.
 type Releaser interface{ Release(n int) }
 
 // done returns the item's pooled buffer and budget; called once it is written or dropped.

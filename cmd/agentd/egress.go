@@ -19,7 +19,7 @@ import (
 
 // egressOptions are the --egress-* flags.
 type egressOptions struct {
-	mode       string // off or netstack
+	mode       string // off, netstack or channel
 	policyFile string
 	floorFile  string
 	auditPath  string

@@ -343,7 +343,6 @@ type serveHooks struct {
 }
 
 // serve runs the handshake and the agent loop on port.
-
 func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, gw *gateway.Gateway, hooks serveHooks) error {
 	cfg := agent.Config{
 		Port:            port,
@@ -371,7 +370,9 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 			local = gw.Stack.DialContext
 		}
 		cfg.Relay.Dialer = gw.TCPDialer(local)
-		cfg.Relay.Resolver = gw.TCPResolver()
+		if gw.Resolver != nil { // names get the guest's rules, rebinding refusal and pins
+			cfg.Relay.Resolver = gw.Resolver
+		}
 		cfg.Streams = gw.Streams
 	}
 	a := agent.New(cfg)
