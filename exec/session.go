@@ -62,9 +62,9 @@ type Waiter interface {
 
 // DefaultOptions: 64 KiB reads, 256/64 KiB output watermarks, 1 MiB of stdin.
 var DefaultOptions = Options{
-	ChunkSize:  64 << 10,
-	HighWater:  256 << 10,
-	LowWater:   64 << 10,
+	ChunkSize:  sessionio.ChunkSize,
+	HighWater:  sessionio.DefaultHighWater,
+	LowWater:   sessionio.DefaultLowWater,
 	StdinLimit: 1 << 20,
 	ScriptsDir: "/.msb/scripts",
 }

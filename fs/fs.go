@@ -36,7 +36,7 @@ type Options struct {
 }
 
 // DefaultOptions for the filesystem service.
-var DefaultOptions = Options{ChunkSize: 64 << 10, HighWater: 1 << 20, LowWater: 256 << 10,
+var DefaultOptions = Options{ChunkSize: sessionio.ChunkSize, HighWater: 1 << 20, LowWater: 256 << 10,
 	WriteLimit: 1 << 20, MaxHandlesPerClient: 1024, Parallel: 64}
 
 // DefaultReadDirLimit is ReadDir's page size when the request gives none.

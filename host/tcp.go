@@ -239,24 +239,13 @@ func (t *TCPConn) Read(p []byte) (int, error) {
 
 // waitRead blocks until the session's state changes or the read deadline passes.
 func (t *TCPConn) waitRead(dl time.Time) error {
-	var timeout <-chan time.Time
-	if !dl.IsZero() {
-		d := time.Until(dl)
-		if d <= 0 {
-			return os.ErrDeadlineExceeded
-		}
-		tm := time.NewTimer(d)
-		defer tm.Stop()
-		timeout = tm.C
-	}
+	err := sessionio.Wait(t.rwake, t.c.done, dl)
 	select {
-	case <-t.rwake:
 	case <-t.c.done:
 		t.fail(ErrClosed)
-	case <-timeout:
-		return os.ErrDeadlineExceeded
+	default:
 	}
-	return nil
+	return err
 }
 
 // Write sends bytes to the destination, in frames of at most 64 KiB, within the agent's grant.

@@ -37,7 +37,8 @@ type Options struct {
 
 // DefaultOptions: a 256 KiB window keeps a gigabit stream busy over a ~1 ms channel, and 4,096
 // streams of it is at most 1 GiB only if every one of them stalls with a full window.
-var DefaultOptions = Options{Window: 256 << 10, MaxStreams: 4096, QueueHigh: 256 << 10, QueueLow: 64 << 10}
+var DefaultOptions = Options{Window: sessionio.DefaultStreamWindow, MaxStreams: 4096,
+	QueueHigh: sessionio.DefaultHighWater, QueueLow: sessionio.DefaultLowWater}
 
 // ErrUnavailable is returned by Dial before the host enabled streams (or after the channel
 // ended).
@@ -357,30 +358,10 @@ func (c *Conn) Read(b []byte) (int, error) {
 		}
 		dl := c.rdl
 		c.mu.Unlock()
-		if err := c.wait(dl); err != nil {
+		if err := sessionio.Wait(c.notify, nil, dl); err != nil {
 			return 0, err
 		}
 	}
-}
-
-// wait blocks until data or a state change, or the deadline.
-func (c *Conn) wait(dl time.Time) error {
-	var timeout <-chan time.Time
-	if !dl.IsZero() {
-		d := time.Until(dl)
-		if d <= 0 {
-			return os.ErrDeadlineExceeded
-		}
-		t := time.NewTimer(d)
-		defer t.Stop()
-		timeout = t.C
-	}
-	select {
-	case <-c.notify:
-	case <-timeout:
-		return os.ErrDeadlineExceeded
-	}
-	return nil
 }
 
 // Write sends b within the host's grants (a datagram whole, as one data frame).

@@ -41,7 +41,7 @@ type DialOutOptions struct {
 }
 
 // DefaultDialOutOptions are used for zero fields.
-var DefaultDialOutOptions = DialOutOptions{Window: 256 << 10, MaxStreams: 4096, ConnectTimeout: 30 * time.Second}
+var DefaultDialOutOptions = DialOutOptions{Window: sessionio.DefaultStreamWindow, MaxStreams: 4096, ConnectTimeout: 30 * time.Second}
 
 // DialOutCounters are the totals of guest-initiated streams.
 type DialOutCounters struct {

@@ -74,7 +74,7 @@ type Options struct {
 	// Resolver resolves destination names (default: the system's resolver).
 	Resolver Resolver
 	// Inbound and Outbound are byte budgets shared by all sessions (host -> destination and
-	// destination -> host buffers). The agent makes them from its MaxBuffered options; nil
+	// destination -> host buffers). The agent makes them from its TCPBufferBudget; nil
 	// means only the per-session limits apply.
 	Inbound, Outbound *sessionio.Budget
 }
@@ -82,9 +82,9 @@ type Options struct {
 // DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 4 MiB inbound (a
 // window that keeps one stream at channel speed while credit round trips are in flight).
 var DefaultOptions = Options{
-	ChunkSize:      64 << 10,
-	HighWater:      256 << 10,
-	LowWater:       64 << 10,
+	ChunkSize:      sessionio.ChunkSize,
+	HighWater:      sessionio.DefaultHighWater,
+	LowWater:       sessionio.DefaultLowWater,
 	InboundLimit:   4 << 20,
 	ConnectTimeout: 30 * time.Second,
 	Dialer:         DialFunc((&net.Dialer{}).DialContext),
