@@ -111,11 +111,10 @@ type Flow struct {
 	peer      netip.Addr
 	start     time.Time
 
-	mu        sync.Mutex // guards sni and decision, which reloads and the relay both touch
-	sni       string
-	decision  policy.Decision
-	onRevoke  func()
-	isRevoked bool
+	mu       sync.Mutex // guards sni and decision, which reloads and the relay both touch
+	sni      string
+	decision policy.Decision
+	onRevoke func()
 
 	up, down atomic.Int64
 	revoked  chan struct{}
@@ -322,9 +321,8 @@ func (f *Flow) revoke(why string) {
 	f.once.Do(func() {
 		f.svc.Counters.Revoked.Add(1)
 		f.svc.audit.record(f.record(why))
+		f.mu.Lock() // with OnRevoke's check: the callback runs exactly once, here or there
 		close(f.revoked)
-		f.mu.Lock()
-		f.isRevoked = true
 		fn := f.onRevoke
 		f.mu.Unlock()
 		if fn != nil {
@@ -338,7 +336,12 @@ func (f *Flow) revoke(why string) {
 func (f *Flow) OnRevoke(fn func()) {
 	f.mu.Lock()
 	f.onRevoke = fn
-	done := f.isRevoked
+	var done bool
+	select {
+	case <-f.revoked:
+		done = true
+	default:
+	}
 	f.mu.Unlock()
 	if done {
 		fn()
