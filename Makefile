@@ -15,7 +15,8 @@ FUZZ_TARGETS := \
 	./initfs:FuzzParseModuleList \
 	./egress/policy:FuzzParse \
 	./egress/resolver:FuzzAnswer \
-	./netstack:FuzzClientHelloSNI
+	./netstack:FuzzClientHelloSNI \
+	./tlshello:FuzzParse
 
 .PHONY: all build test unit fuzz-smoke fuzz bench bench-egress bench-streams bench-vm lint run initramfs vm clean
 
