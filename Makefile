@@ -11,6 +11,8 @@ FUZZ_TARGETS := \
 	./protocol:FuzzExecPayload \
 	./protocol:FuzzFsPayload \
 	./protocol:FuzzTCPPayload \
+	./protocol:FuzzBootstrap \
+	./protocol:FuzzBulkRecord \
 	./initfs:FuzzLoadConfig \
 	./initfs:FuzzParseModuleList \
 	./policy:FuzzParse \
