@@ -1,7 +1,6 @@
 package host
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -360,13 +359,7 @@ func (r *Relay) Clients() int {
 	return n
 }
 
-// isStreamFrame reports whether a frame's type is agentd.stream.* without a full decode: the
-// envelope's "t" string sits in the first bytes of the body.
-func isStreamFrame(f protocol.Frame) bool {
-	n := min(len(f.Body), 48)
-	return bytes.Contains(f.Body[:n], []byte("agentd.stream."))
-}
+// isStreamFrame reports whether a frame's type is agentd.stream.* without a full decode.
+func isStreamFrame(f protocol.Frame) bool { return isStreamType(protocol.FrameType(f)) }
 
-func isStreamType(t protocol.Type) bool {
-	return t >= protocol.TypeStreamOpen && t <= protocol.TypeStreamCredit
-}
+func isStreamType(t protocol.Type) bool { return t.Info().Family == protocol.FamilyStreams }
