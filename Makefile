@@ -14,6 +14,7 @@ FUZZ_TARGETS := \
 	./protocol:FuzzBootstrap \
 	./protocol:FuzzBulkRecord \
 	./initfs:FuzzLoadConfig \
+	./initfs:FuzzBootstrapConfig \
 	./initfs:FuzzParseModuleList \
 	./policy:FuzzParse \
 	./resolver:FuzzAnswer \
