@@ -22,34 +22,34 @@ func FromBootstrap(b *protocol.Bootstrap) (Config, error) {
 	}
 	for i, m := range b.DirMounts {
 		f := fmt.Sprintf("dir_mounts[%d]", i)
-		if err := firstErr(name(f+".tag", m.Tag), guestPath(f+".guest_path", m.GuestPath)); err != nil {
+		if err := firstErr(checkName(f+".tag", m.Tag), checkGuestPath(f+".guest_path", m.GuestPath)); err != nil {
 			return Config{}, err
 		}
-		c.DirMounts = append(c.DirMounts, DirMount{Tag: m.Tag, Path: m.GuestPath, Opts: opts(m.Flags)})
+		c.DirMounts = append(c.DirMounts, DirMount{Tag: m.Tag, Path: m.GuestPath, Opts: mountOpts(m.Flags)})
 	}
 	for i, m := range b.FileMounts {
 		f := fmt.Sprintf("file_mounts[%d]", i)
-		if err := firstErr(name(f+".tag", m.Tag), name(f+".filename", m.Filename), guestPath(f+".guest_path", m.GuestPath)); err != nil {
+		if err := firstErr(checkName(f+".tag", m.Tag), checkName(f+".filename", m.Filename), checkGuestPath(f+".guest_path", m.GuestPath)); err != nil {
 			return Config{}, err
 		}
-		c.FileMounts = append(c.FileMounts, FileMount{Tag: m.Tag, Filename: m.Filename, Path: m.GuestPath, Opts: opts(m.Flags)})
+		c.FileMounts = append(c.FileMounts, FileMount{Tag: m.Tag, Filename: m.Filename, Path: m.GuestPath, Opts: mountOpts(m.Flags)})
 	}
 	for i, m := range b.DiskMounts {
 		f := fmt.Sprintf("disk_mounts[%d]", i)
-		if err := firstErr(name(f+".id", m.ID), guestPath(f+".guest_path", m.GuestPath), optName(f+".fstype", m.FsType)); err != nil {
+		if err := firstErr(checkName(f+".id", m.ID), checkGuestPath(f+".guest_path", m.GuestPath), checkOptName(f+".fstype", m.FsType)); err != nil {
 			return Config{}, err
 		}
-		o := opts(m.Flags)
+		o := mountOpts(m.Flags)
 		if m.FsType != nil {
 			o.FsType = *m.FsType
 		}
 		c.DiskMounts = append(c.DiskMounts, DiskMount{ID: m.ID, Path: m.GuestPath, Opts: o})
 	}
 	for i, m := range b.TmpfsMounts {
-		if err := guestPath(fmt.Sprintf("tmpfs_mounts[%d].path", i), m.Path); err != nil {
+		if err := checkGuestPath(fmt.Sprintf("tmpfs_mounts[%d].path", i), m.Path); err != nil {
 			return Config{}, err
 		}
-		o := opts(m.Flags)
+		o := mountOpts(m.Flags)
 		o.SizeMiB, o.Mode = m.SizeMiB, m.Mode
 		c.Tmpfs = append(c.Tmpfs, TmpfsMount{Path: m.Path, Opts: o})
 	}
@@ -109,7 +109,7 @@ func FromBootstrap(b *protocol.Bootstrap) (Config, error) {
 func bootstrapRoot(r *protocol.BootstrapBlockRoot) (*BlockRoot, error) {
 	switch r.Kind {
 	case protocol.BlockRootDiskImage:
-		if err := firstErr(guestPath("block_root.device", r.Device), optName("block_root.fstype", r.FsType)); err != nil {
+		if err := firstErr(checkGuestPath("block_root.device", r.Device), checkOptName("block_root.fstype", r.FsType)); err != nil {
 			return nil, err
 		}
 		out := &BlockRoot{Kind: BlockRootDiskImage, Device: r.Device}
@@ -118,7 +118,7 @@ func bootstrapRoot(r *protocol.BootstrapBlockRoot) (*BlockRoot, error) {
 		}
 		return out, nil
 	case protocol.BlockRootOCIErofs:
-		if err := guestPath("block_root.lower", r.Lower); err != nil {
+		if err := checkGuestPath("block_root.lower", r.Lower); err != nil {
 			return nil, err
 		}
 		out := &BlockRoot{Kind: BlockRootOCIErofs, Lower: r.Lower}
@@ -126,7 +126,7 @@ func bootstrapRoot(r *protocol.BootstrapBlockRoot) (*BlockRoot, error) {
 		case u == nil:
 			return nil, fmt.Errorf("block_root.upper: missing")
 		case u.Kind == protocol.UpperDevice:
-			if err := firstErr(guestPath("block_root.upper.device", u.Device), name("block_root.upper.fstype", u.FsType)); err != nil {
+			if err := firstErr(checkGuestPath("block_root.upper.device", u.Device), checkName("block_root.upper.fstype", u.FsType)); err != nil {
 				return nil, err
 			}
 			out.Upper, out.UpperFsType = u.Device, u.FsType
@@ -143,7 +143,7 @@ func bootstrapRoot(r *protocol.BootstrapBlockRoot) (*BlockRoot, error) {
 }
 
 func bootstrapNetwork(n *protocol.BootstrapNetwork) (*NetConfig, *IPConfig, *IPConfig, error) {
-	if err := name("network.interface", n.Interface); err != nil {
+	if err := checkName("network.interface", n.Interface); err != nil {
 		return nil, nil, nil, err
 	}
 	if len(n.Interface) >= 16 {
@@ -190,7 +190,7 @@ func bootstrapHandoff(h *protocol.BootstrapHandoff) (*Handoff, error) {
 		}
 	}
 	if h.Cwd != nil {
-		if err := guestPath("handoff_init.cwd", *h.Cwd); err != nil {
+		if err := checkGuestPath("handoff_init.cwd", *h.Cwd); err != nil {
 			return nil, err
 		}
 		out.Cwd = *h.Cwd
@@ -219,12 +219,12 @@ func envList(field string, env []protocol.EnvVar) ([][2]string, error) {
 	return out, nil
 }
 
-func opts(f protocol.MountFlags) MountOpts {
+func mountOpts(f protocol.MountFlags) MountOpts {
 	return MountOpts{ReadOnly: f.ReadOnly, NoExec: f.NoExec, NoSuid: f.NoSuid, NoDev: f.NoDev}
 }
 
-// name checks a string that names something: non-empty, no NUL.
-func name(field, v string) error {
+// checkName checks a string that names something: non-empty, no NUL.
+func checkName(field, v string) error {
 	if v == "" {
 		return fmt.Errorf("%s: empty", field)
 	}
@@ -234,23 +234,23 @@ func name(field, v string) error {
 	return nil
 }
 
-func optName(field string, v *string) error {
+func checkOptName(field string, v *string) error {
 	if v == nil {
 		return nil
 	}
-	return name(field, *v)
+	return checkName(field, *v)
 }
 
 func optString(field string, v *string) (string, error) {
 	if v == nil {
 		return "", nil
 	}
-	return *v, name(field, *v)
+	return *v, checkName(field, *v)
 }
 
-// guestPath checks an absolute guest path.
-func guestPath(field, v string) error {
-	if err := name(field, v); err != nil {
+// checkGuestPath checks an absolute guest path.
+func checkGuestPath(field, v string) error {
+	if err := checkName(field, v); err != nil {
 		return err
 	}
 	if !path.IsAbs(v) {

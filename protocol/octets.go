@@ -21,10 +21,6 @@ func (m MAC) MarshalCBOR() ([]byte, error)       { return appendOctets(nil, m[:]
 func (m *MAC) UnmarshalCBOR(b []byte) error      { return readOctets(b, m[:], "MAC address") }
 func (id ID16) MarshalCBOR() ([]byte, error)     { return appendOctets(nil, id[:]), nil }
 func (id *ID16) UnmarshalCBOR(b []byte) error    { return readOctets(b, id[:], "16-byte id") }
-func (m MAC) String() string {
-	return fmt.Sprintf("%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4], m[5])
-}
-
 func appendOctets(dst []byte, b []byte) []byte {
 	dst = appendHead(dst, majorArray, uint64(len(b)))
 	for _, c := range b {

@@ -210,69 +210,70 @@ func ext(wire string, flags byte, c Class, f Family, d Dir) TypeInfo {
 	return TypeInfo{Wire: wire, Flags: flags, Extension: true, Class: c, Family: f, Dir: d}
 }
 
+// Short names for the table below only.
 const (
-	ctl  = ClassControl
-	data = ClassData
-	mnt  = ClassMaintenance
-	h2g  = HostToGuest
-	g2h  = GuestToHost
-	both = BothWays
+	cCtl  = ClassControl
+	cData = ClassData
+	cMnt  = ClassMaintenance
+	dH2G  = HostToGuest
+	dG2H  = GuestToHost
+	dBoth = BothWays
 )
 
 // typeTable is the one source of truth for the type table: everything about a type that does
 // not depend on its payload is derived from here.
 var typeTable = [numTypes]TypeInfo{
-	TypeReady:                   core("core.ready", 0, 1, mnt, FamilyCore, g2h),
-	TypeInitResolved:            core("core.init.resolved", 0, 1, ctl, FamilyCore, g2h),
-	TypeInitAck:                 core("core.init.ack", 0, 1, ctl, FamilyCore, h2g),
-	TypeShutdown:                core("core.shutdown", FlagShutdown, 1, ctl, FamilyCore, h2g),
-	TypeRelayClientDisconnected: core("core.relay.client.disconnected", 0, 1, ctl, FamilyCore, h2g),
-	TypeClockSync:               core("core.clock.sync", 0, 1, mnt, FamilyCore, h2g),
-	TypeError:                   core("core.error", FlagTerminal, 5, ctl, FamilyCore, both),
-	TypeExecRequest:             core("core.exec.request", FlagSessionStart, 1, ctl, FamilyExec, h2g),
-	TypeExecStarted:             core("core.exec.started", 0, 1, ctl, FamilyExec, g2h),
-	TypeExecStdin:               core("core.exec.stdin", 0, 1, data, FamilyExec, h2g),
-	TypeExecStdinError:          core("core.exec.stdin.error", 0, 1, ctl, FamilyExec, g2h),
-	TypeExecStdout:              core("core.exec.stdout", 0, 1, data, FamilyExec, g2h),
-	TypeExecStderr:              core("core.exec.stderr", 0, 1, data, FamilyExec, g2h),
-	TypeExecExited:              core("core.exec.exited", FlagTerminal, 1, ctl, FamilyExec, g2h),
-	TypeExecFailed:              core("core.exec.failed", FlagTerminal, 1, ctl, FamilyExec, g2h),
-	TypeExecResize:              core("core.exec.resize", 0, 1, ctl, FamilyExec, h2g),
-	TypeExecSignal:              core("core.exec.signal", 0, 1, ctl, FamilyExec, h2g),
-	TypeFsRequest:               core("core.fs.request", FlagSessionStart, 2, ctl, FamilyFs, h2g),
-	TypeFsResponse:              core("core.fs.response", FlagTerminal, 2, ctl, FamilyFs, g2h),
-	TypeFsData:                  core("core.fs.data", 0, 2, data, FamilyFs, both),
-	TypeTCPConnect:              core("core.tcp.connect", FlagSessionStart, 4, ctl, FamilyTCP, h2g),
-	TypeTCPConnected:            core("core.tcp.connected", 0, 4, ctl, FamilyTCP, g2h),
-	TypeTCPData:                 core("core.tcp.data", 0, 4, data, FamilyTCP, both),
-	TypeTCPEOF:                  core("core.tcp.eof", 0, 4, ctl, FamilyTCP, both),
-	TypeTCPClose:                core("core.tcp.close", 0, 4, ctl, FamilyTCP, h2g),
-	TypeTCPClosed:               core("core.tcp.closed", FlagTerminal, 4, ctl, FamilyTCP, g2h),
-	TypeTCPFailed:               core("core.tcp.failed", FlagTerminal, 4, ctl, FamilyTCP, g2h),
-	TypePing:                    core("core.ping", 0, 6, mnt, FamilyLiveness, h2g),
-	TypePong:                    core("core.pong", FlagTerminal, 6, mnt, FamilyLiveness, g2h),
-	TypeTouch:                   core("core.touch", 0, 6, ctl, FamilyLiveness, h2g), // activity, once
-	TypeTouched:                 core("core.touched", FlagTerminal, 6, mnt, FamilyLiveness, g2h),
-	TypeBootstrap:               core("core.bootstrap", 0, 7, ctl, FamilyCore, h2g),
-	TypeBulkAccepted:            core("core.bulk.accepted", 0, 8, ctl, FamilyBulk, g2h),
-	TypeBulkCredit:              core("core.bulk.credit", 0, 8, ctl, FamilyBulk, both),
-	TypeBulkFinish:              core("core.bulk.finish", 0, 8, ctl, FamilyBulk, both),
-	TypeBulkCancel:              core("core.bulk.cancel", 0, 8, ctl, FamilyBulk, both),
-	TypeWorkloadFreeze:          core("core.workload.freeze", 0, 9, mnt, FamilyWorkload, h2g),
-	TypeWorkloadFrozen:          core("core.workload.frozen", FlagTerminal, 9, mnt, FamilyWorkload, g2h),
-	TypeWorkloadThaw:            core("core.workload.thaw", 0, 9, mnt, FamilyWorkload, h2g),
-	TypeWorkloadThawed:          core("core.workload.thawed", FlagTerminal, 9, mnt, FamilyWorkload, g2h),
-	TypeWorkloadTransportCredit: core("core.workload.transport.credit", 0, 9, mnt, FamilyWorkload, g2h),
-	TypeRootDiskPrepare:         core("core.root_disk.prepare", 0, 9, ctl, FamilyRootDisk, h2g),
-	TypeRootDiskGrow:            core("core.root_disk.grow", 0, 9, ctl, FamilyRootDisk, h2g),
-	TypeRootDiskState:           core("core.root_disk.state", FlagTerminal, 9, ctl, FamilyRootDisk, g2h),
-	TypeFlowCredit:              ext("agentd.flow.credit", 0, ctl, FamilyFlow, both),
-	TypeStreamOpen:              ext("agentd.stream.open", FlagSessionStart, ctl, FamilyStreams, g2h),
-	TypeStreamOpened:            ext("agentd.stream.opened", 0, ctl, FamilyStreams, h2g),
-	TypeStreamData:              ext("agentd.stream.data", 0, data, FamilyStreams, both),
-	TypeStreamEOF:               ext("agentd.stream.eof", 0, ctl, FamilyStreams, both),
-	TypeStreamClose:             ext("agentd.stream.close", FlagTerminal, ctl, FamilyStreams, both),
-	TypeStreamCredit:            ext("agentd.stream.credit", 0, ctl, FamilyStreams, both),
+	TypeReady:                   core("core.ready", 0, 1, cMnt, FamilyCore, dG2H),
+	TypeInitResolved:            core("core.init.resolved", 0, 1, cCtl, FamilyCore, dG2H),
+	TypeInitAck:                 core("core.init.ack", 0, 1, cCtl, FamilyCore, dH2G),
+	TypeShutdown:                core("core.shutdown", FlagShutdown, 1, cCtl, FamilyCore, dH2G),
+	TypeRelayClientDisconnected: core("core.relay.client.disconnected", 0, 1, cCtl, FamilyCore, dH2G),
+	TypeClockSync:               core("core.clock.sync", 0, 1, cMnt, FamilyCore, dH2G),
+	TypeError:                   core("core.error", FlagTerminal, 5, cCtl, FamilyCore, dBoth),
+	TypeExecRequest:             core("core.exec.request", FlagSessionStart, 1, cCtl, FamilyExec, dH2G),
+	TypeExecStarted:             core("core.exec.started", 0, 1, cCtl, FamilyExec, dG2H),
+	TypeExecStdin:               core("core.exec.stdin", 0, 1, cData, FamilyExec, dH2G),
+	TypeExecStdinError:          core("core.exec.stdin.error", 0, 1, cCtl, FamilyExec, dG2H),
+	TypeExecStdout:              core("core.exec.stdout", 0, 1, cData, FamilyExec, dG2H),
+	TypeExecStderr:              core("core.exec.stderr", 0, 1, cData, FamilyExec, dG2H),
+	TypeExecExited:              core("core.exec.exited", FlagTerminal, 1, cCtl, FamilyExec, dG2H),
+	TypeExecFailed:              core("core.exec.failed", FlagTerminal, 1, cCtl, FamilyExec, dG2H),
+	TypeExecResize:              core("core.exec.resize", 0, 1, cCtl, FamilyExec, dH2G),
+	TypeExecSignal:              core("core.exec.signal", 0, 1, cCtl, FamilyExec, dH2G),
+	TypeFsRequest:               core("core.fs.request", FlagSessionStart, 2, cCtl, FamilyFs, dH2G),
+	TypeFsResponse:              core("core.fs.response", FlagTerminal, 2, cCtl, FamilyFs, dG2H),
+	TypeFsData:                  core("core.fs.data", 0, 2, cData, FamilyFs, dBoth),
+	TypeTCPConnect:              core("core.tcp.connect", FlagSessionStart, 4, cCtl, FamilyTCP, dH2G),
+	TypeTCPConnected:            core("core.tcp.connected", 0, 4, cCtl, FamilyTCP, dG2H),
+	TypeTCPData:                 core("core.tcp.data", 0, 4, cData, FamilyTCP, dBoth),
+	TypeTCPEOF:                  core("core.tcp.eof", 0, 4, cCtl, FamilyTCP, dBoth),
+	TypeTCPClose:                core("core.tcp.close", 0, 4, cCtl, FamilyTCP, dH2G),
+	TypeTCPClosed:               core("core.tcp.closed", FlagTerminal, 4, cCtl, FamilyTCP, dG2H),
+	TypeTCPFailed:               core("core.tcp.failed", FlagTerminal, 4, cCtl, FamilyTCP, dG2H),
+	TypePing:                    core("core.ping", 0, 6, cMnt, FamilyLiveness, dH2G),
+	TypePong:                    core("core.pong", FlagTerminal, 6, cMnt, FamilyLiveness, dG2H),
+	TypeTouch:                   core("core.touch", 0, 6, cCtl, FamilyLiveness, dH2G), // activity, once
+	TypeTouched:                 core("core.touched", FlagTerminal, 6, cMnt, FamilyLiveness, dG2H),
+	TypeBootstrap:               core("core.bootstrap", 0, 7, cCtl, FamilyCore, dH2G),
+	TypeBulkAccepted:            core("core.bulk.accepted", 0, 8, cCtl, FamilyBulk, dG2H),
+	TypeBulkCredit:              core("core.bulk.credit", 0, 8, cCtl, FamilyBulk, dBoth),
+	TypeBulkFinish:              core("core.bulk.finish", 0, 8, cCtl, FamilyBulk, dBoth),
+	TypeBulkCancel:              core("core.bulk.cancel", 0, 8, cCtl, FamilyBulk, dBoth),
+	TypeWorkloadFreeze:          core("core.workload.freeze", 0, 9, cMnt, FamilyWorkload, dH2G),
+	TypeWorkloadFrozen:          core("core.workload.frozen", FlagTerminal, 9, cMnt, FamilyWorkload, dG2H),
+	TypeWorkloadThaw:            core("core.workload.thaw", 0, 9, cMnt, FamilyWorkload, dH2G),
+	TypeWorkloadThawed:          core("core.workload.thawed", FlagTerminal, 9, cMnt, FamilyWorkload, dG2H),
+	TypeWorkloadTransportCredit: core("core.workload.transport.credit", 0, 9, cMnt, FamilyWorkload, dG2H),
+	TypeRootDiskPrepare:         core("core.root_disk.prepare", 0, 9, cCtl, FamilyRootDisk, dH2G),
+	TypeRootDiskGrow:            core("core.root_disk.grow", 0, 9, cCtl, FamilyRootDisk, dH2G),
+	TypeRootDiskState:           core("core.root_disk.state", FlagTerminal, 9, cCtl, FamilyRootDisk, dG2H),
+	TypeFlowCredit:              ext("agentd.flow.credit", 0, cCtl, FamilyFlow, dBoth),
+	TypeStreamOpen:              ext("agentd.stream.open", FlagSessionStart, cCtl, FamilyStreams, dG2H),
+	TypeStreamOpened:            ext("agentd.stream.opened", 0, cCtl, FamilyStreams, dH2G),
+	TypeStreamData:              ext("agentd.stream.data", 0, cData, FamilyStreams, dBoth),
+	TypeStreamEOF:               ext("agentd.stream.eof", 0, cCtl, FamilyStreams, dBoth),
+	TypeStreamClose:             ext("agentd.stream.close", FlagTerminal, cCtl, FamilyStreams, dBoth),
+	TypeStreamCredit:            ext("agentd.stream.credit", 0, cCtl, FamilyStreams, dBoth),
 }
 
 // schemaOrder is the reference's enum declaration order at generation 9 (its schema snapshot
