@@ -11,7 +11,10 @@ FUZZ_TARGETS := \
 	./protocol:FuzzExecPayload \
 	./protocol:FuzzFsPayload \
 	./protocol:FuzzTCPPayload \
+	./protocol:FuzzBootstrap \
+	./protocol:FuzzBulkRecord \
 	./initfs:FuzzLoadConfig \
+	./initfs:FuzzBootstrapConfig \
 	./initfs:FuzzParseModuleList \
 	./egress/policy:FuzzParse \
 	./egress/resolver:FuzzAnswer \

@@ -293,16 +293,18 @@ func (a *Agent) readLoop(ctx context.Context) error {
 	}
 }
 
-// observe counts every frame the writer sends (core.ready excepted, as in the reference).
+// observe counts every frame the writer sends, but maintenance traffic (core.ready, as in the
+// reference), and the data bytes per family.
 func (a *Agent) observe(t protocol.Type, n int) {
-	switch t {
-	case protocol.TypeReady:
+	if !t.CountsAsActivity() {
 		return
-	case protocol.TypeExecStdout, protocol.TypeExecStderr:
+	}
+	switch {
+	case t.IsData() && t.Info().Family == protocol.FamilyExec:
 		a.act.ExecOutputBytes.Add(uint64(n))
-	case protocol.TypeFsData:
+	case t.IsData() && t.Info().Family == protocol.FamilyFs:
 		a.act.FsBytes.Add(uint64(n))
-	case protocol.TypeTCPData:
+	case t.IsData() && t.Info().Family == protocol.FamilyTCP:
 		a.act.TCPBytes.Add(uint64(n))
 	}
 	a.act.GuestMessage()
@@ -331,7 +333,7 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		return a.reject(ctx, m.ID, m.V, protocol.KindInvalidFlags,
 			fmt.Sprintf("invalid flags for %s: got %d, expected %d", m.Type, m.Flags, want), m.Type.String())
 	}
-	if m.Type != protocol.TypeClockSync {
+	if m.Type.CountsAsActivity() {
 		a.act.HostMessage()
 	}
 	switch m.Type {

@@ -481,14 +481,6 @@ func (s *Session) Close() {
 	s.cancel()
 }
 
-func isData(t protocol.Type) bool {
-	switch t {
-	case protocol.TypeExecStdout, protocol.TypeExecStderr, protocol.TypeFsData:
-		return true
-	}
-	return false
-}
-
 // Request sends a session-start message and waits for its terminal reply. A core.error reply
 // is returned as *RemoteError.
 func (c *Client) Request(ctx context.Context, t protocol.Type, v any) (protocol.Message, error) {
@@ -571,7 +563,7 @@ func (c *Client) readLoop() {
 			continue
 		}
 		d := delivery{m: m}
-		if n := len(m.Payload); n <= 64<<10+64 && isData(m.Type) {
+		if n := len(m.Payload); n <= 64<<10+64 && m.Type.IsData() {
 			d.buf = rpool.Get().(*[]byte)
 			if cap(*d.buf) < n {
 				*d.buf = make([]byte, n)

@@ -5,7 +5,6 @@
 package hostserver
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -343,13 +342,7 @@ func (r *Server) leave(c *relayClient) {
 	r.log.Debug("client disconnected", "slot", c.slot)
 }
 
-// isStreamFrame reports whether a frame's type is agentd.stream.* without a full decode: the
-// envelope's "t" string sits in the first bytes of the body.
-func isStreamFrame(f protocol.Frame) bool {
-	n := min(len(f.Body), 48)
-	return bytes.Contains(f.Body[:n], []byte("agentd.stream."))
-}
+// isStreamFrame reports whether a frame's type is agentd.stream.* without a full decode.
+func isStreamFrame(f protocol.Frame) bool { return isStreamType(protocol.FrameType(f)) }
 
-func isStreamType(t protocol.Type) bool {
-	return t >= protocol.TypeStreamOpen && t <= protocol.TypeStreamCredit
-}
+func isStreamType(t protocol.Type) bool { return t.Info().Family == protocol.FamilyStreams }

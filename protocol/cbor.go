@@ -48,7 +48,8 @@ var (
 func Marshal(v any) ([]byte, error) { return encMode.Marshal(v) }
 
 // Unmarshal decodes one CBOR item from b into v, ignoring trailing bytes (as the reference
-// does), then checks that every field tagged `req:"1"` was present.
+// does), then checks that every field tagged `req:"1"` was present. An error names the key
+// path of the offending field ("network.mac: ...", "dir_mounts[0]: missing field ...").
 func Unmarshal(b []byte, v any) error {
 	if len(b) == 0 {
 		return fmt.Errorf("empty payload")
@@ -57,15 +58,77 @@ func Unmarshal(b []byte, v any) error {
 		return fmt.Errorf("invalid type: null, expected a map")
 	}
 	if _, err := decMode.UnmarshalFirst(b, v); err != nil {
+		if path := errorPath(b, reflect.TypeOf(v).Elem()); path != "" {
+			return fmt.Errorf("%s: %w", path, err)
+		}
 		return err
 	}
-	return checkRequired(b, reflect.TypeOf(v).Elem())
+	return checkRequired(b, reflect.TypeOf(v).Elem(), "")
+}
+
+var unmarshalerType = reflect.TypeOf((*cbor.Unmarshaler)(nil)).Elem()
+
+// errorPath finds the key path of the first value in b that does not decode into its Go
+// field, descending through maps and arrays of plain structs (a type with its own decoder
+// names what is wrong inside it itself). It runs only once a decode has failed.
+func errorPath(b []byte, t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if reflect.PointerTo(t).Implements(unmarshalerType) {
+		return ""
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		var m map[string]cbor.RawMessage
+		if _, err := decMode.UnmarshalFirst(b, &m); err != nil {
+			return ""
+		}
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name := fieldName(f)
+			raw, ok := m[name]
+			if name == "" || !ok {
+				continue
+			}
+			if err := decMode.Unmarshal(raw, reflect.New(f.Type).Interface()); err != nil {
+				return joinPath(name, errorPath(raw, f.Type))
+			}
+		}
+	case reflect.Slice:
+		if t.Elem().Kind() == reflect.Uint8 {
+			return ""
+		}
+		var items []cbor.RawMessage
+		if _, err := decMode.UnmarshalFirst(b, &items); err != nil {
+			return ""
+		}
+		for i, it := range items {
+			if err := decMode.Unmarshal(it, reflect.New(t.Elem()).Interface()); err != nil {
+				return joinPath(fmt.Sprintf("[%d]", i), errorPath(it, t.Elem()))
+			}
+		}
+	}
+	return ""
+}
+
+func joinPath(parent, child string) string {
+	switch {
+	case child == "":
+		return parent
+	case parent == "":
+		return child
+	case child[0] == '[':
+		return parent + child
+	}
+	return parent + "." + child
 }
 
 // checkRequired reports the first field tagged `req:"1"` that is missing from the encoded map
 // b, recursing into struct, pointer-to-struct and slice-of-struct fields. Serde rejects a
-// missing non-Option field that has no default; so do we, with serde's wording.
-func checkRequired(b []byte, t reflect.Type) error {
+// missing non-Option field that has no default; so do we, with serde's wording, after the key
+// path of the map it is missing from.
+func checkRequired(b []byte, t reflect.Type, path string) error {
 	if t.Kind() != reflect.Struct || !hasRequired(t) {
 		return nil
 	}
@@ -82,24 +145,30 @@ func checkRequired(b []byte, t reflect.Type) error {
 		raw, ok := m[name]
 		if !ok {
 			if f.Tag.Get("req") == "1" {
+				if path != "" {
+					return fmt.Errorf("%s: missing field `%s`", path, name)
+				}
 				return fmt.Errorf("missing field `%s`", name)
 			}
 			continue
 		}
-		if err := checkRequiredValue(raw, f.Type); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
+		if err := checkRequiredValue(raw, f.Type, joinPath(path, name)); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-func checkRequiredValue(raw []byte, t reflect.Type) error {
+func checkRequiredValue(raw []byte, t reflect.Type, path string) error {
+	if t.Kind() == reflect.Pointer && len(raw) > 0 && (raw[0] == 0xf6 || raw[0] == 0xf7) {
+		return nil // null or undefined: an Option's None
+	}
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	switch t.Kind() {
 	case reflect.Struct:
-		return checkRequired(raw, t)
+		return checkRequired(raw, t, path)
 	case reflect.Slice:
 		et := t.Elem()
 		if et.Kind() != reflect.Struct || !hasRequired(et) {
@@ -110,8 +179,8 @@ func checkRequiredValue(raw []byte, t reflect.Type) error {
 			return nil
 		}
 		for i, it := range items {
-			if err := checkRequired(it, et); err != nil {
-				return fmt.Errorf("[%d]: %w", i, err)
+			if err := checkRequired(it, et, fmt.Sprintf("%s[%d]", path, i)); err != nil {
+				return err
 			}
 		}
 	}
@@ -151,6 +220,7 @@ const (
 	majorUint  = 0
 	majorBytes = 2
 	majorText  = 3
+	majorArray = 4
 	majorMap   = 5
 )
 

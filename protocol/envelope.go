@@ -32,6 +32,9 @@ const (
 	KindInvalidFlags           = "invalid_flags"
 	KindInvalidPayload         = "invalid_payload"
 	KindInvalidSession         = "invalid_session"
+	// KindCapabilityUnavailable (generation 9): the request is understood but this guest
+	// cannot do it (a root-disk grow on a root that is not a growable ext4).
+	KindCapabilityUnavailable = "capability_unavailable"
 )
 
 // EnvelopeError is a body that is not a valid envelope. Kind is the core.error kind that
@@ -278,6 +281,24 @@ func EncodeFrame(id uint32, t Type, payload any) ([]byte, error) {
 		return nil, fmt.Errorf("encode %s payload: %w", t, err)
 	}
 	return AppendMessage(nil, id, t, p)
+}
+
+// FrameType returns a frame's message type without decoding its payload, or zero for a frame
+// that is not a CBOR message of a known type: a raw bulk record, an MSBL record, an unknown
+// type, a broken envelope. On the canonical envelope every encoder writes it reads only the
+// bytes before "p" and allocates nothing.
+func FrameType(f Frame) Type {
+	if f.Flags == FlagBulk || len(f.Body) == 0 || f.Body[0]>>5 != majorMap {
+		return 0
+	}
+	var m Message
+	if fastEnvelope(f.Body, &m) {
+		return m.Type
+	}
+	if slowEnvelope(f.Body, &m) != nil {
+		return 0
+	}
+	return m.Type
 }
 
 // PeekHeader reads id and flags of a wire frame without decoding it (relays route on these).

@@ -225,7 +225,7 @@ func (w *Writer) loop() {
 				continue
 			}
 			var err error
-			if it.Type.Valid() && it.Payload == nil && isData(it.Type) {
+			if it.Payload == nil && it.Type.IsData() {
 				buf, err = protocol.AppendData(buf, it.ID, it.Type, it.Data)
 			} else {
 				buf, err = protocol.AppendMessage(buf, it.ID, it.Type, it.Payload)
@@ -263,14 +263,6 @@ func (w *Writer) loop() {
 		}
 		<-w.wake
 	}
-}
-
-func isData(t protocol.Type) bool {
-	switch t {
-	case protocol.TypeTCPData, protocol.TypeExecStdout, protocol.TypeExecStderr, protocol.TypeExecStdin, protocol.TypeFsData, protocol.TypeStreamData:
-		return true
-	}
-	return false
 }
 
 // Queue is one session's bounded output queue. Push blocks while the queued bytes are at or
