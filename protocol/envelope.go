@@ -228,12 +228,17 @@ func dataPayloadLen(n int) int { return 1 + 5 + headLen(uint64(n)) + n }
 // core.exec.stdin/stdout/stderr, core.fs.data) except the n data bytes themselves, so a
 // writer can send the data from its own buffer without copying it into the frame.
 func AppendDataHeader(dst []byte, id uint32, t Type, n int) ([]byte, error) {
+	return AppendDataHeaderV(dst, Version, id, t, n)
+}
+
+// AppendDataHeaderV is AppendDataHeader with an explicit generation.
+func AppendDataHeaderV(dst []byte, v uint8, id uint32, t Type, n int) ([]byte, error) {
 	pl := dataPayloadLen(n)
-	dst, err := AppendFrameHeader(dst, id, t.Flags(), envelopeLen(Version, t, pl))
+	dst, err := AppendFrameHeader(dst, id, t.Flags(), envelopeLen(v, t, pl))
 	if err != nil {
 		return dst, fmt.Errorf("append %s: %w", t, err)
 	}
-	dst = appendEnvelopePrefix(dst, Version, t)
+	dst = appendEnvelopePrefix(dst, v, t)
 	dst = appendHead(dst, majorBytes, uint64(pl))
 	dst = append(dst, 0xa1, 0x64, 'd', 'a', 't', 'a')
 	return appendHead(dst, majorBytes, uint64(n)), nil
@@ -241,7 +246,12 @@ func AppendDataHeader(dst []byte, id uint32, t Type, n int) ([]byte, error) {
 
 // AppendData appends a complete {"data": bytes} frame.
 func AppendData(dst []byte, id uint32, t Type, data []byte) ([]byte, error) {
-	dst, err := AppendDataHeader(dst, id, t, len(data))
+	return AppendDataV(dst, Version, id, t, data)
+}
+
+// AppendDataV is AppendData with an explicit generation.
+func AppendDataV(dst []byte, v uint8, id uint32, t Type, data []byte) ([]byte, error) {
+	dst, err := AppendDataHeaderV(dst, v, id, t, len(data))
 	if err != nil {
 		return dst, err
 	}

@@ -77,3 +77,19 @@ func (b *Budget) Used() int64 {
 	defer b.mu.Unlock()
 	return b.used
 }
+
+// TryAcquire takes up to n bytes without waiting and returns how many it took (n for an
+// unlimited budget, 0 when it is spent).
+func (b *Budget) TryAcquire(n int) int {
+	if b == nil || b.limit <= 0 {
+		return n
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	got := int(min(int64(n), b.limit-b.used))
+	if got <= 0 {
+		return 0
+	}
+	b.used += int64(got)
+	return got
+}

@@ -21,9 +21,11 @@ type SinkConfig struct {
 	Limit int
 	// Budget is a byte budget shared with other sessions (nil: none).
 	Budget *Budget
-	// Grant, when set, is called with the bytes written since the last grant, every quarter
-	// Limit or whenever the queue empties (flow-control credit back to the host).
-	Grant func(n int)
+	// Grant, when set, is called with the bytes written since the last grant, every GrantEvery
+	// bytes (default: a quarter of Limit) or whenever the queue empties (flow-control credit
+	// back to the host).
+	Grant      func(n int)
+	GrantEvery int
 }
 
 // Sink is the queue. Write and CloseWrite are called by the agent loop; Run by one goroutine.
@@ -128,6 +130,9 @@ func (s *Sink) CloseWrite() error {
 func (s *Sink) Run(w io.Writer) error {
 	written := 0
 	grantAt := max(s.cfg.Limit/4, 1)
+	if s.cfg.GrantEvery > 0 {
+		grantAt = s.cfg.GrantEvery
+	}
 	for {
 		s.mu.Lock()
 		for len(s.chunks) == 0 && !s.eof && !s.closed {

@@ -24,18 +24,25 @@ type WriterOptions struct {
 	// Observe, if set, is told of every frame written (its type and data length), for the
 	// activity counters. It runs on the writer's goroutine and must be cheap.
 	Observe func(t protocol.Type, dataLen int)
+	// Generation is the v stamped on every frame (default protocol.Version): each side stamps
+	// its own generation, which an agent may announce lower than the newest it implements.
+	Generation uint8
 }
 
 // DefaultWriterOptions are tuned for a virtio-serial port or a unix socket.
 var DefaultWriterOptions = WriterOptions{BatchBytes: 256 << 10, ControlItems: 1024}
 
 // Item is one outgoing frame: either Data for a data message (written without re-encoding)
-// or Payload, an encoded payload for any other type.
+// or Payload, an encoded payload for any other type. With Bulk set, Data is the payload of a
+// raw bulk record instead (Type is then the data type of its family, for the activity count).
 type Item struct {
 	ID      uint32
 	Type    protocol.Type
 	Data    []byte
 	Payload []byte
+	Bulk    protocol.BulkKind // a raw bulk record of this kind (0: a CBOR message)
+	Flow    protocol.BulkFlow
+	Offset  uint64
 	buf     *[]byte       // pooled buffer backing Data, returned once written
 	rel     Releaser      // budget charged for Data, credited once written or dropped
 	flush   chan struct{} // a Flush marker, not a frame
@@ -80,6 +87,9 @@ func NewWriter(w io.Writer, opts WriterOptions) *Writer {
 	}
 	if opts.ControlItems <= 0 {
 		opts.ControlItems = DefaultWriterOptions.ControlItems
+	}
+	if opts.Generation == 0 {
+		opts.Generation = protocol.Version
 	}
 	mw := &Writer{w: w, opts: opts, wake: make(chan struct{}, 1), ctlFree: make(chan struct{}, 1), done: make(chan struct{})}
 	go mw.loop()
@@ -225,10 +235,14 @@ func (w *Writer) loop() {
 				continue
 			}
 			var err error
-			if it.Payload == nil && it.Type.IsData() {
-				buf, err = protocol.AppendData(buf, it.ID, it.Type, it.Data)
+			if it.Bulk != 0 {
+				if buf, err = protocol.AppendBulkHeader(buf, it.ID, it.Bulk, it.Flow, it.Offset, len(it.Data)); err == nil {
+					buf = append(buf, it.Data...)
+				}
+			} else if it.Payload == nil && it.Type.IsData() {
+				buf, err = protocol.AppendDataV(buf, w.opts.Generation, it.ID, it.Type, it.Data)
 			} else {
-				buf, err = protocol.AppendMessage(buf, it.ID, it.Type, it.Payload)
+				buf, err = protocol.AppendMessageV(buf, w.opts.Generation, it.ID, it.Type, it.Payload)
 			}
 			if w.opts.Observe != nil && err == nil {
 				w.opts.Observe(it.Type, len(it.Data))
@@ -340,6 +354,12 @@ func (q *Queue) PushData(ctx context.Context, id uint32, t protocol.Type, buf *[
 // frame is written or dropped.
 func (q *Queue) PushDataRelease(ctx context.Context, id uint32, t protocol.Type, buf *[]byte, n int, rel Releaser) error {
 	return q.Push(ctx, Item{ID: id, Type: t, Data: (*buf)[:n], buf: buf, rel: rel})
+}
+
+// PushRecord pushes a raw bulk record whose payload lives in a pooled buffer, charged to rel
+// (may be nil) like PushDataRelease. t is the data type of the record's family (counting).
+func (q *Queue) PushRecord(ctx context.Context, id uint32, t protocol.Type, kind protocol.BulkKind, flow protocol.BulkFlow, offset uint64, buf *[]byte, n int, rel Releaser) error {
+	return q.Push(ctx, Item{ID: id, Type: t, Data: (*buf)[:n], buf: buf, rel: rel, Bulk: kind, Flow: flow, Offset: offset})
 }
 
 // Close drops the queue's pending items; later pushes fail with ErrClosed.
