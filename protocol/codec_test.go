@@ -94,6 +94,74 @@ func TestFrameReaderStream(t *testing.T) {
 	}
 }
 
+// TestFrameReaderPeekAndHandOver: Peek leaves the frame for Next; a read error in the middle of
+// a frame loses nothing; Buffered and NewFrameReaderWith carry what one reader had read past its
+// last frame over to another reader of the same stream.
+func TestFrameReaderPeekAndHandOver(t *testing.T) {
+	var stream []byte
+	for i := uint32(1); i <= 3; i++ {
+		stream, _ = AppendData(stream, i, TypeTCPData, bytes.Repeat([]byte{byte(i)}, 1000))
+	}
+	r := &stepReader{data: stream, steps: []int{4, 3, 900, len(stream)}}
+	fr := NewFrameReader(r)
+	if _, err := fr.Peek(); err != errStep {
+		t.Fatalf("peek with a read error after 4 bytes: %v", err)
+	}
+	if _, err := fr.Peek(); err != errStep { // 7 bytes now
+		t.Fatalf("second peek: %v", err)
+	}
+	f, err := fr.Peek()
+	for err == errStep {
+		f, err = fr.Peek()
+	}
+	if err != nil || f.ID != 1 {
+		t.Fatalf("peek: %d %v", f.ID, err)
+	}
+	if f, err = fr.Next(); err != nil || f.ID != 1 {
+		t.Fatalf("next after peek: %d %v", f.ID, err)
+	}
+	rest := fr.Buffered() // frames 2 and 3, already read from r
+	if len(rest) != len(stream)*2/3 {
+		t.Fatalf("buffered %d bytes, want %d", len(rest), len(stream)*2/3)
+	}
+	next := NewFrameReaderWith(bytes.NewReader(nil), rest)
+	for _, want := range []uint32{2, 3} {
+		if f, err := next.Next(); err != nil || f.ID != want {
+			t.Fatalf("handed-over reader: %d %v, want %d", f.ID, err, want)
+		}
+	}
+	if _, err := next.Next(); err != io.EOF {
+		t.Fatalf("want EOF, got %v", err)
+	}
+}
+
+var errStep = errors.New("step")
+
+// stepReader returns data in the given steps, with errStep between them.
+type stepReader struct {
+	data  []byte
+	steps []int
+	gap   bool
+}
+
+func (r *stepReader) Read(p []byte) (int, error) {
+	if len(r.data) == 0 {
+		return 0, io.EOF
+	}
+	if r.gap {
+		r.gap = false
+		return 0, errStep
+	}
+	n := min(len(p), len(r.data), r.steps[0])
+	if len(r.steps) > 1 {
+		r.steps = r.steps[1:]
+	}
+	copy(p, r.data[:n])
+	r.data = r.data[n:]
+	r.gap = true
+	return n, nil
+}
+
 func TestEncoderRefusesOversize(t *testing.T) {
 	if _, err := AppendData(nil, 1, TypeFsData, make([]byte, MaxFrameSize)); !errors.Is(err, ErrFrameTooLarge) {
 		t.Fatalf("got %v", err)
