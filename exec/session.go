@@ -40,6 +40,9 @@ type Options struct {
 	DefaultUser string
 	// Restricted applies the restricted security profile to every child.
 	Restricted bool
+	// DefaultCwd is the working directory of requests that name none (core.bootstrap's
+	// default_cwd; "" = agentd's).
+	DefaultCwd string
 	// BaseEnv is the environment every child starts from. agentd's own environment is never
 	// passed on (it holds boot configuration); only this and the request's entries are.
 	BaseEnv []string
@@ -116,6 +119,9 @@ type Session struct {
 
 	credit *sessionio.Credit // flow: output bytes the host can still take
 
+	sigMu  sync.Mutex
+	reaped bool // the child's pid is no longer its own: no signal may go to its group
+
 	mu       sync.Mutex
 	lastByte byte          // last stdin byte written (PTY EOF needs a line start)
 	fed      chan struct{} // closed when feed returns
@@ -165,6 +171,8 @@ func Start(id uint32, req protocol.ExecRequest, out *sessionio.Writer, opts Opti
 	cmd := &osexec.Cmd{Path: path, Args: append([]string{req.Cmd}, req.Args...), Env: env, SysProcAttr: &syscall.SysProcAttr{}}
 	if req.Cwd != nil {
 		cmd.Dir = *req.Cwd
+	} else {
+		cmd.Dir = opts.DefaultCwd
 	}
 	var errPipe *os.File
 	if len(req.Rlimits) > 0 || opts.Restricted {
@@ -231,6 +239,9 @@ func Start(id uint32, req protocol.ExecRequest, out *sessionio.Writer, opts Opti
 		s.tty = master
 		outputs, stdin = []io.ReadCloser{master}, master
 	} else {
+		// Each child leads a process group of its own (its own session, as a PTY child's),
+		// so that signals reach every process it started (contract 10.1).
+		cmd.SysProcAttr.Setsid = true
 		var pw io.WriteCloser
 		var po, pe io.ReadCloser
 		var err error
@@ -348,6 +359,11 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 // reap waits for the child and returns the reference's exit code: the status, or -1 for a
 // signal death (or a failed wait).
 func (s *Session) reap() int32 {
+	defer func() {
+		s.sigMu.Lock()
+		s.reaped = true
+		s.sigMu.Unlock()
+	}()
 	if s.wait == nil {
 		err := s.cmd.Wait()
 		if err == nil {
@@ -487,20 +503,23 @@ func veof(f *os.File) byte {
 	return c
 }
 
-// Signal sends a standard signal (1..31) to the child; anything else is ignored, as by the
-// reference.
+// Signal sends a standard signal (1..31) to the child's process group; anything else is
+// ignored, as by the reference.
 func (s *Session) Signal(sig int32) {
 	if sig >= 1 && sig <= 31 {
-		syscall.Kill(s.pid, syscall.Signal(sig))
+		s.Kill(syscall.Signal(sig))
 	}
 }
 
 // Credit adds flow-control credit for output.
 func (s *Session) Credit(n uint32) { s.credit.Add(int64(n)) }
 
-// Kill ends the child with sig; the session then ends as usual (exited is still sent).
+// Kill sends sig to the child's process group (the child and everything it started); the
+// session then ends as usual (exited is still sent). A group that is gone (ESRCH) is no error.
 func (s *Session) Kill(sig syscall.Signal) {
-	if s.pid > 0 {
-		syscall.Kill(s.pid, sig)
+	s.sigMu.Lock()
+	defer s.sigMu.Unlock()
+	if s.pid > 0 && !s.reaped {
+		syscall.Kill(-s.pid, sig)
 	}
 }
