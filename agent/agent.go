@@ -32,7 +32,20 @@ var ErrShutdown = errors.New("shutdown requested by host")
 // Config configures the agent. Zero fields take sensible defaults.
 type Config struct {
 	Port io.ReadWriteCloser
-	Log  *slog.Logger
+	// Frames reads Port, when the boot already read from it (its first frame, core.bootstrap):
+	// whatever it holds past what was read is the agent's (default: a new reader on Port).
+	Frames *protocol.FrameReader
+	Log    *slog.Logger
+
+	// Generation is the protocol generation announced in core.ready and stamped on every
+	// frame: protocol.Version by default; lower (down to 5) to behave as an agent of that
+	// generation does, which knows no later type and ignores a bulk offer.
+	Generation uint8
+	// BootError, when set, is why the boot configuration could not be used (a bad or missing
+	// core.bootstrap). The agent then comes up only far enough to say so: the handshake and
+	// core.ready, a core.error on id 0, and every session start is answered with its terminal
+	// failure carrying this text; nothing runs.
+	BootError string
 
 	// DefaultUser is reported in core.init.resolved.
 	DefaultUser protocol.UserIDs
@@ -92,6 +105,7 @@ type Agent struct {
 	fr      *protocol.FrameReader
 	out     *sessionio.Writer
 	fs      *fs.Service
+	gen     uint8 // announced
 	hostGen uint8
 	enabled []string // features negotiated with the host
 
@@ -133,14 +147,42 @@ func New(cfg Config) *Agent {
 	budget(&cfg.Relay.Outbound, &cfg.TCPBufferBudget, DefaultTCPBufferBudget)
 	budget(&cfg.Exec.StdinBudget, &cfg.ExecStdinBudget, DefaultExecStdinBudget)
 	budget(&cfg.Fs.WriteBudget, &cfg.FsWriteBudget, DefaultFsWriteBudget)
-	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port),
+	if cfg.Generation == 0 || cfg.Generation > protocol.Version {
+		cfg.Generation = protocol.Version
+	}
+	cfg.Generation = max(cfg.Generation, protocol.TypeError.Info().Generation)
+	cfg.Mux.Generation = cfg.Generation
+	fr := cfg.Frames
+	if fr == nil {
+		fr = protocol.NewFrameReader(cfg.Port)
+	}
+	return &Agent{cfg: cfg, log: cfg.Log, fr: fr, gen: cfg.Generation,
 		tcp: map[uint32]*relay.Session{}, execs: map[uint32]*exec.Session{}}
+}
+
+// frame builds a frame of the announced generation (before the writer runs).
+func (a *Agent) frame(id uint32, t protocol.Type, v any) ([]byte, error) {
+	p, err := protocol.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	return protocol.AppendMessageV(nil, a.gen, id, t, p)
 }
 
 // Handshake sends core.init.resolved and waits for core.init.ack, as the reference does
 // during init. Any other first frame, a timeout or EOF is an error.
 func (a *Agent) Handshake() error {
-	frame, err := protocol.EncodeFrame(0, protocol.TypeInitResolved, protocol.InitResolved{DefaultUser: a.cfg.DefaultUser})
+	if a.cfg.BootError != "" { // in the channel's log; a relay drops it before ready
+		f, err := a.frame(0, protocol.TypeError, protocol.CoreError{Kind: protocol.KindInvalidPayload,
+			Message: a.cfg.BootError, OffendingType: protocol.TypeBootstrap.String()})
+		if err != nil {
+			return err
+		}
+		if _, err := a.cfg.Port.Write(f); err != nil {
+			return fmt.Errorf("send core.error: %w", err)
+		}
+	}
+	frame, err := a.frame(0, protocol.TypeInitResolved, protocol.InitResolved{DefaultUser: a.cfg.DefaultUser})
 	if err != nil {
 		return err
 	}
@@ -272,6 +314,10 @@ func (a *Agent) Serve(ctx context.Context) error {
 	}
 }
 
+// Buffered returns what the agent's frame reader read past the last frame it returned (for
+// handing the channel to another process, see Adopt).
+func (a *Agent) Buffered() []byte { return a.fr.Buffered() }
+
 func (a *Agent) readLoop(ctx context.Context) error {
 	for {
 		f, err := a.fr.Next()
@@ -319,6 +365,9 @@ func hungUp(err error) bool {
 // handle processes one frame. It returns an error only to end the loop (shutdown, or the
 // writer is gone); everything the host got wrong is answered on the frame's id.
 func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
+	if f.Flags == protocol.FlagBulk && a.gen >= protocol.TypeBulkAccepted.Info().Generation {
+		return a.record(ctx, f)
+	}
 	m, err := protocol.DecodeMessage(f)
 	if err != nil {
 		var ee *protocol.EnvelopeError
@@ -333,10 +382,55 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		return a.reject(ctx, m.ID, m.V, protocol.KindInvalidFlags,
 			fmt.Sprintf("invalid flags for %s: got %d, expected %d", m.Type, m.Flags, want), m.Type.String())
 	}
+	// A type of a later generation than the one announced, or a later generation's guest ->
+	// host type, is answered as an unknown type is. (Generation-5 guest -> host types are
+	// ignored below, as by the reference.)
+	if info := m.Type.Info(); info.Generation > a.gen || !info.Extension && !info.Dir.From(true) && info.Generation > 5 {
+		return a.reject(ctx, m.ID, m.V, protocol.KindUnsupportedMessageType,
+			fmt.Sprintf("unsupported message type %s from the host", m.Type), m.Type.String())
+	}
+	var seq uint64
 	if m.Type.CountsAsActivity() {
-		a.act.HostMessage()
+		seq = a.act.HostMessage()
+	}
+	if a.cfg.BootError != "" && m.Flags&protocol.FlagSessionStart != 0 {
+		return a.refuseSession(ctx, m)
 	}
 	switch m.Type {
+	case protocol.TypePing:
+		var p protocol.Empty
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypePong, protocol.Empty{})
+	case protocol.TypeTouch:
+		var p protocol.Empty
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeTouched, protocol.Touched{ActivitySeq: seq})
+	case protocol.TypeRootDiskPrepare, protocol.TypeRootDiskGrow:
+		var p protocol.RootDiskSize
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		return a.reject(ctx, m.ID, m.V, protocol.KindCapabilityUnavailable,
+			"this guest cannot resize its root disk online", m.Type.String())
+	case protocol.TypeWorkloadFreeze, protocol.TypeWorkloadThaw:
+		var p struct {
+			AttemptID string `cbor:"attempt_id" req:"1"`
+		}
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeError, protocol.CoreError{Kind: protocol.KindCapabilityUnavailable,
+			Message: "this guest has no workload freezer", OffendingType: m.Type.String(),
+			WorkloadFailure: &protocol.WorkloadFailure{AttemptID: p.AttemptID, Disposition: protocol.WorkloadUnavailable}})
+	case protocol.TypeBootstrap:
+		return a.reject(ctx, m.ID, m.V, protocol.KindUnsupportedMessageType,
+			"core.bootstrap is only taken as the first console frame, before init", m.Type.String())
+	case protocol.TypeBulkCredit, protocol.TypeBulkFinish, protocol.TypeBulkCancel:
+		return a.bulkControl(ctx, &m)
 	case protocol.TypeShutdown:
 		a.log.Info("shutdown requested by host")
 		return ErrShutdown
@@ -362,7 +456,10 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if !protocol.HasFeature(a.enabled, protocol.FeatureFlow) {
 			p.Window = 0 // flow control only for a host that negotiated it
 		}
-		return a.startTCP(ctx, m.ID, p)
+		if a.gen < protocol.TypeBulkAccepted.Info().Generation {
+			p.Bulk = nil // an agent of an older generation knows no such key
+		}
+		return a.startTCP(ctx, m.ID, m.V, p)
 	case protocol.TypeTCPData:
 		data, err := protocol.DecodeData(m.Payload)
 		if err != nil {
@@ -385,8 +482,9 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		}
 		if s := a.lookupTCP(m.ID); s != nil {
 			if m.Type == protocol.TypeTCPClose {
-				s.Abort()
+				s.Close()
 			} else if err := s.CloseWrite(); err != nil {
+				s.Abort()
 				return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed, protocol.TCPFailed{Error: err.Error()})
 			}
 		}
@@ -500,7 +598,78 @@ func (a *Agent) reject(ctx context.Context, id uint32, v uint8, kind, msg, offen
 	return a.out.ControlMsg(ctx, id, protocol.TypeError, protocol.CoreError{Kind: kind, Message: msg, OffendingType: offending})
 }
 
-func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) error {
+// record routes a raw bulk record to its session. A record that is not well formed, or that
+// its session's flow does not allow, fails that session; one for no session is answered as
+// data for no session is (core.tcp.data, core.fs.data).
+func (a *Agent) record(ctx context.Context, f protocol.Frame) error {
+	a.act.HostMessage()
+	r, err := protocol.ParseBulkRecord(f)
+	if s := a.lookupTCP(f.ID); s != nil {
+		a.act.TCPBytes.Add(uint64(len(r.Payload)))
+		if err != nil {
+			s.Fail("invalid TCP bulk record: " + err.Error())
+		} else {
+			s.Record(r)
+		}
+		return nil
+	}
+	if err == nil && r.Kind == protocol.BulkFS {
+		a.act.FsBytes.Add(uint64(len(r.Payload)))
+		msg := fmt.Sprintf("unknown write session: %d", f.ID)
+		return a.out.ControlMsg(ctx, f.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+	}
+	return a.out.ControlMsg(ctx, f.ID, protocol.TypeTCPFailed,
+		protocol.TCPFailed{Error: fmt.Sprintf("unknown TCP session: %d", f.ID)})
+}
+
+// bulkControl routes core.bulk.credit, finish and cancel to their session; for no session
+// they are ignored, as credit is.
+func (a *Agent) bulkControl(ctx context.Context, m *protocol.Message) error {
+	s := a.lookupTCP(m.ID)
+	switch m.Type {
+	case protocol.TypeBulkCredit:
+		var p protocol.BulkCredit
+		if err := a.decode(ctx, m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s != nil {
+			s.BulkCredit(p)
+		}
+	case protocol.TypeBulkFinish:
+		var p protocol.BulkFinish
+		if err := a.decode(ctx, m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s != nil {
+			s.BulkFinish(p)
+		}
+	case protocol.TypeBulkCancel:
+		var p protocol.BulkCancel
+		if err := a.decode(ctx, m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s != nil {
+			s.BulkCancel(p)
+		}
+	}
+	return nil
+}
+
+// refuseSession answers a session start after a failed boot with its terminal failure.
+func (a *Agent) refuseSession(ctx context.Context, m protocol.Message) error {
+	msg := "agent not configured: " + a.cfg.BootError
+	switch m.Type {
+	case protocol.TypeExecRequest:
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeExecFailed, protocol.ExecFailed{Kind: protocol.ExecOther, Message: msg})
+	case protocol.TypeFsRequest:
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+	case protocol.TypeTCPConnect:
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed, protocol.TCPFailed{Error: msg})
+	}
+	return a.reject(ctx, m.ID, m.V, protocol.KindInvalidSession, msg, m.Type.String())
+}
+
+func (a *Agent) startTCP(ctx context.Context, id uint32, v uint8, p protocol.TCPConnect) error {
 	a.mu.Lock()
 	old, n := a.tcp[id], len(a.tcp)
 	a.mu.Unlock()
@@ -511,7 +680,7 @@ func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) 
 			Error: fmt.Sprintf("connect %s:%d: too many TCP sessions (limit %d)", p.Host, p.Port, a.cfg.MaxTCPSessions)})
 	}
 	a.all.Add(1)
-	s := relay.New(id, p, a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
+	s := relay.New(id, p, v, a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
 		a.mu.Lock()
 		if a.tcp[s.ID()] == s {
 			delete(a.tcp, s.ID())
@@ -569,12 +738,22 @@ func (a *Agent) closeRange(start, end uint32) {
 			victims = append(victims, s)
 		}
 	}
+	var execs []*exec.Session
+	for id, s := range a.execs {
+		if id >= start && id < end {
+			execs = append(execs, s)
+		}
+	}
 	a.mu.Unlock()
 	for _, s := range victims {
 		s.Abort()
 	}
+	for _, s := range execs { // their process groups (the relay may also send exec.signal 9)
+		s.Kill(syscall.SIGKILL)
+	}
 	nfs := a.fs.CloseRange(start, end)
-	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims), "closed_fs", nfs)
+	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims),
+		"killed_exec", len(execs), "closed_fs", nfs)
 }
 
 // abortAll ends every session: TCP sessions at once, exec children with sig.

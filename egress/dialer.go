@@ -94,6 +94,14 @@ func (c *flowConn) CloseWrite() error {
 	return nil
 }
 
+// SetLinger passes on to the connection when it has the option (a reset on close).
+func (c *flowConn) SetLinger(sec int) error {
+	if l, ok := c.Conn.(interface{ SetLinger(int) error }); ok {
+		return l.SetLinger(sec)
+	}
+	return nil
+}
+
 func (c *flowConn) reset() {
 	if tc, ok := c.Conn.(*net.TCPConn); ok {
 		tc.SetLinger(0) // the destination sees a RST, as a revoked guest flow's does

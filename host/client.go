@@ -52,7 +52,10 @@ type Options struct {
 	Window int
 	// HandshakeTimeout bounds the wait for init.resolved/ready (direct) or the relay greeting.
 	HandshakeTimeout time.Duration
-	Log              *slog.Logger
+	// Bootstrap, when set, is written as the channel's first frame (direct mode only), as a
+	// current host configures its guest: core.bootstrap, id 0, before anything else.
+	Bootstrap *protocol.Bootstrap
+	Log       *slog.Logger
 }
 
 // DefaultOptions for a client.
@@ -121,6 +124,17 @@ type Greeting struct {
 func Handshake(conn io.ReadWriteCloser, opts Options) (Greeting, *protocol.FrameReader, error) {
 	opts = opts.withDefaults()
 	var g Greeting
+	if opts.Bootstrap != nil {
+		p, err := protocol.Marshal(opts.Bootstrap)
+		if err != nil {
+			return g, nil, fmt.Errorf("handshake: encode core.bootstrap: %w", err)
+		}
+		// A host that sends it speaks at least the generation that introduced it.
+		f, _ := protocol.AppendMessageV(nil, max(protocol.Version, protocol.BootstrapGeneration), 0, protocol.TypeBootstrap, p)
+		if _, err := conn.Write(f); err != nil {
+			return g, nil, fmt.Errorf("handshake: send core.bootstrap: %w", err)
+		}
+	}
 	fr := protocol.NewFrameReader(conn)
 	stop := watchdog(conn, opts.HandshakeTimeout)
 	defer stop()

@@ -17,7 +17,9 @@ type BootOptions struct {
 
 // Boot is PID 1's boot sequence up to the agent channel, and what it leaves running: the
 // reaper, the background module loads, the workloads' TLS environment, and the time each step
-// took.
+// took. It runs in two parts: StartBoot does what the channel needs (EarlyPlan), so that the
+// configuration can be read from it (a current host's core.bootstrap); Configure then runs
+// the plan for that configuration (Plan).
 //
 // The steps run in the reference's order, except that those it runs after its early handshake
 // (volumes, hosts, /etc/profile, loopback, network, TLS) come before the handshake here, so
@@ -42,12 +44,24 @@ type Step struct {
 	Run  func(b *Boot) error
 }
 
-// Plan is the boot sequence for c: the steps that apply, in order. It does nothing itself.
+// EarlyPlan is what the boot does before it knows its configuration: what the agent channel
+// needs (devtmpfs for the port's node, sysfs to find it, the virtio console), and the reaper.
+func EarlyPlan() []Step {
+	return []Step{
+		{"base mounts", func(*Boot) error { return MountEarly() }},
+		{"reaper", func(b *Boot) error { b.Reaper = StartReaper(); return nil }},
+		{"console modules", func(b *Boot) error {
+			_, err := LoadModules(ModulesDir, LoadOrder, b.Opts.Log)
+			return err
+		}},
+	}
+}
+
+// Plan is the boot sequence for c, after EarlyPlan: the steps that apply, in order. It does
+// nothing itself.
 func Plan(c Config, o BootOptions) []Step {
 	steps := []Step{
 		{"rlimits", func(b *Boot) error { return ApplyRlimits(b.Conf.Rlimits) }},
-		{"base mounts", func(*Boot) error { return MountEarly() }},
-		{"reaper", func(b *Boot) error { b.Reaper = StartReaper(); return nil }},
 		{"modules", (*Boot).loadModules},
 		{"runtime share", func(b *Boot) error { MountRuntime(b.Opts.Log); return nil }},
 	}
@@ -84,34 +98,41 @@ func Plan(c Config, o BootOptions) []Step {
 	}})
 }
 
-// StartBoot runs the plan for c (already loaded, all of it, before any side effect). On error
-// the boot is left as far as it got; Close still releases what it holds.
-func StartBoot(c Config, o BootOptions) (*Boot, error) {
+// StartBoot runs EarlyPlan. On error the boot is left as far as it got; Close still releases
+// what it holds.
+func StartBoot(o BootOptions) (*Boot, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	b := &Boot{Conf: c, Opts: o}
+	b := &Boot{Opts: o}
 	b.bg.Add(1)
-	for _, s := range Plan(c, o) {
+	return b, b.run(EarlyPlan())
+}
+
+// Configure runs the plan for c (read, all of it, before any of its side effects).
+func (b *Boot) Configure(c Config) error {
+	b.Conf = c
+	return b.run(Plan(c, b.Opts))
+}
+
+func (b *Boot) run(steps []Step) error {
+	for _, s := range steps {
 		t := time.Now()
 		if err := s.Run(b); err != nil {
-			return b, fmt.Errorf("init: %s: %w", s.Name, err)
+			return fmt.Errorf("init: %s: %w", s.Name, err)
 		}
 		if s.Name != "reaper" && s.Name != "network modules" { // instant: not worth a column
 			b.Steps.Mark(s.Name, t)
 		}
 	}
-	return b, nil
+	return nil
 }
 
-// loadModules loads what the channel needs (the virtio transport, the console; virtio-fs and
-// the block driver when init mounts from them) and opens the rest, which load in the
-// background from files opened now (a block root is about to replace the initramfs as /).
+// loadModules loads what init mounts from (virtio-fs and the block driver, when it does) and
+// opens the rest, which load in the background from files opened now (a block root is about
+// to replace the initramfs as /).
 func (b *Boot) loadModules() error {
 	log := b.Opts.Log
-	if _, err := LoadModules(ModulesDir, LoadOrder, log); err != nil {
-		return err
-	}
 	if err := LoadVirtiofs(log); err != nil { // only with a virtio-fs device
 		return err
 	}
@@ -136,22 +157,34 @@ func (b *Boot) loadModules() error {
 	return nil
 }
 
-// mountVolumes mounts the rest of the base file systems and the configured volumes.
+// mountVolumes mounts the rest of the base file systems, then every volume in the order of
+// the mount plan: parents before children, whatever their kind (contract 4.6).
 func (b *Boot) mountVolumes() error {
 	c := b.Conf
 	if err := MountRest(); err != nil {
 		return err
 	}
-	if err := MountTmpfs(c.Tmpfs, c.Restricted); err != nil {
+	plan, err := c.MountPlan()
+	if err != nil {
 		return err
 	}
-	if err := MountDirs(c.DirMounts, c.Restricted); err != nil {
-		return err
+	for _, m := range plan {
+		i := m.Index
+		switch m.Kind {
+		case MountKindDir:
+			err = MountDirs(c.DirMounts[i:i+1], c.Restricted)
+		case MountKindFile:
+			err = MountFiles(c.FileMounts[i:i+1], c.Restricted)
+		case MountKindDisk:
+			err = MountDisks(c.DiskMounts[i:i+1], c.Restricted)
+		case MountKindTmpfs:
+			err = MountTmpfs(c.Tmpfs[i:i+1], c.Restricted)
+		}
+		if err != nil {
+			return err
+		}
 	}
-	if err := MountFiles(c.FileMounts, c.Restricted); err != nil {
-		return err
-	}
-	return MountDisks(c.DiskMounts, c.Restricted)
+	return nil
 }
 
 // LoadBackground starts loading the background modules, once: right away when init needs

@@ -6,8 +6,16 @@ import (
 )
 
 // TestPlan pins the boot sequence: which steps run for which configuration, in which order.
+// Before any of them, EarlyPlan does only what reading the configuration from the channel needs.
 func TestPlan(t *testing.T) {
-	base := []string{"rlimits", "base mounts", "reaper", "modules", "runtime share"}
+	var early []string
+	for _, s := range EarlyPlan() {
+		early = append(early, s.Name)
+	}
+	if want := []string{"base mounts", "reaper", "console modules"}; !slices.Equal(early, want) {
+		t.Errorf("early plan %v, want %v", early, want)
+	}
+	base := []string{"rlimits", "modules", "runtime share"}
 	after := []string{"volumes", "hosts+profile", "lo"}
 	cat := func(parts ...[]string) []string { return slices.Concat(parts...) }
 	for _, tc := range []struct {

@@ -591,5 +591,9 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	if c.Handoff, err = ParseHandoff(getenv("MSB_HANDOFF_INIT"), getenv("MSB_HANDOFF_INIT_ARGS"), getenv("MSB_HANDOFF_INIT_ENV"), getenv("MSB_HANDOFF_INIT_CWD")); err != nil {
 		return c, err
 	}
+	// The boot mounts every volume in one plan (contract 4.6), checked before any side effect.
+	if _, err := c.MountPlan(); err != nil {
+		return c, fmt.Errorf("volumes (MSB_DIR_MOUNTS, MSB_FILE_MOUNTS, MSB_DISK_MOUNTS, MSB_TMPFS): %w", err)
+	}
 	return c, nil
 }

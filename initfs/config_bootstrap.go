@@ -298,3 +298,22 @@ func (c Config) WorkloadEnv() [][2]string {
 	}
 	return out
 }
+
+// DefaultWorkloadPath is the PATH workloads get when the bootstrap's default_env has none
+// (contract 4.2 step 7; the scripts directory is prepended to it at exec).
+const DefaultWorkloadPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// WorkloadPath is the PATH of the bootstrap's default_env (the last entry wins), else
+// DefaultWorkloadPath; "" for the MSB_* source, whose workloads get agentd's own PATH.
+func (c BootConfig) WorkloadPath() string {
+	if c.Source != SourceBootstrap {
+		return ""
+	}
+	p := DefaultWorkloadPath
+	for _, kv := range c.DefaultEnv {
+		if kv[0] == "PATH" {
+			p = kv[1]
+		}
+	}
+	return p
+}

@@ -1,7 +1,10 @@
 package initfs
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"os"
 	"strings"
 	"time"
 
@@ -113,4 +116,97 @@ func ChooseSource(opt ConfigSource, envPresent bool, first FirstFrame) (Decision
 		return Decision{Source: SourceEnv}, nil
 	}
 	return Decision{}, fmt.Errorf("boot configuration source %q: want auto, env or bootstrap", opt)
+}
+
+// Console is the agent channel as the boot reads its configuration from it, before the agent
+// loop: the channel's frame reader (handed to the agent afterwards, with whatever it holds)
+// and the means to wait on it.
+type Console struct {
+	Frames *protocol.FrameReader
+	// Readable waits up to d for the channel to hold a byte (d = 0: is one there now?).
+	Readable func(d time.Duration) (bool, error)
+	// Deadline bounds the reads of Frames until it is called with the zero time.
+	Deadline func(time.Time) error
+}
+
+// BootConfig is a boot's configuration and where it came from.
+type BootConfig struct {
+	Config
+	Decision
+	// Payload is the core.bootstrap payload as it arrived (nil from the MSB_* source): an agent
+	// started later (the handoff child) maps it again with BootstrapConfig.
+	Payload []byte
+}
+
+// ReadConfig decides the source of the boot configuration (BootstrapWait, ChooseSource) and
+// reads it: a core.bootstrap frame from the console, or the MSB_* variables through getenv.
+// A frame that is not core.bootstrap stays in con.Frames for the agent loop, as do the bytes
+// that followed the bootstrap. When the result's Source is SourceBootstrap, an error is a bad
+// or missing bootstrap (the boot fails closed with it); otherwise it is a bad MSB_* variable.
+func ReadConfig(con Console, opt ConfigSource, getenv func(string) string) (BootConfig, error) {
+	envPresent := HasBootEnv(getenv)
+	first := FrameNone
+	if opt != SourceEnv {
+		f, ok, err := peekFirst(con, BootstrapWait(opt, envPresent))
+		if err != nil {
+			return BootConfig{Decision: Decision{Source: SourceBootstrap}}, fmt.Errorf("bootstrap receive failed: %w", err)
+		}
+		if ok {
+			first = ClassifyFirstFrame(f)
+		}
+	}
+	d, err := ChooseSource(opt, envPresent, first)
+	if err != nil {
+		return BootConfig{Decision: Decision{Source: SourceBootstrap}}, fmt.Errorf("bootstrap receive failed: %w", err)
+	}
+	if d.Source == SourceEnv {
+		c, err := LoadConfig(getenv)
+		return BootConfig{Config: c, Decision: d}, err
+	}
+	f, _ := con.Frames.Next() // the frame peekFirst saw
+	bc := BootConfig{Decision: d}
+	b, err := protocol.DecodeBootstrapFrame(f)
+	if err != nil {
+		return bc, fmt.Errorf("bootstrap receive failed: %w", err)
+	}
+	m, _ := protocol.DecodeMessage(f) // decoded once already by DecodeBootstrapFrame
+	bc.Payload = append([]byte(nil), m.Payload...)
+	if bc.Config, err = FromBootstrap(b); err != nil {
+		return bc, fmt.Errorf("bootstrap validation failed: %w", err)
+	}
+	return bc, nil
+}
+
+// peekFirst waits up to wait for the console's first byte, then up to BootstrapDeadline for
+// the whole first frame, which it leaves in con.Frames. ok is false when no byte came, or the
+// channel ended before any frame.
+func peekFirst(con Console, wait time.Duration) (protocol.Frame, bool, error) {
+	ready, err := con.Readable(wait)
+	if err != nil || !ready {
+		return protocol.Frame{}, false, err
+	}
+	con.Deadline(time.Now().Add(BootstrapDeadline))
+	defer con.Deadline(time.Time{})
+	f, err := con.Frames.Peek()
+	switch {
+	case err == io.EOF:
+		return f, false, nil // a hang-up (a host not connected yet): nothing was sent
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return f, false, fmt.Errorf("no whole first frame within %s", BootstrapDeadline)
+	case err != nil:
+		return f, false, fmt.Errorf("read the first console frame: %w", err)
+	}
+	return f, true, nil
+}
+
+// BootstrapConfig maps a core.bootstrap payload (BootConfig.Payload) again.
+func BootstrapConfig(payload []byte) (BootConfig, error) {
+	bc := BootConfig{Decision: Decision{Source: SourceBootstrap}, Payload: payload}
+	var b protocol.Bootstrap
+	if err := protocol.Unmarshal(payload, &b); err != nil {
+		return bc, fmt.Errorf("decode guest bootstrap payload: %w", err)
+	}
+	var err error
+	bc.Config, err = FromBootstrap(&b)
+	return bc, err
 }

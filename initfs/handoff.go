@@ -71,8 +71,14 @@ func HandoffEnv(environ []string, h *Handoff) []string {
 	return out
 }
 
-// ExecInit replaces this process (PID 1) with the new init. It returns only on failure.
-func ExecInit(path string, argv, env []string) error {
+// ExecInit replaces this process (PID 1) with the new init, started in cwd ("": agentd's). It
+// returns only on failure.
+func ExecInit(path string, argv, env []string, cwd string) error {
+	if cwd != "" {
+		if err := os.Chdir(cwd); err != nil {
+			return fmt.Errorf("handoff: chdir %s: %w", cwd, err)
+		}
+	}
 	err := syscall.Exec(path, argv, env)
 	return fmt.Errorf("handoff: execve(%s) failed: %w", path, err)
 }

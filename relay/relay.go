@@ -1,7 +1,13 @@
 // Package relay implements core.tcp.* sessions: it resolves the destination through a
 // Resolver, connects through a Dialer and moves bytes between that stream and the agent channel
-// with bounded buffers in both directions. It decides nothing itself: with egress on, the
-// Dialer is the policy point's (egress.Dialer) and the Resolver the guest's resolver.
+// with bounded buffers in both directions: as CBOR core.tcp.data (generation 5, optionally with
+// agentd's per-stream credit) or, when the host offers it, as generation-8 raw bulk records
+// under absolute credit. It decides nothing itself: with egress on, the Dialer is the policy
+// point's (egress.Dialer) and the Resolver the guest's resolver.
+//
+// A session ends with core.tcp.closed once both directions ended (the destination's end
+// reported, the host's end applied), with core.tcp.failed, or at core.tcp.close, which drains
+// the destination when the host's side had ended in order and resets it otherwise.
 package relay
 
 import (
@@ -12,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -75,8 +82,16 @@ type Options struct {
 	Resolver Resolver
 	// Inbound and Outbound are byte budgets shared by all sessions (host -> destination and
 	// destination -> host buffers). The agent makes them from its TCPBufferBudget; nil
-	// means only the per-session limits apply.
+	// means only the per-session limits apply. A bulk session's host -> destination credit is
+	// held in Inbound: every granted byte is backed by it.
 	Inbound, Outbound *sessionio.Budget
+	// BulkWindow is the host -> destination credit a bulk session grants ahead of what it wrote
+	// (the reference's 8 MiB), less when Inbound runs short.
+	BulkWindow int
+	// DrainIdle and DrainTotal bound the drain after a core.tcp.close that followed the host's
+	// orderly end: the destination is read (and discarded) until it closes, at most DrainIdle
+	// without progress or DrainTotal in all (the reference's 10 s and 120 s).
+	DrainIdle, DrainTotal time.Duration
 }
 
 // DefaultOptions: 64 KiB chunks, 256 KiB/64 KiB watermarks toward the host, 4 MiB inbound (a
@@ -87,6 +102,9 @@ var DefaultOptions = Options{
 	LowWater:       sessionio.DefaultLowWater,
 	InboundLimit:   4 << 20,
 	ConnectTimeout: 30 * time.Second,
+	BulkWindow:     protocol.BulkDefaultWindow,
+	DrainIdle:      10 * time.Second,
+	DrainTotal:     120 * time.Second,
 	Dialer:         DialFunc((&net.Dialer{}).DialContext),
 	Resolver:       net.DefaultResolver,
 }
@@ -114,7 +132,34 @@ func (o Options) withDefaults() Options {
 	if o.Resolver == nil {
 		o.Resolver = d.Resolver
 	}
+	if o.BulkWindow <= 0 || o.BulkWindow > protocol.BulkMaxWindow {
+		o.BulkWindow = d.BulkWindow
+	}
+	if o.DrainIdle <= 0 {
+		o.DrainIdle = d.DrainIdle
+	}
+	if o.DrainTotal <= 0 {
+		o.DrainTotal = d.DrainTotal
+	}
 	return o
+}
+
+// BulkRecordMax is the largest raw record a bulk session sends or accepts: the reference's
+// TCP default (an offer may ask for less).
+const BulkRecordMax = protocol.BulkDefaultRecordPayload
+
+// CheckOffer validates a core.tcp.connect's bulk offer on a frame stamped with generation v,
+// returning the core.tcp.failed text that refuses it ("" when it is acceptable).
+func CheckOffer(o *protocol.BulkOffer, v uint8) string {
+	switch {
+	case v < protocol.TypeBulkAccepted.Info().Generation:
+		return fmt.Sprintf("raw bulk offer requires protocol generation %d", protocol.TypeBulkAccepted.Info().Generation)
+	case o.Validate() != nil:
+		return "invalid TCP bulk offer: " + o.Validate().Error()
+	case o.GuestToHostCreditLimit == 0:
+		return "TCP bulk offer must grant guest-to-host credit"
+	}
+	return ""
 }
 
 // Session is one core.tcp stream.
@@ -136,10 +181,27 @@ type Session struct {
 
 	credit *sessionio.Credit // flow: bytes we may still send to the host
 
-	mu       sync.Mutex
-	conn     net.Conn
-	ended    bool
-	finished chan struct{}
+	bulk *bulkFlows // nil: the CBOR path
+	// sendCtx ends sending to the host without ending the session (a drain after tcp.close).
+	sendCtx    context.Context
+	stopSend   context.CancelFunc
+	offerError string // the core.tcp.failed text refusing the connect's bulk offer
+
+	mu        sync.Mutex
+	conn      net.Conn
+	ended     bool
+	hostEnded bool // the host's end applied: its data written, the write side shut down
+	destEnded bool // the destination's end reported to the host
+	draining  bool
+	finished  chan struct{}
+}
+
+// bulkFlows are a bulk session's two flows.
+type bulkFlows struct {
+	in     *sessionio.BulkIn  // host -> destination
+	out    *sessionio.BulkOut // destination -> host
+	record int                // max_record_payload, both ways
+	offer  protocol.BulkOffer
 }
 
 // Go dials in the background: the caller's loop never waits for the connect. The session
@@ -148,8 +210,9 @@ type Session struct {
 func (s *Session) Go() { go s.run(s.host, s.port) }
 
 // New creates the session for a core.tcp.connect without starting it. done is called once,
-// when the session ends for any reason.
-func New(id uint32, req protocol.TCPConnect, out *sessionio.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
+// when the session ends for any reason. v is the generation the connect frame was stamped
+// with; a bulk offer in req is taken (or refused, see CheckOffer).
+func New(id uint32, req protocol.TCPConnect, v uint8, out *sessionio.Writer, opts Options, log *slog.Logger, done func(*Session)) *Session {
 	opts = opts.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{
@@ -161,15 +224,39 @@ func New(id uint32, req protocol.TCPConnect, out *sessionio.Writer, opts Options
 		cancel:   cancel,
 		finished: make(chan struct{}),
 	}
+	s.sendCtx, s.stopSend = context.WithCancel(ctx)
 	cfg := sessionio.SinkConfig{Limit: opts.InboundLimit, Budget: opts.Inbound}
 	if s.flow {
 		cfg.Grant = func(n int) {
 			s.out.ControlMsg(s.ctx, s.id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(n)})
 		}
 	}
+	if req.Bulk != nil {
+		if s.offerError = CheckOffer(req.Bulk, v); s.offerError == "" {
+			s.flow = false
+			s.bulk = newBulkFlows(s, *req.Bulk)
+			// Only granted bytes arrive, and each is backed by Inbound: the sink never waits.
+			cfg = sessionio.SinkConfig{Limit: protocol.BulkMaxWindow + BulkRecordMax, GrantEvery: sessionio.ChunkSize,
+				Grant: func(n int) { s.bulk.in.Consumed(s.ctx, n) }}
+		}
+	}
 	s.in = sessionio.NewSink(ctx, cfg)
 	s.host, s.port = req.Host, req.Port
 	return s
+}
+
+func newBulkFlows(s *Session, offer protocol.BulkOffer) *bulkFlows {
+	record := int(min(offer.MaxRecordPayload, BulkRecordMax))
+	return &bulkFlows{
+		offer: offer, record: record,
+		out: sessionio.NewBulkOut(offer.GuestToHostCreditLimit),
+		in: sessionio.NewBulkIn(sessionio.BulkInOptions{Kind: protocol.BulkTCP, Flow: protocol.BulkHostToGuest,
+			MaxRecord: record, Window: uint64(s.opts.BulkWindow), Budget: s.opts.Inbound,
+			Grant: func(consumed, limit uint64) {
+				s.out.ControlMsg(s.ctx, s.id, protocol.TypeBulkCredit, protocol.BulkCredit{Kind: protocol.BulkTCP,
+					Flow: protocol.BulkHostToGuest, ConsumedOffset: consumed, CreditLimit: limit})
+			}}),
+	}
 }
 
 // ID returns the session id.
@@ -180,6 +267,10 @@ func (s *Session) Finished() <-chan struct{} { return s.finished }
 
 func (s *Session) run(host string, port uint16) {
 	defer close(s.finished)
+	if s.offerError != "" {
+		s.fail(s.offerError)
+		return
+	}
 	dctx, dcancel := context.WithTimeout(s.ctx, s.opts.ConnectTimeout)
 	conn, err := s.dial(dctx, host, port)
 	dcancel()
@@ -211,11 +302,33 @@ func (s *Session) run(host string, port uint16) {
 		s.end()
 		return
 	}
+	if s.bulk != nil && !s.accept() {
+		s.end()
+		return
+	}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { defer wg.Done(); s.toDestination(conn) }()
-	s.toHost(conn)
+	if s.bulk != nil {
+		s.toHostBulk(conn)
+	} else {
+		s.toHost(conn)
+	}
 	wg.Wait()
+}
+
+// accept takes the bulk session's initial host -> destination credit (waiting for budget room)
+// and answers core.bulk.accepted, after core.tcp.connected (contract 6.5).
+func (s *Session) accept() bool {
+	b := s.bulk
+	limit, err := b.in.Open(s.ctx)
+	if err != nil {
+		return false
+	}
+	return s.q.PushMsg(s.ctx, s.id, protocol.TypeBulkAccepted, protocol.BulkAccepted{
+		Kind: protocol.BulkTCP, Flows: protocol.BulkHostToGuest.Bit() | protocol.BulkGuestToHost.Bit(),
+		Format: protocol.BulkFormatRawV1, MaxRecordPayload: uint32(b.record),
+		HostToGuestCreditLimit: limit, GuestToHostCreditLimit: b.offer.GuestToHostCreditLimit}) == nil
 }
 
 // dial resolves host (unless it is an address) and connects through the Dialer.
@@ -248,11 +361,13 @@ func (s *Session) toHost(conn net.Conn) {
 		n := s.opts.ChunkSize
 		if s.flow {
 			var ok bool
-			if n, ok = s.credit.Take(s.ctx, n); !ok {
+			if n, ok = s.credit.Take(s.sendCtx, n); !ok {
+				s.drain(conn)
 				return
 			}
 		}
-		if err := s.opts.Outbound.Acquire(s.ctx, n); err != nil {
+		if err := s.opts.Outbound.Acquire(s.sendCtx, n); err != nil {
+			s.drain(conn)
 			return
 		}
 		buf := sessionio.GetBuf()
@@ -266,15 +381,73 @@ func (s *Session) toHost(conn net.Conn) {
 			if s.opts.Outbound != nil {
 				rel = s.opts.Outbound
 			}
-			if perr := s.q.PushDataRelease(s.ctx, s.id, protocol.TypeTCPData, buf, m, rel); perr != nil {
+			if perr := s.q.PushDataRelease(s.sendCtx, s.id, protocol.TypeTCPData, buf, m, rel); perr != nil {
+				s.drain(conn)
 				return
 			}
 		} else {
 			sessionio.PutBuf(buf)
 		}
 		if err == io.EOF {
-			s.q.PushMsg(s.ctx, s.id, protocol.TypeTCPEOF, protocol.Empty{})
-			return // the session stays open for host writes
+			if s.q.PushMsg(s.sendCtx, s.id, protocol.TypeTCPEOF, protocol.Empty{}) == nil {
+				s.halfEnded(false) // the session stays open for host writes
+			} else {
+				s.drain(conn) // stopped by a close: the drain ends the session
+			}
+			return
+		}
+		if err != nil {
+			if s.ctx.Err() == nil {
+				s.fail("read TCP stream: " + describe(err))
+			}
+			return
+		}
+	}
+}
+
+// toHostBulk reads the destination into raw records, each within the host's credit, and
+// finishes the flow at the destination's EOF.
+func (s *Session) toHostBulk(conn net.Conn) {
+	b := s.bulk
+	var rel sessionio.Releaser
+	if s.opts.Outbound != nil {
+		rel = s.opts.Outbound
+	}
+	for {
+		off, n, ok := b.out.Wait(s.sendCtx, b.record)
+		if !ok {
+			s.drain(conn)
+			return
+		}
+		if err := s.opts.Outbound.Acquire(s.sendCtx, n); err != nil {
+			s.drain(conn)
+			return
+		}
+		buf := sessionio.GetBigBuf()
+		if n <= sessionio.ChunkSize {
+			sessionio.PutBuf(buf)
+			buf = sessionio.GetBuf()
+		}
+		m, err := conn.Read((*buf)[:n])
+		s.opts.Outbound.Release(n - m)
+		if m > 0 {
+			b.out.Sent(m)
+			if s.q.PushRecord(s.sendCtx, s.id, protocol.TypeTCPData, protocol.BulkTCP, protocol.BulkGuestToHost, off, buf, m, rel) != nil {
+				s.drain(conn)
+				return
+			}
+		} else {
+			sessionio.PutBuf(buf)
+		}
+		if err == io.EOF {
+			final := b.out.Finish()
+			if s.q.PushMsg(s.sendCtx, s.id, protocol.TypeBulkFinish, protocol.BulkFinish{Kind: protocol.BulkTCP,
+				Flow: protocol.BulkGuestToHost, FinalOffset: final}) == nil {
+				s.halfEnded(false)
+			} else {
+				s.drain(conn)
+			}
+			return
 		}
 		if err != nil {
 			if s.ctx.Err() == nil {
@@ -292,22 +465,78 @@ func (s *Session) toDestination(conn net.Conn) {
 	switch {
 	case err == io.EOF:
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-			if err := cw.CloseWrite(); err != nil && s.ctx.Err() == nil {
-				s.fail("shutdown TCP stream: " + describe(err))
+			if err := cw.CloseWrite(); err != nil {
+				if s.ctx.Err() == nil {
+					s.fail("shutdown TCP stream: " + describe(err))
+				}
+				return
 			}
 		}
+		if s.bulk != nil {
+			s.bulk.in.Drained() // the reference's last credit once a finished flow is written
+		}
+		s.halfEnded(true)
 	case err != nil && s.ctx.Err() == nil:
 		s.fail("write TCP stream: " + describe(err))
 	}
 }
 
+// halfEnded records the end of one direction (host: the host's end was applied; else the
+// destination's end was reported). Once both ended the session ends with core.tcp.closed.
+func (s *Session) halfEnded(host bool) {
+	s.mu.Lock()
+	if host {
+		s.hostEnded = true
+	} else {
+		s.destEnded = true
+	}
+	both := s.hostEnded && s.destEnded && !s.ended && !s.draining
+	s.mu.Unlock()
+	if both {
+		s.q.PushMsg(context.Background(), s.id, protocol.TypeTCPClosed, protocol.Empty{})
+		s.endKeepQueue()
+	}
+}
+
+// drain reads and discards the destination until it closes, within DrainIdle of progress and
+// DrainTotal in all, when sending to the host was stopped by a core.tcp.close (see Close); the
+// session then ends. It does nothing for a session that is ending otherwise.
+func (s *Session) drain(conn net.Conn) {
+	s.mu.Lock()
+	draining := s.draining && !s.ended
+	s.mu.Unlock()
+	if !draining {
+		return
+	}
+	buf := sessionio.GetBuf()
+	defer sessionio.PutBuf(buf)
+	total := time.Now().Add(s.opts.DrainTotal)
+	for s.ctx.Err() == nil {
+		dl := time.Now().Add(s.opts.DrainIdle)
+		if dl.After(total) {
+			dl = total
+		}
+		conn.SetReadDeadline(dl)
+		if _, err := conn.Read(*buf); err != nil {
+			break
+		}
+	}
+	s.end()
+}
+
 // errSessionClosed is the reference's text for data sent to a session that is over.
 var errSessionClosed = errors.New("TCP session is closed")
+
+// errCBORAfterBulk is the reference's text for CBOR data on a bulk session.
+var errCBORAfterBulk = errors.New("CBOR TCP data is invalid after raw bulk acceptance")
 
 // Write queues host data for the destination (copying it: it aliases the channel's read
 // buffer). It waits while the session's buffer is full, which only a host without flow
 // control can cause. Data after the host's EOF is dropped, as by the reference.
 func (s *Session) Write(data []byte) error {
+	if s.bulk != nil {
+		return errCBORAfterBulk
+	}
 	if err := s.in.Write(data); err != nil {
 		return errSessionClosed
 	}
@@ -316,10 +545,101 @@ func (s *Session) Write(data []byte) error {
 
 // CloseWrite queues the host's EOF after all queued data.
 func (s *Session) CloseWrite() error {
+	if s.bulk != nil {
+		return errCBORAfterBulk
+	}
 	if err := s.in.CloseWrite(); err != nil {
 		return errSessionClosed
 	}
 	return nil
+}
+
+// Record takes one raw bulk record from the host (its payload aliases the channel's read
+// buffer and is copied). A record the session's flow does not allow fails the session.
+func (s *Session) Record(r protocol.BulkRecord) {
+	if s.bulk == nil {
+		s.fail("raw bulk record received on a generation-6 TCP stream")
+		return
+	}
+	if err := s.bulk.in.Accept(r); err != nil {
+		s.fail("invalid TCP bulk record: " + err.Error())
+		return
+	}
+	if s.in.Write(r.Payload) != nil {
+		return // ending
+	}
+	if s.bulk.in.Complete() {
+		s.in.CloseWrite()
+	}
+}
+
+// BulkCredit applies the host's core.bulk.credit (for the destination -> host flow).
+func (s *Session) BulkCredit(p protocol.BulkCredit) {
+	switch {
+	case s.bulk == nil:
+		s.fail("core.bulk.credit received on a generation-6 TCP stream")
+	case p.Kind != protocol.BulkTCP || p.Flow != protocol.BulkGuestToHost:
+		s.fail(fmt.Sprintf("invalid TCP bulk credit: kind %d flow %d", p.Kind, p.Flow))
+	default:
+		if err := s.bulk.out.Credit(p.ConsumedOffset, p.CreditLimit); err != nil {
+			s.fail("invalid TCP bulk credit: " + err.Error())
+		}
+	}
+}
+
+// BulkFinish applies the host's core.bulk.finish (its half-close): once every byte before it
+// is written, the destination's write side is shut down.
+func (s *Session) BulkFinish(p protocol.BulkFinish) {
+	switch {
+	case s.bulk == nil:
+		s.fail("core.bulk.finish received on a generation-6 TCP stream")
+	case p.Kind != protocol.BulkTCP || p.Flow != protocol.BulkHostToGuest:
+		s.fail(fmt.Sprintf("invalid TCP bulk finish: kind %d flow %d", p.Kind, p.Flow))
+	default:
+		complete, err := s.bulk.in.Finish(p.FinalOffset)
+		switch {
+		case err != nil && strings.HasPrefix(err.Error(), "duplicate"):
+			s.fail("duplicate TCP bulk finish")
+		case err != nil:
+			s.fail("invalid TCP bulk finish: " + err.Error())
+		case complete:
+			s.in.CloseWrite()
+		}
+	}
+}
+
+// BulkCancel ends the session at the host's core.bulk.cancel, with its message.
+func (s *Session) BulkCancel(p protocol.BulkCancel) {
+	if s.bulk == nil {
+		s.fail("core.bulk.cancel received on a generation-6 TCP stream")
+		return
+	}
+	s.fail(p.Message)
+}
+
+// Close is core.tcp.close. It sends nothing. If the host's side had ended in order (all its
+// data written, the write side shut down), nothing more goes to the host but the destination
+// is drained until it closes, so what was written reaches it whole and ends with a FIN;
+// otherwise the destination is reset, so it cannot take a truncated stream for a whole one.
+func (s *Session) Close() {
+	s.mu.Lock()
+	if s.ended {
+		s.mu.Unlock()
+		return
+	}
+	if !s.hostEnded {
+		conn := s.conn
+		s.mu.Unlock()
+		if l, ok := conn.(interface{ SetLinger(int) error }); ok && conn != nil {
+			l.SetLinger(0)
+		}
+		s.end()
+		return
+	}
+	s.draining = true
+	s.mu.Unlock()
+	s.q.Close() // queued output is dropped: no frame is owed after a close
+	s.stopSend()
 }
 
 // Credit adds flow-control credit granted by the host.
@@ -328,6 +648,10 @@ func (s *Session) Credit(n uint32) { s.credit.Add(int64(n)) }
 // Abort tears the session down at once without a frame (core.tcp.close, relay client
 // disconnect, shutdown): queued data in both directions is dropped.
 func (s *Session) Abort() { s.end() }
+
+// Fail ends the session with a terminal core.tcp.failed carrying msg (a protocol error of the
+// host's on this session).
+func (s *Session) Fail(msg string) { s.fail(msg) }
 
 // fail sends the terminal core.tcp.failed and ends the session.
 func (s *Session) fail(msg string) {

@@ -31,7 +31,7 @@ func newHarness(t *testing.T) *harness {
 }
 
 func (h *harness) start(id uint32, req protocol.TCPConnect, opts Options) *Session {
-	s := New(id, req, h.out, opts, quiet, func(s *Session) { h.ends <- s })
+	s := New(id, req, protocol.Version, h.out, opts, quiet, func(s *Session) { h.ends <- s })
 	s.Go()
 	return s
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/agentd/agentd/gateway"
 	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/initfs"
+	"github.com/agentd/agentd/protocol"
 )
 
 // With MSB_HANDOFF_INIT, PID 1 must become another init while the agent keeps the channel. A
@@ -25,17 +26,22 @@ const (
 	handoffStateEnv  = "AGENTD_HANDOFF_STATE"
 )
 
-// handoffState is what the agent child needs from PID 1's handshake.
+// handoffState is what the agent child needs from PID 1's boot and handshake: the boot
+// configuration when it came as core.bootstrap (the child has no MSB_* to read it from), and
+// the bytes PID 1 had read from the channel past the handshake.
 type handoffState struct {
-	HostGen  uint8    `json:"host_gen"`
-	Features []string `json:"features"`
-	InitNs   uint64   `json:"init_ns"`
+	HostGen   uint8    `json:"host_gen"`
+	Features  []string `json:"features"`
+	InitNs    uint64   `json:"init_ns"`
+	Bootstrap []byte   `json:"bootstrap,omitempty"`
+	Buffered  []byte   `json:"buffered,omitempty"`
 }
 
 func isHandoffAgent() bool { return len(os.Args) > 0 && os.Args[0] == handoffAgentName }
 
 // handOff starts the agent child on port and execs the new init. It returns only on failure.
-func handOff(log *slog.Logger, h *initfs.Handoff, a *agent.Agent, port io.ReadWriteCloser, initNs uint64) error {
+func handOff(log *slog.Logger, bc initfs.BootConfig, a *agent.Agent, port io.ReadWriteCloser, initNs uint64) error {
+	h := bc.Handoff
 	path, err := initfs.ResolveHandoff(h)
 	if err != nil {
 		return err
@@ -45,7 +51,7 @@ func handOff(log *slog.Logger, h *initfs.Handoff, a *agent.Agent, port io.ReadWr
 		return fmt.Errorf("handoff: the channel is not a file (%T)", port)
 	}
 	gen, features := a.Negotiated()
-	state, _ := json.Marshal(handoffState{HostGen: gen, Features: features, InitNs: initNs})
+	state, _ := json.Marshal(handoffState{HostGen: gen, Features: features, InitNs: initNs, Bootstrap: bc.Payload, Buffered: a.Buffered()})
 	argv := append([]string{handoffAgentName}, os.Args[1:]...)
 	env := append(os.Environ(), handoffStateEnv+"="+string(state))
 	pid, err := initfs.StartHandoffAgent(argv, env, f)
@@ -53,8 +59,16 @@ func handOff(log *slog.Logger, h *initfs.Handoff, a *agent.Agent, port io.ReadWr
 		return err
 	}
 	log.Info("handing PID 1 to another init", "init", path, "agent_pid", pid, "agent_log", initfs.HandoffLog)
-	// The channel's fd is close-on-exec here: the new init does not inherit it.
-	return initfs.ExecInit(path, initfs.HandoffArgv(path, h), initfs.HandoffEnv(os.Environ(), h))
+	// The channel's fd is close-on-exec here: the new init does not inherit it. Its environment
+	// is agentd's (the kernel's) or, from core.bootstrap, the workloads' default_env.
+	environ := os.Environ()
+	if bc.Source == initfs.SourceBootstrap {
+		environ = nil
+		for _, kv := range bc.WorkloadEnv() {
+			environ = append(environ, kv[0]+"="+kv[1])
+		}
+	}
+	return initfs.ExecInit(path, initfs.HandoffArgv(path, h), initfs.HandoffEnv(environ, h), h.Cwd)
 }
 
 // handoffAgentMain is the agent child: the same flags as PID 1, the channel on fd 3.
@@ -65,7 +79,7 @@ func handoffAgentMain(boot uint64) int {
 		return 2
 	}
 	log, _ := newLogger(o.logLevel)
-	if o.heartbeat == "" {
+	if o.heartbeat == "" { // not standalone by its flags, yet not PID 1
 		o.heartbeat = heartbeat.DefaultPath
 	}
 	var st handoffState
@@ -75,7 +89,20 @@ func handoffAgentMain(boot uint64) int {
 	}
 	os.Unsetenv(handoffStateEnv)
 	err = func() error {
-		conf, execOpts, defaultUser, err := configFromEnv()
+		bc := initfs.BootConfig{Decision: initfs.Decision{Source: initfs.SourceEnv}}
+		if st.Bootstrap != nil {
+			bc, err = initfs.BootstrapConfig(st.Bootstrap)
+			if err == nil {
+				o, err = withBootSettings(o, bc)
+			}
+		} else {
+			bc.Config, err = initfs.LoadConfig(os.Getenv)
+		}
+		if err != nil {
+			return err
+		}
+		conf := bc.Config
+		execOpts, defaultUser, err := execOptions(bc)
 		if err != nil {
 			return err
 		}
@@ -91,7 +118,8 @@ func handoffAgentMain(boot uint64) int {
 			return err
 		}
 		defer port.Close()
-		return serve(o, log, boot, 0, port, execOpts, defaultUser, gw, serveHooks{adopted: &st})
+		fr := protocol.NewFrameReaderWith(port, st.Buffered)
+		return serve(o, log, boot, 0, port, execOpts, defaultUser, gw, serveHooks{adopted: &st, frames: fr})
 	}()
 	if err != nil {
 		log.Error("agent stopped", "error", err)

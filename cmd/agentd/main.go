@@ -48,18 +48,24 @@ type options struct {
 	heartbeat    string
 	budget       int64
 	tcpDialer    string
+	bootConfig   string
+	generation   uint
 	egress       egressOptions
 }
 
-func parseFlags(args []string) (options, error) {
+// parseFlags reads the command line, then AGENTD_* from the environment for flags not given.
+func parseFlags(args []string) (options, error) { return parseFlagsEnv(args, os.Getenv) }
+
+// parseFlagsEnv is parseFlags with the AGENTD_* settings read through getenv.
+func parseFlagsEnv(args []string, getenv func(string) string) (options, error) {
 	var o options
 	fs := flag.NewFlagSet("agentd", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: agentd [--standalone] [--port SPEC] [options]\n\n"+
-			"agentd speaks microsandbox's agent protocol (generation 5) on a channel.\n"+
+			"agentd speaks microsandbox's agent protocol (generations 5 to %d) on a channel.\n"+
 			"SPEC is a path opened read-write (virtio port, pty, FIFO), unix:PATH to connect to a\n"+
 			"unix socket, or unix-listen:PATH to accept one connection. By default agentd finds the\n"+
-			"virtio-serial port named \"agent\".\n\noptions:\n")
+			"virtio-serial port named \"agent\".\n\noptions:\n", protocol.Version)
 		fs.PrintDefaults()
 	}
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -77,13 +83,15 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.maxSessions, "tcp-max-sessions", agent.DefaultMaxTCPSessions, "most concurrent core.tcp sessions")
 	fs.Int64Var(&o.budget, "tcp-buffer-budget", agent.DefaultTCPBufferBudget, "`bytes` all TCP sessions together may buffer, per direction")
 	fs.StringVar(&o.heartbeat, "heartbeat", "", "write the heartbeat file to `PATH` every second (default "+heartbeat.DefaultPath+" as PID 1, none standalone)")
+	fs.StringVar(&o.bootConfig, "boot-config", "", "where the boot configuration comes from: auto (core.bootstrap when the host sends one first, else MSB_*; the default as PID 1), env (MSB_* only, never wait for a frame; the default with --standalone) or bootstrap (core.bootstrap required)")
+	fs.UintVar(&o.generation, "protocol-generation", protocol.Version, "protocol `GENERATION` to announce in core.ready (5 to the newest): agentd then behaves as an agent of that generation")
 	fs.StringVar(&o.tcpDialer, "tcp-dialer", "kernel", "how core.tcp.connect reaches its destination: kernel (sockets in agentd's namespace, the guest's) or netstack (through the egress netstack and the tun, from the gateway address; needs --egress)")
 	o.egress.register(fs)
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile to `FILE` (for benchmarks)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
-	if err := flagsFromEnv(fs, os.Getenv); err != nil {
+	if err := flagsFromEnv(fs, getenv); err != nil {
 		return o, err
 	}
 	if *showVersion {
@@ -106,6 +114,22 @@ func parseFlags(args []string) (options, error) {
 		return o, fmt.Errorf("--tcp-buffer-budget %d: must be at least --tcp-inbound-limit (%d)", o.budget, o.inboundLimit)
 	case o.initAck <= 0:
 		return o, fmt.Errorf("--init-ack-timeout %s: must be positive", o.initAck)
+	case o.generation < 5 || o.generation > protocol.Version:
+		return o, fmt.Errorf("--protocol-generation %d: want 5 to %d", o.generation, protocol.Version)
+	}
+	switch initfs.ConfigSource(o.bootConfig) {
+	case "", initfs.SourceAuto, initfs.SourceEnv, initfs.SourceBootstrap:
+	default:
+		return o, fmt.Errorf("--boot-config %q: want auto, env or bootstrap", o.bootConfig)
+	}
+	if o.bootConfig == "" {
+		o.bootConfig = string(initfs.SourceAuto)
+		if o.standalone {
+			o.bootConfig = string(initfs.SourceEnv)
+		}
+	}
+	if o.heartbeat == "" && !o.standalone {
+		o.heartbeat = heartbeat.DefaultPath
 	}
 	switch {
 	case o.tcpDialer != "kernel" && o.tcpDialer != "netstack":
@@ -163,9 +187,6 @@ func main() {
 		fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
 		os.Exit(2)
 	}
-	if o.heartbeat == "" && !o.standalone {
-		o.heartbeat = heartbeat.DefaultPath
-	}
 	if !o.standalone && os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "agentd: not PID 1; use --standalone to run the agent loop as an ordinary process")
 		os.Exit(2)
@@ -196,34 +217,116 @@ func main() {
 	}
 }
 
-// execOptions derives the exec settings from the boot configuration: MSB_USER (the default
-// user, also reported in core.init.resolved) and MSB_SECURITY_PROFILE.
-func execOptions(c initfs.Config) (exec.Options, protocol.UserIDs, error) {
-	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: c.User, Restricted: c.Restricted}
+// execOptions derives the exec settings from the boot configuration: the default user (also
+// reported in core.init.resolved), the security profile and, from core.bootstrap, the default
+// cwd and the workloads' environment and PATH.
+func execOptions(bc initfs.BootConfig) (exec.Options, protocol.UserIDs, error) {
+	c := bc.Config
+	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: c.User, Restricted: c.Restricted, DefaultCwd: c.DefaultCwd}
+	if p := bc.WorkloadPath(); p != "" {
+		opts.AgentPath = p
+		for _, kv := range c.WorkloadEnv() {
+			if kv[0] != "PATH" {
+				opts.BaseEnv = append(opts.BaseEnv, kv[0]+"="+kv[1])
+			}
+		}
+	}
 	var ids protocol.UserIDs
 	if c.User != "" {
 		id, err := exec.ResolveUser(c.User)
 		if err != nil {
-			return opts, ids, fmt.Errorf("MSB_USER=%q: %w", c.User, err)
+			field := "MSB_USER"
+			if bc.Source == initfs.SourceBootstrap {
+				field = "user"
+			}
+			return opts, ids, fmt.Errorf("%s=%q: %w", field, c.User, err)
 		}
 		ids = protocol.UserIDs{UID: id.UID, GID: id.GID}
 	}
 	return opts, ids, nil
 }
 
-// configFromEnv reads the MSB_* boot configuration and the exec settings derived from it.
-func configFromEnv() (initfs.Config, exec.Options, protocol.UserIDs, error) {
-	conf, err := initfs.LoadConfig(os.Getenv)
-	if err != nil {
-		return conf, exec.Options{}, protocol.UserIDs{}, err
+// readConfig reads the boot configuration from the channel or the environment (initfs.ReadConfig).
+func readConfig(o options, port io.ReadWriteCloser, fr *protocol.FrameReader, log *slog.Logger) (initfs.BootConfig, error) {
+	con := initfs.Console{
+		Frames:   fr,
+		Readable: func(d time.Duration) (bool, error) { return channel.WaitReadable(port, d) },
+		Deadline: func(t time.Time) error {
+			if dl, ok := port.(interface{ SetReadDeadline(time.Time) error }); ok {
+				return dl.SetReadDeadline(t)
+			}
+			return nil
+		},
 	}
-	execOpts, defaultUser, err := execOptions(conf)
-	return conf, execOpts, defaultUser, err
+	bc, err := initfs.ReadConfig(con, initfs.ConfigSource(o.bootConfig), os.Getenv)
+	if err == nil {
+		log.Info("boot configuration", "source", bc.Source)
+		if bc.Conflict {
+			log.Warn("the host sent core.bootstrap and set MSB_* variables: the bootstrap is used")
+		}
+	}
+	return bc, err
+}
+
+// withBootSettings applies agentd's own settings that came with core.bootstrap: AGENTD_<FLAG>
+// entries of its default_env set flags as the environment does (the command line, then the
+// environment, win over them). The policy is read afresh, once its file can be mounted.
+func withBootSettings(o options, bc initfs.BootConfig) (options, error) {
+	if bc.Source != initfs.SourceBootstrap {
+		return o, nil
+	}
+	n, err := parseFlagsEnv(os.Args[1:], func(k string) string {
+		if v := os.Getenv(k); v != "" {
+			return v
+		}
+		return bc.AgentSetting(k)
+	})
+	if err != nil {
+		return o, fmt.Errorf("agentd settings in core.bootstrap's default_env: %w", err)
+	}
+	return n, nil
+}
+
+// reportBootError is the fail-closed path of a boot whose configuration is unusable (a bad or
+// missing core.bootstrap): the error goes to the console, and the agent comes up only far
+// enough to tell the host (agent.Config.BootError).
+func reportBootError(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, fr *protocol.FrameReader, err error) error {
+	fmt.Fprintf(os.Stderr, "agentd: %v\n", err)
+	log.Error("boot configuration refused; serving only to report it", "error", err)
+	return serve(o, log, boot, initStart, port, exec.Options{}, protocol.UserIDs{}, nil, serveHooks{frames: fr, bootError: err.Error()})
 }
 
 func run(o options, log *slog.Logger, boot uint64) error {
 	initStart := agent.BootTimeNs()
-	_, execOpts, defaultUser, err := configFromEnv()
+	var bc initfs.BootConfig
+	var err error
+	if o.bootConfig == string(initfs.SourceEnv) { // checked before the channel is opened
+		if bc, err = initfs.ReadConfig(initfs.Console{}, initfs.SourceEnv, os.Getenv); err != nil {
+			return err
+		}
+	}
+	port, err := channel.Open(o.port)
+	if err != nil {
+		return err
+	}
+	defer port.Close()
+	fr := protocol.NewFrameReader(port)
+	if o.bootConfig != string(initfs.SourceEnv) {
+		bc, err = readConfig(o, port, fr, log)
+		if err != nil && bc.Source == initfs.SourceBootstrap {
+			return reportBootError(o, log, boot, initStart, port, fr, err)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if bc.Source == initfs.SourceBootstrap {
+		log.Info("standalone: only the exec settings of core.bootstrap apply (no mounts, network or handoff)")
+	}
+	if o, err = withBootSettings(o, bc); err != nil {
+		return err
+	}
+	execOpts, defaultUser, err := execOptions(bc)
 	if err != nil {
 		return err
 	}
@@ -234,31 +337,46 @@ func run(o options, log *slog.Logger, boot uint64) error {
 	if gw != nil {
 		defer gw.Stop()
 	}
-	port, err := channel.Open(o.port)
-	if err != nil {
-		return err
-	}
-	defer port.Close()
-	return serve(o, log, boot, initStart, port, execOpts, defaultUser, gw, serveHooks{})
+	return serve(o, log, boot, initStart, port, execOpts, defaultUser, gw, serveHooks{frames: fr})
 }
 
-// runInit is agentd as PID 1: the boot sequence (initfs.StartBoot), egress, the agent loop,
-// then power-off. Whatever happens, it ends by powering off (returning would panic the kernel).
+// runInit is agentd as PID 1: the boot sequence (initfs.StartBoot, then the configuration from
+// core.bootstrap or MSB_*, then Configure), egress, the agent loop, then power-off. Whatever
+// happens, it ends by powering off (returning would panic the kernel).
 func runInit(o options, log *slog.Logger, boot uint64) {
 	initStart := agent.BootTimeNs()
 	err := func() error {
 		t := time.Now()
-		conf, err := initfs.LoadConfig(os.Getenv) // all of it, before any side effect
-		if err != nil {
-			return fmt.Errorf("config: %w", err)
-		}
-		b, err := initfs.StartBoot(conf, initfs.BootOptions{NetworkEarly: o.egress.mode != "off", Log: log})
+		b, err := initfs.StartBoot(initfs.BootOptions{Log: log})
 		defer b.Close() // an init that fails before the handshake still closes the module files
 		if err != nil {
 			return err
 		}
-		b.Steps = append(initfs.Steps{"config", time.Since(t).Round(time.Microsecond).String()}, b.Steps...)
-		execOpts, defaultUser, err := execOptions(conf) // after the pivot: the image's passwd
+		port, err := openPort(o.port, 10*time.Second)
+		if err != nil {
+			return err
+		}
+		defer port.Close()
+		b.Steps.Mark("port", t)
+		t = time.Now()
+		fr := protocol.NewFrameReader(port)
+		bc, err := readConfig(o, port, fr, log) // all of it, before any of its side effects
+		if err != nil && bc.Source == initfs.SourceBootstrap {
+			return reportBootError(o, log, boot, initStart, port, fr, err)
+		}
+		if err != nil {
+			return fmt.Errorf("config: %w", err)
+		}
+		if o, err = withBootSettings(o, bc); err != nil {
+			return reportBootError(o, log, boot, initStart, port, fr, err)
+		}
+		b.Steps.Mark("config", t)
+		conf := bc.Config
+		b.Opts.NetworkEarly = o.egress.mode != "off"
+		if err := b.Configure(conf); err != nil {
+			return err
+		}
+		execOpts, defaultUser, err := execOptions(bc) // after the pivot: the image's passwd
 		if err != nil {
 			return fmt.Errorf("config: %w", err)
 		}
@@ -275,14 +393,8 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			b.Steps.Mark("egress", t)
 		}
 		t = time.Now()
-		port, err := openPort(o.port, 10*time.Second)
-		if err != nil {
-			return err
-		}
-		defer port.Close()
-		b.Steps.Mark("port", t)
-		t = time.Now()
 		return serve(o, log, boot, initStart, port, execOpts, defaultUser, gw, serveHooks{
+			frames: fr,
 			afterInit: func() {
 				b.Steps.Mark("handshake", t)
 				log.Info("init steps", b.Steps...)
@@ -291,7 +403,7 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 					b.WaitModules() // exec'ing the new init must not cut a module load short
 				}
 			},
-			handoff: conf.Handoff,
+			handoff: &bc,
 		})
 	}()
 	if err != nil {
@@ -333,12 +445,16 @@ func openPort(spec string, wait time.Duration) (io.ReadWriteCloser, error) {
 	}
 }
 
-// serveHooks change serve for PID 1: afterInit runs once the host acknowledged init and
-// init_time_ns is taken; with handoff set, PID 1 hands the channel to an agent child and
-// becomes another init; adopted is the child's side (the handshake was made by PID 1).
+// serveHooks change serve: frames is the channel's reader when the boot read from it;
+// bootError is the fail-closed boot (see reportBootError); for PID 1, afterInit runs once the
+// host acknowledged init and init_time_ns is taken, and with a handoff in the configuration
+// PID 1 hands the channel to an agent child and becomes another init; adopted is the child's
+// side (the handshake was made by PID 1).
 type serveHooks struct {
+	frames    *protocol.FrameReader
+	bootError string
 	afterInit func()
-	handoff   *initfs.Handoff
+	handoff   *initfs.BootConfig
 	adopted   *handoffState
 }
 
@@ -346,6 +462,9 @@ type serveHooks struct {
 func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, gw *gateway.Gateway, hooks serveHooks) error {
 	cfg := agent.Config{
 		Port:            port,
+		Frames:          hooks.frames,
+		Generation:      uint8(o.generation),
+		BootError:       hooks.bootError,
 		Log:             log,
 		InitAckTimeout:  o.initAck,
 		ClockSync:       o.clockSync || !o.standalone,
@@ -392,8 +511,8 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 			hooks.afterInit()
 		}
 	}
-	if hooks.handoff != nil {
-		return handOff(log, hooks.handoff, a, port, cfg.InitTimeNs) // returns only on failure
+	if hooks.handoff != nil && hooks.handoff.Handoff != nil {
+		return handOff(log, *hooks.handoff, a, port, cfg.InitTimeNs) // returns only on failure
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -409,6 +528,8 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	case errors.Is(err, agent.ErrShutdown):
 		log.Info("shut down")
 		return nil
+	case err == nil && hooks.bootError != "":
+		return errors.New(hooks.bootError)
 	case errors.Is(err, context.Canceled):
 		log.Info("stopped by signal")
 		return nil
