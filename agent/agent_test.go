@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -31,6 +32,12 @@ type harness struct {
 // start runs an agent in-process on one end of a socket pair and a host client on the other.
 func start(t *testing.T, features []string, cfg Config) *harness {
 	t.Helper()
+	return startHost(t, host.Options{Features: features}, cfg)
+}
+
+// startHost is start with the host client's options (its generation, say).
+func startHost(t *testing.T, opts host.Options, cfg Config) *harness {
+	t.Helper()
 	agentEnd, hostEnd := testutil.SocketPair(t)
 	cfg.Port = agentEnd
 	if cfg.Log == nil {
@@ -49,7 +56,7 @@ func start(t *testing.T, features []string, cfg Config) *harness {
 		h.served <- a.Serve(context.Background())
 		agentEnd.Close()
 	}()
-	c, err := host.Direct(hostEnd, host.Options{Features: features})
+	c, err := host.Direct(hostEnd, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,19 +94,24 @@ func TestConnectTimeout(t *testing.T) {
 }
 
 // TestScenarios runs the shared core.tcp behaviour tests against an in-process agent, with
-// goroutine and fd leak checks around each.
+// goroutine and fd leak checks around each: with a host at generation 5 (CBOR core.tcp.data,
+// agentd's flow extension or none) and at the newest (raw bulk records).
 func TestScenarios(t *testing.T) {
-	scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
-		testutil.Leaks(t)
-		h := start(t, features, Config{})
-		return scenario.Agent{
-			Client:   h.c,
-			Sessions: func() int { return h.a.Stats().TCPSessions },
-			Idle: func(t *testing.T) {
-				testutil.WaitFor(t, func() bool { return h.a.Stats().TCPSessions == 0 }, "sessions to end")
-			},
-		}
-	})
+	for _, gen := range []uint8{5, protocol.Version} {
+		t.Run(fmt.Sprintf("gen%d", gen), func(t *testing.T) {
+			scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
+				testutil.Leaks(t)
+				h := startHost(t, host.Options{Features: features, Generation: gen}, Config{})
+				return scenario.Agent{
+					Client:   h.c,
+					Sessions: func() int { return h.a.Stats().TCPSessions },
+					Idle: func(t *testing.T) {
+						testutil.WaitFor(t, func() bool { return h.a.Stats().TCPSessions == 0 }, "sessions to end")
+					},
+				}
+			})
+		})
+	}
 }
 
 // TestExecScenarios runs the shared exec behaviour tests against an in-process agent.
@@ -268,7 +280,8 @@ func TestBufferBudget(t *testing.T) {
 	const budget = 512 << 10
 	stalled := make(chan *net.TCPConn, 8)
 	srv := testutil.Serve(t, func(c *net.TCPConn) { c.SetReadBuffer(4096); stalled <- c })
-	h := start(t, []string{}, Config{TCPBufferBudget: budget}) // stock host: the reader waits
+	// A stock generation-5 host: the reader waits (TestBulkBudget has the bulk path).
+	h := startHost(t, host.Options{Features: []string{}, Generation: 5}, Config{TCPBufferBudget: budget})
 	var conns []*host.TCPConn
 	for i := 0; i < 4; i++ {
 		c, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
@@ -308,7 +321,8 @@ func TestBufferBudget(t *testing.T) {
 func TestHeartbeat(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "heartbeat.json")
 	srv := testutil.Serve(t, testutil.Echo)
-	h := start(t, []string{}, Config{HeartbeatPath: path, HeartbeatInterval: 5 * time.Millisecond}) // no credit frames
+	// A generation-5 host without credit frames: every frame is counted here.
+	h := startHost(t, host.Options{Features: []string{}, Generation: 5}, Config{HeartbeatPath: path, HeartbeatInterval: 5 * time.Millisecond})
 	conn, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
 	if err != nil {
 		t.Fatal(err)

@@ -30,14 +30,25 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
-// TestEchoChannels relays through the real binary on both kinds of channel, in both flow
-// modes, and checks that agentd's fd count returns to where it was.
+// hostModes are the ways a host may run core.tcp: raw bulk records (generation 9), CBOR with
+// agentd's flow extension, and CBOR as a stock generation-5 host does.
+var hostModes = []struct {
+	name string
+	opts host.Options
+}{
+	{"bulk", host.Options{}},
+	{"gen5-flow", host.Options{Generation: 5, Features: []string{protocol.FeatureFlow}}},
+	{"gen5-stock", host.Options{Generation: 5, Features: []string{}}},
+}
+
+// TestEchoChannels relays through the real binary on both kinds of channel, in every host
+// mode, and checks that agentd's fd count returns to where it was.
 func TestEchoChannels(t *testing.T) {
 	srv := testutil.Serve(t, testutil.Echo)
 	for _, kind := range []string{"socket", "pty"} {
-		for _, features := range [][]string{{protocol.FeatureFlow}, {}} {
-			t.Run(fmt.Sprintf("%s/features=%v", kind, features), func(t *testing.T) {
-				a := startAgentd(t, kind, host.Options{Features: features})
+		for _, mode := range hostModes {
+			t.Run(kind+"/"+mode.name, func(t *testing.T) {
+				a := startAgentd(t, kind, mode.opts)
 				fd0 := fds(t, a.pid())
 				for i := 0; i < 20; i++ {
 					conn, err := a.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
@@ -111,20 +122,18 @@ const (
 )
 
 // TestStalledDestination: a destination that never reads while the host pushes 512 MiB.
-// With flow control agentd's RSS stays within budget and another session keeps echoing fast;
-// a stock host (no flow control) gets the reference's backpressure with the same memory bound.
+// With bulk credit or flow control agentd's RSS stays within budget and another session keeps
+// echoing fast; a stock host (no flow control) gets the reference's backpressure with the same
+// memory bound.
 func TestStalledDestination(t *testing.T) {
 	stalled := make(chan *net.TCPConn, 1)
 	sink := testutil.Serve(t, func(c *net.TCPConn) { stalled <- c }) // accepts, never reads
 	echo := testutil.Serve(t, testutil.Echo)
-	for _, mode := range []struct {
-		name     string
-		features []string
-	}{{"flow", []string{protocol.FeatureFlow}}, {"stock-host", []string{}}} {
+	for _, mode := range hostModes {
 		t.Run(mode.name, func(t *testing.T) {
-			a := startAgentd(t, "socket", host.Options{Features: mode.features})
+			a := startAgentd(t, "socket", mode.opts)
 			var p *pinger
-			if mode.name == "flow" {
+			if mode.name != "gen5-stock" {
 				p = newPinger(t, a.c, echo.Addr.Port)
 				p.run(t, 20) // warm up
 			}
@@ -305,16 +314,21 @@ func waitLog(t *testing.T, log *testutil.Buffer, s string) {
 }
 
 // TestScenarios runs the shared core.tcp behaviour tests against the real agentd binary on a
-// unix socket; after each, the process must be back to its starting fd count.
+// unix socket, with a host at generation 5 and at the newest (bulk); after each, the process
+// must be back to its starting fd count.
 func TestScenarios(t *testing.T) {
-	scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
-		a := startAgentd(t, "socket", host.Options{Features: features})
-		fd0 := fds(t, a.pid())
-		return scenario.Agent{
-			Client: a.c,
-			Idle:   func(t *testing.T) { waitFD(t, a.pid(), fd0) },
-		}
-	})
+	for _, gen := range []uint8{5, protocol.Version} {
+		t.Run(fmt.Sprintf("gen%d", gen), func(t *testing.T) {
+			scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
+				a := startAgentd(t, "socket", host.Options{Features: features, Generation: gen})
+				fd0 := fds(t, a.pid())
+				return scenario.Agent{
+					Client: a.c,
+					Idle:   func(t *testing.T) { waitFD(t, a.pid(), fd0) },
+				}
+			})
+		})
+	}
 }
 
 // TestExecScenarios runs the shared exec behaviour tests against the real agentd binary,

@@ -2,10 +2,12 @@ package egress
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 
 	"github.com/agentd/agentd/egress/policy"
 )
@@ -92,6 +94,15 @@ func (c *flowConn) CloseWrite() error {
 		return cw.CloseWrite()
 	}
 	return nil
+}
+
+// SyscallConn passes on to the connection's descriptor when it has one (a relay waits on it
+// for data before it takes a buffer).
+func (c *flowConn) SyscallConn() (syscall.RawConn, error) {
+	if sc, ok := c.Conn.(syscall.Conn); ok {
+		return sc.SyscallConn()
+	}
+	return nil, errors.New("connection has no file descriptor")
 }
 
 // SetLinger passes on to the connection when it has the option (a reset on close).

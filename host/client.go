@@ -50,6 +50,13 @@ type Options struct {
 	SessionQueue int
 	// Window is the receive window granted per flow-controlled TCP stream.
 	Window int
+	// Generation is the protocol generation this host speaks (default protocol.Version): it
+	// stamps it on every frame and runs each connection at the lower of it and the agent's
+	// (Client.Generation). A lower one makes the host behave as a host of that generation.
+	Generation uint8
+	// BulkWindow is the receive credit a bulk stream grants ahead of what was read (default
+	// protocol.BulkDefaultWindow, the reference's 8 MiB).
+	BulkWindow int
 	// HandshakeTimeout bounds the wait for init.resolved/ready (direct) or the relay greeting.
 	HandshakeTimeout time.Duration
 	// Bootstrap, when set, is written as the channel's first frame (direct mode only), as a
@@ -79,6 +86,12 @@ func (o Options) withDefaults() Options {
 	}
 	if o.HandshakeTimeout <= 0 {
 		o.HandshakeTimeout = d.HandshakeTimeout
+	}
+	if o.Generation == 0 || o.Generation > protocol.Version {
+		o.Generation = protocol.Version
+	}
+	if o.BulkWindow <= 0 || o.BulkWindow > protocol.BulkMaxWindow {
+		o.BulkWindow = protocol.BulkDefaultWindow
 	}
 	if o.Log == nil {
 		o.Log = slog.Default()
@@ -130,7 +143,7 @@ func Handshake(conn io.ReadWriteCloser, opts Options) (Greeting, *protocol.Frame
 			return g, nil, fmt.Errorf("handshake: encode core.bootstrap: %w", err)
 		}
 		// A host that sends it speaks at least the generation that introduced it.
-		f, _ := protocol.AppendMessageV(nil, max(protocol.Version, protocol.BootstrapGeneration), 0, protocol.TypeBootstrap, p)
+		f, _ := protocol.AppendMessageV(nil, max(opts.Generation, protocol.BootstrapGeneration), 0, protocol.TypeBootstrap, p)
 		if _, err := conn.Write(f); err != nil {
 			return g, nil, fmt.Errorf("handshake: send core.bootstrap: %w", err)
 		}
@@ -148,7 +161,8 @@ func Handshake(conn io.ReadWriteCloser, opts Options) (Greeting, *protocol.Frame
 			if err := protocol.Unmarshal(m.Payload, &g.Resolved); err != nil {
 				return g, nil, fmt.Errorf("handshake: decode core.init.resolved: %w", err)
 			}
-			ack, _ := protocol.EncodeFrame(0, protocol.TypeInitAck, protocol.InitAck{Features: opts.Features})
+			p, _ := protocol.Marshal(protocol.InitAck{Features: opts.Features})
+			ack, _ := protocol.AppendMessageV(nil, opts.Generation, 0, protocol.TypeInitAck, p)
 			if _, err := conn.Write(ack); err != nil {
 				return g, nil, fmt.Errorf("handshake: send core.init.ack: %w", err)
 			}
@@ -254,8 +268,12 @@ func (g *Greeting) setReady(m protocol.Message, raw []byte) error {
 	return nil
 }
 
-// Generation is the negotiated generation: min(ours, the agent's).
-func (c *Client) Generation() uint8 { return min(protocol.Version, c.ReadyV) }
+// Generation is the negotiated generation: min(ours, the agent's core.ready v).
+func (c *Client) Generation() uint8 { return protocol.Negotiated(c.opts.Generation, c.ReadyV) }
+
+// Bulk reports whether sessions use generation-8 raw bulk transfer (the negotiated generation
+// has it).
+func (c *Client) Bulk() bool { return protocol.TypeBulkAccepted.AvailableAt(c.Generation()) }
 
 // HasFeature reports whether the agent enabled an extension for this host.
 func (c *Client) HasFeature(name string) bool { return protocol.HasFeature(c.Ready.Features, name) }
@@ -285,7 +303,7 @@ func (c *Client) Send(id uint32, t protocol.Type, payload []byte) error {
 	if !t.Info().Extension && !t.AvailableAt(c.Generation()) {
 		return &UnsupportedError{t, t.Info().Generation, c.Generation()}
 	}
-	frame, err := protocol.AppendMessage(nil, id, t, payload)
+	frame, err := protocol.AppendMessageV(nil, c.opts.Generation, id, t, payload)
 	if err != nil {
 		return err
 	}
@@ -320,10 +338,26 @@ func (c *Client) WriteFrame(frame []byte) error {
 // built in a small array and both go out in one writev on sockets (no copy, no allocation).
 func (c *Client) sendData(id uint32, t protocol.Type, data []byte) error {
 	var hdr [64]byte
-	h, err := protocol.AppendDataHeader(hdr[:0], id, t, len(data))
+	h, err := protocol.AppendDataHeaderV(hdr[:0], c.opts.Generation, id, t, len(data))
 	if err != nil {
 		return err
 	}
+	return c.writeParts(h, data)
+}
+
+// sendRecord writes a raw bulk record straight from the caller's buffer, as sendData does.
+func (c *Client) sendRecord(id uint32, kind protocol.BulkKind, flow protocol.BulkFlow, offset uint64, data []byte) error {
+	var hdr [32]byte
+	h, err := protocol.AppendBulkHeader(hdr[:0], id, kind, flow, offset, len(data))
+	if err != nil {
+		return err
+	}
+	return c.writeParts(h, data)
+}
+
+// writeParts writes a frame's header and body as one frame.
+func (c *Client) writeParts(h, data []byte) error {
+	var err error
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	select {
@@ -338,7 +372,9 @@ func (c *Client) sendData(id uint32, t protocol.Type, data []byte) error {
 		b := framePool.Get().(*[]byte)
 		*b = append(append((*b)[:0], h...), data...)
 		_, err = c.conn.Write(*b)
-		framePool.Put(b)
+		if cap(*b) <= 1<<20 {
+			framePool.Put(b)
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("write frame: %w", err)
@@ -351,6 +387,30 @@ var framePool = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10+64); ret
 // Shutdown sends core.shutdown (id 0, payload null).
 func (c *Client) Shutdown() error {
 	return c.Send(0, protocol.TypeShutdown, []byte{0xf6})
+}
+
+// Ping checks that the agent is alive and serving (core.ping, generation 6). It is not
+// activity: the sandbox's idle time goes on.
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := c.Request(ctx, protocol.TypePing, protocol.Empty{})
+	return err
+}
+
+// Touch refreshes the sandbox's idle time without a session (core.touch, generation 6) and
+// returns the agent's activity sequence number after it.
+func (c *Client) Touch(ctx context.Context) (uint64, error) {
+	m, err := c.Request(ctx, protocol.TypeTouch, protocol.Empty{})
+	if err != nil {
+		return 0, err
+	}
+	if m.Type != protocol.TypeTouched {
+		return 0, fmt.Errorf("touch: unexpected reply %s", m.Name())
+	}
+	var p protocol.Touched
+	if err := protocol.Unmarshal(m.Payload, &p); err != nil {
+		return 0, fmt.Errorf("decode core.touched: %w", err)
+	}
+	return p.ActivitySeq, nil
 }
 
 // delivery is a message for a session; data payloads sit in a pooled buffer (buf) that the
@@ -374,6 +434,18 @@ type Session struct {
 	// Send credit (agentd.flow.credit), taken in by the reader so that a sender waiting for
 	// credit never depends on anyone draining ch.
 	credit *sessionio.Credit
+	// bulkIn, when set, takes the session's raw bulk records (an fs read); bulkError ends a
+	// session whose records are broken.
+	bulkIn  func(protocol.BulkRecord)
+	bulkErr func(error)
+}
+
+func (s *Session) bulkError(err error) {
+	if s.tcp != nil {
+		s.tcp.fail(err)
+	} else if s.bulkErr != nil {
+		s.bulkErr(err)
+	}
 }
 
 // takeCredit waits for credit and takes up to want bytes of it; it gives up when ctx ends or
@@ -391,27 +463,24 @@ func (s *Session) takeCredit(ctx context.Context, want int) (int, error) {
 	return 0, ctx.Err()
 }
 
-// Open allocates an id and registers a session for it, without sending anything.
+// Open allocates an id and registers a session for it, without sending anything. Ids are never
+// reused (current relays reject a reused one): once the range is spent, Open fails.
 func (c *Client) Open() (*Session, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return nil, ErrClosed
 	}
-	span := c.idEnd - c.idMin
-	for i := uint32(0); i < span; i++ {
+	for c.next < c.idEnd {
 		id := c.next
 		c.next++
-		if c.next >= c.idEnd {
-			c.next = c.idMin
-		}
-		if _, busy := c.sessions[id]; !busy {
+		if _, busy := c.sessions[id]; !busy { // taken by OpenID
 			s := c.newSession(id)
 			c.sessions[id] = s
 			return s, nil
 		}
 	}
-	return nil, errors.New("id range exhausted")
+	return nil, errors.New("id range exhausted: ids are not reused; connect again")
 }
 
 // OpenID registers a session for a chosen id (raw tier: tests and tools that need exact ids).
@@ -551,6 +620,10 @@ func (c *Client) readLoop() {
 			}
 			return
 		}
+		if f.Flags == protocol.FlagBulk {
+			c.record(f)
+			continue
+		}
 		m, derr := protocol.DecodeMessage(f)
 		if derr != nil {
 			c.opts.Log.Warn("dropped undecodable frame from agent", "id", f.ID, "error", derr)
@@ -600,5 +673,25 @@ func (c *Client) readLoop() {
 			close(s.ch)
 			s.cancel() // the session is over: a sender waiting for credit gives up
 		}
+	}
+}
+
+// record routes a raw bulk record to the session of its id (a record for none is dropped, as
+// any frame for no pending id is).
+func (c *Client) record(f protocol.Frame) {
+	r, err := protocol.ParseBulkRecord(f)
+	c.mu.Lock()
+	s := c.sessions[f.ID]
+	c.mu.Unlock()
+	switch {
+	case s == nil:
+	case err != nil:
+		s.bulkError(fmt.Errorf("invalid raw bulk record: %w", err))
+	case s.tcp != nil:
+		s.tcp.record(r)
+	case s.bulkIn != nil:
+		s.bulkIn(r)
+	default:
+		s.bulkError(errors.New("raw bulk record on a session that accepted none"))
 	}
 }

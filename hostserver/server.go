@@ -16,6 +16,7 @@ import (
 
 	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // Options configure a server.
@@ -26,9 +27,12 @@ type Options struct {
 	// ClockSyncEvery is how often the server sends core.clock.sync (0: never). microsandbox's
 	// host sends one at start and then every 60 s.
 	ClockSyncEvery time.Duration
-	// ToAgentQueue bounds frames waiting for the channel; ClientQueue bounds frames waiting
-	// for one client (a full client queue holds up routing, as in microsandbox's relay).
+	// ToAgentQueue bounds frames waiting for the channel, ToAgentBytes their bytes (a raw bulk
+	// record is up to 3 MiB); ClientQueue bounds frames waiting for one client (a full client
+	// queue holds up routing, as in microsandbox's relay; a bulk stream's credit keeps it from
+	// filling).
 	ToAgentQueue, ClientQueue int
+	ToAgentBytes              int64
 	HandshakeTimeout          time.Duration
 	Log                       *slog.Logger
 	// DialOut, when set, serves guest-initiated streams: the server asks for feature
@@ -41,6 +45,7 @@ var DefaultOptions = Options{
 	Features:         []string{protocol.FeatureFlow},
 	ClockSyncEvery:   60 * time.Second,
 	ToAgentQueue:     256,
+	ToAgentBytes:     4 << 20,
 	ClientQueue:      64,
 	HandshakeTimeout: 60 * time.Second,
 }
@@ -54,6 +59,9 @@ type Server struct {
 	fr      *protocol.FrameReader
 	ready   []byte
 	toAgent chan agentFrame
+	queued  *sessionio.Budget // bytes in toAgent
+	ctx     context.Context   // ends with the server
+	cancel  context.CancelFunc
 	done    chan struct{}
 	once    sync.Once
 	err     error
@@ -73,6 +81,7 @@ type relayClient struct {
 	out        chan []byte
 	gone       chan struct{}
 	execIDs    map[uint32]bool // guarded by Server.mu
+	finished   *idSet          // guarded by Server.mu: ids whose terminal frame the client got
 }
 
 // New performs the host handshake on the agent channel and starts routing.
@@ -90,6 +99,9 @@ func New(conn io.ReadWriteCloser, opts Options) (*Server, error) {
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = d.HandshakeTimeout
 	}
+	if opts.ToAgentBytes <= 0 {
+		opts.ToAgentBytes = d.ToAgentBytes
+	}
 	if opts.Log == nil {
 		opts.Log = slog.Default()
 	}
@@ -102,7 +114,8 @@ func New(conn io.ReadWriteCloser, opts Options) (*Server, error) {
 		return nil, err
 	}
 	r := &Server{conn: conn, opts: opts, log: opts.Log, fr: fr, ready: g.ReadyFrame,
-		toAgent: make(chan agentFrame, opts.ToAgentQueue), done: make(chan struct{})}
+		toAgent: make(chan agentFrame, opts.ToAgentQueue), queued: sessionio.NewBudget(opts.ToAgentBytes), done: make(chan struct{})}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
 	if opts.DialOut != nil && protocol.HasFeature(g.Ready.Features, protocol.FeatureStreams) {
 		ctx, cancel := context.WithCancel(context.Background())
 		go func() { <-r.done; cancel() }()
@@ -121,6 +134,7 @@ func (r *Server) stop(err error) {
 	r.once.Do(func() {
 		r.err = err
 		close(r.done)
+		r.cancel()
 		if r.dialOut != nil {
 			go r.dialOut.closeAll()
 		}
@@ -149,6 +163,7 @@ func (r *Server) writeAgent() {
 		select {
 		case f := <-r.toAgent:
 			_, err := r.conn.Write(f.b)
+			r.queued.Release(len(f.b))
 			if f.after != nil {
 				f.after()
 			}
@@ -168,10 +183,17 @@ func (r *Server) sendAgent(frame []byte) bool { return r.sendAgentThen(frame, ni
 // it to keep at most one data frame of its own in the queue, so a bulk stream cannot build a
 // long line in front of an interactive one).
 func (r *Server) sendAgentThen(frame []byte, after func()) bool {
+	if r.queued.Acquire(r.ctx, len(frame)) != nil {
+		if after != nil {
+			after()
+		}
+		return false
+	}
 	select {
 	case r.toAgent <- agentFrame{frame, after}:
 		return true
 	case <-r.done:
+		r.queued.Release(len(frame))
 		if after != nil {
 			after()
 		}
@@ -217,8 +239,12 @@ func (r *Server) readAgent() {
 		}
 		r.mu.Lock()
 		c := r.clients[protocol.RelaySlotOf(f.ID)]
+		if c != nil && (f.ID < c.start || f.ID >= c.end) {
+			c = nil // a slot boundary id: no client's
+		}
 		if c != nil && f.Flags&protocol.FlagTerminal != 0 {
 			delete(c.execIDs, f.ID)
+			c.finished.add(f.ID)
 		}
 		r.mu.Unlock()
 		if c == nil {
@@ -268,7 +294,7 @@ func (r *Server) admit(conn net.Conn) {
 	}
 	start, end := protocol.RelaySlotRange(slot)
 	c := &relayClient{slot: slot, start: start, end: end, conn: conn,
-		out: make(chan []byte, r.opts.ClientQueue), gone: make(chan struct{}), execIDs: map[uint32]bool{}}
+		out: make(chan []byte, r.opts.ClientQueue), gone: make(chan struct{}), execIDs: map[uint32]bool{}, finished: newIDSet(start)}
 	r.clients[slot] = c
 	r.mu.Unlock()
 	hello := binary.BigEndian.AppendUint32(nil, start)
@@ -295,7 +321,9 @@ func (r *Server) writeClient(c *relayClient) {
 }
 
 // readClient forwards a client's frames to the agent. An id outside the client's range
-// disconnects it, except id 0 with the shutdown flag.
+// disconnects it, except id 0 with the shutdown flag. A frame on an id whose session already
+// finished is not forwarded: correlation ids are single-use (current clients never reuse one),
+// so the client gets core.error for it instead.
 func (r *Server) readClient(c *relayClient) {
 	defer r.leave(c)
 	fr := protocol.NewFrameReader(c.conn)
@@ -307,6 +335,23 @@ func (r *Server) readClient(c *relayClient) {
 		if f.ID == 0 && f.Flags&protocol.FlagShutdown == 0 || f.ID != 0 && (f.ID < c.start || f.ID >= c.end) {
 			r.log.Warn("client used an id outside its range; disconnecting it", "slot", c.slot, "id", f.ID)
 			return
+		}
+		r.mu.Lock()
+		reused := f.ID != 0 && c.finished.has(f.ID)
+		r.mu.Unlock()
+		if reused {
+			r.log.Debug("client reused a finished correlation id; frame dropped", "slot", c.slot, "id", f.ID)
+			ce := protocol.CoreError{Kind: protocol.KindInvalidSession, Message: fmt.Sprintf("correlation id %d was already used: ids are single-use", f.ID)}
+			if t := protocol.FrameType(f); t.Valid() {
+				ce.OffendingType = t.String()
+			}
+			e, _ := protocol.EncodeFrame(f.ID, protocol.TypeError, ce)
+			select {
+			case c.out <- e:
+			case <-c.gone:
+				return
+			}
+			continue
 		}
 		if f.Flags&protocol.FlagSessionStart != 0 {
 			if m, err := protocol.DecodeMessage(f); err == nil && m.Type == protocol.TypeExecRequest {

@@ -14,7 +14,7 @@ package protocol
 // its own generation. It is not the generation a session runs at, which is the lower of the
 // two sides' (Negotiated), and it does not limit what agentd decodes: any "v" is accepted on
 // any frame, and the type table knows every type up to LatestGeneration.
-const Version = 5
+const Version = 9
 
 // LatestGeneration is the newest generation whose types the table knows (microsandbox 0.7.x).
 const LatestGeneration = 9

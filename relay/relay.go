@@ -20,7 +20,10 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/protocol"
@@ -237,7 +240,7 @@ func New(id uint32, req protocol.TCPConnect, v uint8, out *sessionio.Writer, opt
 			s.bulk = newBulkFlows(s, *req.Bulk)
 			// Only granted bytes arrive, and each is backed by Inbound: the sink never waits.
 			cfg = sessionio.SinkConfig{Limit: protocol.BulkMaxWindow + BulkRecordMax, GrantEvery: sessionio.ChunkSize,
-				Grant: func(n int) { s.bulk.in.Consumed(s.ctx, n) }}
+				Grant: s.bulk.in.Consumed}
 		}
 	}
 	s.in = sessionio.NewSink(ctx, cfg)
@@ -317,14 +320,11 @@ func (s *Session) run(host string, port uint16) {
 	wg.Wait()
 }
 
-// accept takes the bulk session's initial host -> destination credit (waiting for budget room)
-// and answers core.bulk.accepted, after core.tcp.connected (contract 6.5).
+// accept takes the bulk session's initial host -> destination credit and answers
+// core.bulk.accepted, after core.tcp.connected (contract 6.5).
 func (s *Session) accept() bool {
 	b := s.bulk
-	limit, err := b.in.Open(s.ctx)
-	if err != nil {
-		return false
-	}
+	limit := b.in.Open()
 	return s.q.PushMsg(s.ctx, s.id, protocol.TypeBulkAccepted, protocol.BulkAccepted{
 		Kind: protocol.BulkTCP, Flows: protocol.BulkHostToGuest.Bit() | protocol.BulkGuestToHost.Bit(),
 		Format: protocol.BulkFormatRawV1, MaxRecordPayload: uint32(b.record),
@@ -358,6 +358,7 @@ func describe(err error) string { return oserr.Text(err) }
 // backpressure instead of agentd buffering without bound.
 func (s *Session) toHost(conn net.Conn) {
 	for {
+		waitReadable(conn) // an idle session holds no buffer and none of the budget
 		n := s.opts.ChunkSize
 		if s.flow {
 			var ok bool
@@ -419,6 +420,7 @@ func (s *Session) toHostBulk(conn net.Conn) {
 			s.drain(conn)
 			return
 		}
+		waitReadable(conn) // an idle session holds no buffer and none of the budget
 		if err := s.opts.Outbound.Acquire(s.sendCtx, n); err != nil {
 			s.drain(conn)
 			return
@@ -522,6 +524,24 @@ func (s *Session) drain(conn net.Conn) {
 		}
 	}
 	s.end()
+}
+
+// waitReadable waits until a socket has bytes to read (or has ended), without reading them:
+// a session then takes a buffer and budget only for data that is there, so any number of idle
+// sessions hold neither. A connection without a descriptor returns at once; its read blocks.
+func waitReadable(conn net.Conn) {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	rc.Read(func(fd uintptr) bool { // an error (closed, deadline) is the next Read's too
+		n, _ := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+		return n > 0
+	})
 }
 
 // errSessionClosed is the reference's text for data sent to a session that is over.
@@ -685,6 +705,9 @@ func (s *Session) endKeepQueue() bool {
 	conn := s.conn
 	s.mu.Unlock()
 	s.in.Close()
+	if s.bulk != nil {
+		s.bulk.in.Close() // its credit's budget
+	}
 	s.cancel()
 	if conn != nil {
 		conn.Close()

@@ -93,3 +93,13 @@ func (b *Budget) TryAcquire(n int) int {
 	b.used += int64(got)
 	return got
 }
+
+// Free returns the bytes not held (the largest int for an unlimited budget).
+func (b *Budget) Free() int64 {
+	if b == nil || b.limit <= 0 {
+		return 1<<62 - 1
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return max(b.limit-b.used, 0)
+}

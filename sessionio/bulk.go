@@ -27,15 +27,22 @@ type BulkInOptions struct {
 	// at most Window/2 it grants consumed + Window (the reference's re-grant rule). At most
 	// protocol.BulkMaxWindow.
 	Window uint64
-	// Budget, if set, backs every granted byte: credit_limit - consumed is held in it, so all
-	// flows together never have more bytes granted (and so buffered) than the budget. A flow
-	// grants less under pressure, and waits for room only when it holds no credit at all.
+	// Budget, if set, backs granted bytes: all flows together hold at most the budget, plus
+	// MinGrant each (see BulkIn). nil: every grant is the full window.
 	Budget *Budget
 	// Grant sends core.bulk.credit (consumed, limit); it must not block for long.
 	Grant func(consumed, limit uint64)
 }
 
-// BulkIn is the receiving side of a flow.
+// MinGrant is the credit a flow with none left is always given, backed by the budget or not,
+// so that no flow ever waits for others to release theirs.
+const MinGrant = protocol.BulkMinRecordPayload
+
+// BulkIn is the receiving side of a flow. With a budget, each grant takes at most half of what
+// the budget has free, so stalled flows together can only approach the budget, never starve a
+// new flow of all of it; a flow that holds no credit at all and finds nothing free is given
+// MinGrant unbacked. The bytes a receiver ever holds for its flows are therefore bounded by the
+// budget plus MinGrant per flow, and a flow never waits for another.
 type BulkIn struct {
 	o BulkInOptions
 
@@ -43,6 +50,7 @@ type BulkIn struct {
 	next     uint64 // offset of the next record
 	consumed uint64 // bytes the consumer released
 	limit    uint64 // absolute credit granted
+	backed   uint64 // of limit - consumed, the bytes held in the budget
 	final    uint64
 	finished bool // the sender's finish arrived
 	closed   bool
@@ -54,36 +62,27 @@ func NewBulkIn(o BulkInOptions) *BulkIn {
 	return &BulkIn{o: o}
 }
 
-// minGrant is the least credit a flow without any waits for when the budget is spent.
-const minGrant = 64 << 10
-
-// Open takes the initial credit: up to Window, at least some, waiting for budget room if
-// there is none (ctx ends the wait). It returns the initial credit limit.
-func (b *BulkIn) Open(ctx context.Context) (uint64, error) {
-	n := b.reserve(b.o.Window)
-	if n == 0 {
-		want := min(uint64(minGrant), b.o.Window)
-		if err := b.o.Budget.Acquire(ctx, int(want)); err != nil {
-			return 0, err
-		}
-		n = want
-	}
+// Open takes the initial credit (up to Window, at least MinGrant) and returns the credit limit.
+func (b *BulkIn) Open() uint64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed {
-		b.o.Budget.Release(int(n))
-		return 0, ErrSinkClosed
-	}
-	b.limit += n
-	return b.limit, nil
+	b.grantLocked(b.o.Window)
+	return b.limit
 }
 
-// reserve takes up to n bytes of budget without waiting.
-func (b *BulkIn) reserve(n uint64) uint64 {
-	if b.o.Budget == nil {
-		return n
+// grantLocked raises the limit by up to want: what the budget can back of it (at most half its
+// free bytes), or MinGrant unbacked when the flow holds no credit and nothing is free.
+func (b *BulkIn) grantLocked(want uint64) bool {
+	got := want
+	if b.o.Budget != nil {
+		got = uint64(b.o.Budget.TryAcquire(int(min(want, uint64(b.o.Budget.Free()/2)))))
+		b.backed += got
 	}
-	return uint64(b.o.Budget.TryAcquire(int(n)))
+	if got == 0 && b.limit == b.consumed {
+		got = min(want, MinGrant)
+	}
+	b.limit += got
+	return got > 0
 }
 
 // Accept checks a record of the flow: its kind and direction, that it starts where the last
@@ -142,41 +141,21 @@ func (b *BulkIn) Received() uint64 {
 }
 
 // Consumed records n bytes released by the consumer (written to the destination, read by the
-// application) and grants more credit when the grant runs low. A flow left with no credit at
-// all while the budget is spent waits here for room (ctx ends the wait): it has nothing to
-// consume until it grants again.
-func (b *BulkIn) Consumed(ctx context.Context, n int) {
+// application) and grants more credit once the grant runs low (never after the finish).
+func (b *BulkIn) Consumed(n int) {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
 		return
 	}
 	b.consumed += uint64(n)
-	b.o.Budget.Release(n)
-	if b.finished || b.limit-b.consumed > b.o.Window/2 {
+	r := min(uint64(n), b.backed)
+	b.backed -= r
+	b.o.Budget.Release(int(r))
+	if b.finished || b.limit-b.consumed > b.o.Window/2 || !b.grantLocked(b.consumed+b.o.Window-b.limit) {
 		b.mu.Unlock()
 		return
 	}
-	want := b.consumed + b.o.Window - b.limit
-	b.mu.Unlock()
-	got := b.reserve(want)
-	if got == 0 && b.idle() {
-		want = min(want, minGrant)
-		if b.o.Budget.Acquire(ctx, int(want)) != nil {
-			return
-		}
-		got = want
-	}
-	if got == 0 {
-		return
-	}
-	b.mu.Lock()
-	if b.closed {
-		b.mu.Unlock()
-		b.o.Budget.Release(int(got))
-		return
-	}
-	b.limit += got
 	consumed, limit := b.consumed, b.limit
 	b.mu.Unlock()
 	b.o.Grant(consumed, limit)
@@ -193,13 +172,6 @@ func (b *BulkIn) Drained() {
 	}
 }
 
-// idle reports whether the flow holds no credit: everything granted was consumed.
-func (b *BulkIn) idle() bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.limit == b.consumed
-}
-
 // Close gives the flow's budget back; later calls do nothing.
 func (b *BulkIn) Close() {
 	b.mu.Lock()
@@ -208,7 +180,8 @@ func (b *BulkIn) Close() {
 		return
 	}
 	b.closed = true
-	b.o.Budget.Release(int(b.limit - b.consumed))
+	b.o.Budget.Release(int(b.backed))
+	b.backed = 0
 }
 
 // BulkOut is the sending side of a flow: the receiver's absolute credit and what was sent.

@@ -22,8 +22,8 @@ func rec(off uint64, n int) protocol.BulkRecord {
 func TestBulkInRecords(t *testing.T) {
 	g := &grants{}
 	b := NewBulkIn(BulkInOptions{Kind: protocol.BulkTCP, Flow: protocol.BulkHostToGuest, MaxRecord: 1000, Window: 4000, Grant: g.grant})
-	if limit, err := b.Open(context.Background()); err != nil || limit != 4000 {
-		t.Fatalf("open: %d %v", limit, err)
+	if limit := b.Open(); limit != 4000 {
+		t.Fatalf("open: %d", limit)
 	}
 	other := rec(0, 10)
 	other.Flow = protocol.BulkGuestToHost
@@ -48,7 +48,7 @@ func TestBulkInRecords(t *testing.T) {
 	if _, err := b.Finish(3999); err == nil || !strings.Contains(err.Error(), "4000 bytes arrived") {
 		t.Errorf("finish below what arrived: %v", err)
 	}
-	b.Consumed(context.Background(), 2000) // half the window left: grants consumed + window
+	b.Consumed(2000) // half the window left: grants consumed + window
 	if len(g.got) != 1 || g.got[0] != [2]uint64{2000, 6000} {
 		t.Fatalf("grants %v, want [2000 6000]", g.got)
 	}
@@ -67,46 +67,58 @@ func TestBulkInRecords(t *testing.T) {
 	if err := b.Accept(rec(4500, 500)); err != nil || !b.Complete() {
 		t.Fatalf("last record: %v complete %v", err, b.Complete())
 	}
-	b.Consumed(context.Background(), 3000) // finished: no more grants
+	b.Consumed(3000) // finished: no more grants
 	if len(g.got) != 1 {
 		t.Fatalf("granted after the finish: %v", g.got)
 	}
 }
 
-// TestBulkInBudget: granted bytes are held in the budget until consumed, so flows together
-// never hold more than it; a flow finds less room under pressure and, with none, waits.
+// TestBulkInBudget: granted bytes are held in the budget until consumed; each grant takes at
+// most half of what is free, so stalled flows never take all of it, and a flow left without
+// credit when nothing is free still gets MinGrant: no flow waits for another.
 func TestBulkInBudget(t *testing.T) {
 	budget := NewBudget(1 << 20)
 	g := &grants{}
 	opts := BulkInOptions{Kind: protocol.BulkTCP, Flow: protocol.BulkHostToGuest, MaxRecord: 64 << 10, Window: 768 << 10, Budget: budget, Grant: g.grant}
-	a, b := NewBulkIn(opts), NewBulkIn(opts)
-	if l, err := a.Open(context.Background()); err != nil || l != 768<<10 {
-		t.Fatalf("first flow: %d %v", l, err)
+	var flows []*BulkIn
+	for i, want := range []uint64{512 << 10, 256 << 10, 128 << 10} { // half of what is free, each
+		f := NewBulkIn(opts)
+		if l := f.Open(); l != want {
+			t.Fatalf("flow %d opened with %d, want %d", i, l, want)
+		}
+		flows = append(flows, f)
 	}
-	if l, err := b.Open(context.Background()); err != nil || l != 256<<10 {
-		t.Fatalf("second flow gets what is left: %d %v", l, err)
+	for budget.Free() > 1 { // more stalled flows, until nothing is free
+		f := NewBulkIn(opts)
+		f.Open()
+		flows = append(flows, f)
 	}
-	c := NewBulkIn(opts)
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
-	if _, err := c.Open(ctx); err == nil {
-		t.Fatal("a third flow got credit from a spent budget")
+	late := NewBulkIn(opts)
+	if l := late.Open(); l != MinGrant {
+		t.Fatalf("a flow opened on a spent budget got %d, want MinGrant %d", l, MinGrant)
 	}
-	opened := make(chan uint64, 1)
-	go func() { l, _ := c.Open(context.Background()); opened <- l }()
-	if err := a.Accept(rec(0, 64<<10)); err != nil {
+	if used := budget.Used(); used > 1<<20 {
+		t.Fatalf("budget holds %d, more than its limit", used)
+	}
+	// The late flow consumes its unbacked grant: with nothing free it gets MinGrant again.
+	if err := late.Accept(rec(0, MinGrant)); err != nil {
 		t.Fatal(err)
 	}
-	a.Consumed(context.Background(), 64<<10) // releases 64 KiB: the waiting flow takes it
-	if l := <-opened; l != 64<<10 {
-		t.Fatalf("waiting flow opened with %d", l)
+	late.Consumed(MinGrant)
+	if len(g.got) != 1 || g.got[0] != [2]uint64{MinGrant, 2 * MinGrant} {
+		t.Fatalf("grants %v, want [%d %d]", g.got, MinGrant, 2*MinGrant)
 	}
-	if used := budget.Used(); used != 1<<20 {
-		t.Fatalf("budget holds %d, want all of it", used)
+	// A flow consuming what it holds releases it to the others.
+	if err := flows[0].Accept(rec(0, 64<<10)); err != nil {
+		t.Fatal(err)
 	}
-	a.Close()
-	b.Close()
-	c.Close()
+	flows[0].Consumed(64 << 10)
+	if free := budget.Free(); free < 32<<10 {
+		t.Fatalf("%d free after a flow consumed 64 KiB", free)
+	}
+	for _, f := range append(flows, late) {
+		f.Close()
+	}
 	if used := budget.Used(); used != 0 {
 		t.Fatalf("budget holds %d after every flow closed", used)
 	}

@@ -40,6 +40,8 @@ func Run(t *testing.T, start Start) {
 	t.Run("DestinationHalfClose", func(t *testing.T) { DestinationHalfClose(t, start(t, nil)) })
 	t.Run("HostHalfClose", func(t *testing.T) { HostHalfClose(t, start(t, nil)) })
 	t.Run("CloseSendsNothing", func(t *testing.T) { CloseSendsNothing(t, start(t, nil)) })
+	t.Run("CloseDrains", func(t *testing.T) { CloseDrains(t, start(t, nil)) })
+	t.Run("CloseResets", func(t *testing.T) { CloseResets(t, start(t, nil)) })
 	t.Run("UnknownSession", func(t *testing.T) { UnknownSession(t, start(t, nil)) })
 	t.Run("ManySessions", func(t *testing.T) { ManySessions(t, start(t, nil), 1000) })
 	t.Run("MalformedFrames", func(t *testing.T) { MalformedFrames(t, start(t, nil)) })
@@ -192,6 +194,56 @@ func CloseSendsNothing(t *testing.T, a Agent) {
 	protocol.Unmarshal(m.Payload, &f)
 	if m.Type != protocol.TypeTCPFailed || f.Error != fmt.Sprintf("unknown TCP session: %d", r.s.ID) {
 		t.Fatalf("got %s %+v", m.Name(), f)
+	}
+	a.Idle(t)
+}
+
+// CloseDrains: a core.tcp.close after the host's orderly end (its data written, the write
+// side shut down) stops the stream toward the host but drains the destination, which can
+// still write its whole answer and sees an orderly close, not a reset (contract 10.4).
+func CloseDrains(t *testing.T, a Agent) {
+	gotEOF, wrote := make(chan int, 1), make(chan error, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c) // the host's data, then its FIN
+		gotEOF <- int(n)
+		_, err := c.Write(make([]byte, 32<<20)) // far more than the kernel buffers unread
+		wrote <- err
+	})
+	conn, err := a.Client.DialTCP(Ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Write(make([]byte, 100<<10))
+	conn.CloseWrite()
+	if n := <-gotEOF; n != 100<<10 {
+		t.Fatalf("destination got %d bytes before the FIN", n)
+	}
+	conn.Read(make([]byte, 1000)) // the answer is under way
+	conn.Close()
+	if err := <-wrote; err != nil {
+		t.Fatalf("the destination's answer after the close: %v (want it drained, not reset)", err)
+	}
+	a.Idle(t)
+}
+
+// CloseResets: a core.tcp.close before the host's end resets the destination, so it cannot
+// take the truncated stream for a whole one (contract 10.4).
+func CloseResets(t *testing.T, a Agent) {
+	got := make(chan error, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		_, err := io.Copy(io.Discard, c)
+		got <- err
+	})
+	conn, err := a.Client.DialTCP(Ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Write([]byte("half a request"))
+	conn.Close()
+	if err := <-got; err == nil || !strings.Contains(err.Error(), "connection reset") {
+		t.Fatalf("destination after a close without the host's end: %v, want a reset", err)
 	}
 	a.Idle(t)
 }
