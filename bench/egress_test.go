@@ -41,7 +41,7 @@ func TestEgressReport(t *testing.T) {
 	nettest.Hosts(t)
 	pol := filepath.Join(t.TempDir(), "policy.json")
 	os.WriteFile(pol, []byte(`{"default_egress":"deny","rules":[{"destination":{"cidr":"198.18.0.10/32"},"protocols":["tcp"],"action":"allow"}]}`), 0o644)
-	_, cmd := startBinaryCmd(t, bin, "--egress", "netstack", "--egress-guest-netns", "/var/run/netns/"+tp.Name,
+	_, cmd := startBinaryCmd(t, bin, 0, "--egress", "netstack", "--egress-guest-netns", "/var/run/netns/"+tp.Name,
 		"--egress-policy", pol, "--egress-tun", "agtun"+tp.ID)
 	pid := cmd.Process.Pid
 	nettest.Iperf3Server(t, nettest.Good, 5201, false)

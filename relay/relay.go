@@ -151,6 +151,10 @@ func (o Options) withDefaults() Options {
 // TCP default (an offer may ask for less).
 const BulkRecordMax = protocol.BulkDefaultRecordPayload
 
+// BulkQueueRecords is how many records a bulk session may queue toward the host, so that
+// reading the destination overlaps writing the channel (the host's credit bounds it too).
+const BulkQueueRecords = 4
+
 // CheckOffer validates a core.tcp.connect's bulk offer on a frame stamped with generation v,
 // returning the core.tcp.failed text that refuses it ("" when it is acceptable).
 func CheckOffer(o *protocol.BulkOffer, v uint8) string {
@@ -238,9 +242,11 @@ func New(id uint32, req protocol.TCPConnect, v uint8, out *sessionio.Writer, opt
 		if s.offerError = CheckOffer(req.Bulk, v); s.offerError == "" {
 			s.flow = false
 			s.bulk = newBulkFlows(s, *req.Bulk)
+			// Room for a few records: the destination is read while the last record is written.
+			s.q = out.NewQueue(max(opts.HighWater, BulkQueueRecords*s.bulk.record), max(opts.LowWater, (BulkQueueRecords-1)*s.bulk.record))
 			// Only granted bytes arrive, and each is backed by Inbound: the sink never waits.
 			cfg = sessionio.SinkConfig{Limit: protocol.BulkMaxWindow + BulkRecordMax, GrantEvery: sessionio.ChunkSize,
-				Grant: s.bulk.in.Consumed}
+				Grant: s.bulk.in.Consumed, Big: true}
 		}
 	}
 	s.in = sessionio.NewSink(ctx, cfg)
@@ -414,13 +420,16 @@ func (s *Session) toHostBulk(conn net.Conn) {
 	if s.opts.Outbound != nil {
 		rel = s.opts.Outbound
 	}
+	full := false // the last read filled its buffer: more is likely there, no need to wait
 	for {
 		off, n, ok := b.out.Wait(s.sendCtx, b.record)
 		if !ok {
 			s.drain(conn)
 			return
 		}
-		waitReadable(conn) // an idle session holds no buffer and none of the budget
+		if !full {
+			waitReadable(conn) // an idle session holds no buffer and none of the budget
+		}
 		if err := s.opts.Outbound.Acquire(s.sendCtx, n); err != nil {
 			s.drain(conn)
 			return
@@ -431,6 +440,7 @@ func (s *Session) toHostBulk(conn net.Conn) {
 			buf = sessionio.GetBuf()
 		}
 		m, err := conn.Read((*buf)[:n])
+		full = m == n
 		s.opts.Outbound.Release(n - m)
 		if m > 0 {
 			b.out.Sent(m)

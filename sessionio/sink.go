@@ -26,6 +26,9 @@ type SinkConfig struct {
 	// back to the host).
 	Grant      func(n int)
 	GrantEvery int
+	// Big queues data in BigChunkSize buffers (fewer, larger writes) instead of ChunkSize ones:
+	// for raw bulk records, which arrive in pieces that large.
+	Big bool
 }
 
 // Sink is the queue. Write and CloseWrite are called by the agent loop; Run by one goroutine.
@@ -63,15 +66,19 @@ func poke(c chan struct{}) {
 // the pooled buffer size, waiting while the queue is at its limit or the budget is spent.
 // Data after CloseWrite is dropped, as by the reference.
 func (s *Sink) Write(data []byte) error {
+	chunk, get := ChunkSize, GetBuf
+	if s.cfg.Big {
+		chunk, get = BigChunkSize, GetBigBuf
+	}
 	for len(data) > 0 {
-		n := min(len(data), ChunkSize)
+		n := min(len(data), chunk)
 		if err := s.waitRoom(n); err != nil {
 			return err
 		}
 		if err := s.cfg.Budget.Acquire(s.ctx, n); err != nil {
 			return ErrSinkClosed
 		}
-		c := GetBuf()
+		c := get()
 		*c = (*c)[:n]
 		copy(*c, data[:n])
 		s.mu.Lock()

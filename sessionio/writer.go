@@ -4,8 +4,12 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agentd/protocol"
 )
@@ -217,15 +221,24 @@ func (w *Writer) next() (Item, *Queue, bool) {
 	return Item{}, nil, false
 }
 
+// zeroCopyMin is the data size from which a frame's data is written from its own buffer (one
+// more iovec of the batch) instead of being copied into the batch.
+const zeroCopyMin = 16 << 10
+
 func (w *Writer) loop() {
 	defer close(w.done)
 	buf := make([]byte, 0, w.opts.BatchBytes+protocol.MaxWireFrame/16)
-	var flushes []chan struct{}
+	var (
+		flushes []chan struct{}
+		iov     [][]byte
+		held    []Item // items whose data is in iov: their buffers go back once written
+	)
 	for {
-		buf = buf[:0]
+		buf, iov = buf[:0], iov[:0]
 		flushes = flushes[:0]
+		mark, batch := 0, 0 // buf[mark:] is not in iov yet; batch counts the bytes
 		w.mu.Lock()
-		for len(buf) < w.opts.BatchBytes {
+		for batch < w.opts.BatchBytes {
 			it, q, ok := w.next()
 			if !ok {
 				break
@@ -234,32 +247,55 @@ func (w *Writer) loop() {
 				flushes = append(flushes, it.flush)
 				continue
 			}
+			start := len(buf)
+			own := len(it.Data) >= zeroCopyMin && (it.Bulk != 0 || it.Payload == nil && it.Type.IsData())
 			var err error
-			if it.Bulk != 0 {
-				if buf, err = protocol.AppendBulkHeader(buf, it.ID, it.Bulk, it.Flow, it.Offset, len(it.Data)); err == nil {
-					buf = append(buf, it.Data...)
-				}
-			} else if it.Payload == nil && it.Type.IsData() {
-				buf, err = protocol.AppendDataV(buf, w.opts.Generation, it.ID, it.Type, it.Data)
-			} else {
+			switch {
+			case it.Bulk != 0:
+				buf, err = protocol.AppendBulkHeader(buf, it.ID, it.Bulk, it.Flow, it.Offset, len(it.Data))
+			case it.Payload == nil && it.Type.IsData():
+				buf, err = protocol.AppendDataHeaderV(buf, w.opts.Generation, it.ID, it.Type, len(it.Data))
+			default:
 				buf, err = protocol.AppendMessageV(buf, w.opts.Generation, it.ID, it.Type, it.Payload)
+				own = false
 			}
 			if w.opts.Observe != nil && err == nil {
 				w.opts.Observe(it.Type, len(it.Data))
 			}
-			size := it.size()
-			it.done()
 			if q != nil {
-				q.wrote(size)
+				q.wrote(it.size())
 			}
 			if err != nil { // an encoding bug; drop the frame rather than desync the stream
+				buf = buf[:start]
+				it.done()
 				continue
 			}
+			switch {
+			case own:
+				iov = append(iov, buf[mark:], it.Data)
+				mark = len(buf)
+				held = append(held, it)
+			case it.Bulk != 0 || it.Payload == nil && it.Type.IsData():
+				buf = append(buf, it.Data...)
+				it.done()
+			default:
+				it.done()
+			}
+			batch += len(buf) - start + len(it.Data)
 		}
 		closed := w.closed
 		w.mu.Unlock()
-		if len(buf) > 0 {
-			if _, err := w.w.Write(buf); err != nil {
+		if mark < len(buf) {
+			iov = append(iov, buf[mark:])
+		}
+		if batch > 0 {
+			err := writeVec(w.w, iov)
+			for i := range held {
+				held[i].done()
+				held[i] = Item{}
+			}
+			held = held[:0]
+			if err != nil {
 				w.mu.Lock()
 				w.err, w.closed = err, true
 				w.mu.Unlock()
@@ -269,7 +305,7 @@ func (w *Writer) loop() {
 		for _, f := range flushes {
 			close(f)
 		}
-		if len(buf) > 0 || len(flushes) > 0 {
+		if batch > 0 || len(flushes) > 0 {
 			continue
 		}
 		if closed {
@@ -277,6 +313,66 @@ func (w *Writer) loop() {
 		}
 		<-w.wake
 	}
+}
+
+// writeVec writes the pieces in order, as one write where the writer allows: writev on a
+// socket (net.Buffers) or on any descriptor (an *os.File: a pty, a virtio port); otherwise a
+// write per piece.
+func writeVec(w io.Writer, iov [][]byte) error {
+	if len(iov) == 1 {
+		_, err := w.Write(iov[0])
+		return err
+	}
+	if _, ok := w.(net.Conn); ok {
+		bufs := net.Buffers(iov)
+		_, err := bufs.WriteTo(w)
+		return err
+	}
+	if sc, ok := w.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			return rawWritev(rc, iov)
+		}
+	}
+	for _, b := range iov {
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// rawWritev is writev(2) on a descriptor through Go's poller (waiting while it would block).
+func rawWritev(rc syscall.RawConn, iov [][]byte) error {
+	var werr error
+	err := rc.Write(func(fd uintptr) bool {
+		for len(iov) > 0 {
+			n, err := unix.Writev(int(fd), iov[:min(len(iov), 1024)]) // IOV_MAX
+			if err == unix.EINTR {
+				continue
+			}
+			if err == unix.EAGAIN {
+				return false
+			}
+			if err != nil {
+				werr = err
+				return true
+			}
+			for n > 0 { // drop what was written
+				if n >= len(iov[0]) {
+					n -= len(iov[0])
+					iov = iov[1:]
+				} else {
+					iov[0] = iov[0][n:]
+					n = 0
+				}
+			}
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return werr
 }
 
 // Queue is one session's bounded output queue. Push blocks while the queued bytes are at or
