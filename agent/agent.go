@@ -64,11 +64,30 @@ type Config struct {
 	// Streams, when set, is offered to the host as feature "streams" (guest-initiated
 	// streams) and attached to the channel if the host enables it.
 	Streams *hostdial.Endpoint
+	// Policy, when set, is offered as feature "policy": the host owns the egress policy and
+	// sets it with agentd.policy.set (the only way it changes once agentd runs).
+	Policy PolicyControl
+	// Audit, when set, is offered as feature "audit": every egress decision record also goes
+	// to the host, as agentd.audit.records frames.
+	Audit AuditSource
 
 	Relay relay.Options
 	Exec  exec.Options
 	Fs    fs.Options
 	Mux   sessionio.WriterOptions
+}
+
+// PolicyControl is the egress policy the host owns (gateway.Gateway).
+type PolicyControl interface {
+	SetPolicy(doc []byte) protocol.PolicyState
+	PolicyState(doc bool) protocol.PolicyState
+}
+
+// AuditSource gives the audit records meant for the host (egress.Audit): JSON lines on a
+// bounded channel, closed when the audit ends, and how many records the host has lost.
+type AuditSource interface {
+	Host() <-chan []byte
+	Lost() int64
 }
 
 // Defaults for the session cap and the shared buffer budgets.
@@ -114,9 +133,14 @@ func New(cfg Config) *Agent {
 	if cfg.Features == nil {
 		cfg.Features = []string{protocol.FeatureFlow}
 	}
-	if cfg.Streams != nil && !protocol.HasFeature(cfg.Features, protocol.FeatureStreams) {
-		cfg.Features = append(cfg.Features, protocol.FeatureStreams)
+	offer := func(on bool, feature string) {
+		if on && !protocol.HasFeature(cfg.Features, feature) {
+			cfg.Features = append(cfg.Features, feature)
+		}
 	}
+	offer(cfg.Streams != nil, protocol.FeatureStreams)
+	offer(cfg.Policy != nil, protocol.FeaturePolicy)
+	offer(cfg.Audit != nil, protocol.FeatureAudit)
 	if cfg.MaxTCPSessions <= 0 {
 		cfg.MaxTCPSessions = DefaultMaxTCPSessions
 	}
@@ -245,6 +269,12 @@ func (a *Agent) Serve(ctx context.Context) error {
 			})
 		}()
 		defer func() { stop(); <-beat }() // joined: no write after Serve returns
+	}
+	if a.cfg.Audit != nil && protocol.HasFeature(a.enabled, protocol.FeatureAudit) {
+		actx, stop := context.WithCancel(ctx)
+		pumped := make(chan struct{})
+		go func() { defer close(pumped); a.pumpAudit(actx) }()
+		defer func() { stop(); <-pumped }()
 	}
 	readErr := make(chan error, 1)
 	go func() { readErr <- a.readLoop(ctx) }()
@@ -451,6 +481,22 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 			msg := fmt.Sprintf("unknown write session: %d", m.ID)
 			return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
 		}
+	case protocol.TypePolicySet, protocol.TypePolicyGet:
+		if a.cfg.Policy == nil || !protocol.HasFeature(a.enabled, protocol.FeaturePolicy) {
+			return a.reject(ctx, m.ID, m.V, protocol.KindUnsupportedMessageType,
+				fmt.Sprintf("%s: the host did not negotiate feature %q", m.Type, protocol.FeaturePolicy), m.Type.String())
+		}
+		var st protocol.PolicyState
+		if m.Type == protocol.TypePolicySet {
+			var p protocol.PolicySet
+			if err := a.decode(ctx, &m, &p); err != nil {
+				return ignoreBad(err)
+			}
+			st = a.cfg.Policy.SetPolicy(p.Document)
+		} else {
+			st = a.cfg.Policy.PolicyState(true)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypePolicyState, st)
 	case protocol.TypeStreamOpened, protocol.TypeStreamData, protocol.TypeStreamEOF, protocol.TypeStreamClose, protocol.TypeStreamCredit:
 		if a.cfg.Streams == nil || !protocol.HasFeature(a.enabled, protocol.FeatureStreams) {
 			return nil // never opened any: nothing to route to
@@ -651,3 +697,48 @@ func ClockDriftExceeds(guestNs, hostNs int64) bool {
 
 // SetInitTime records the init duration reported in core.ready (known only after Handshake).
 func (a *Agent) SetInitTime(ns uint64) { a.cfg.InitTimeNs = ns }
+
+// Audit batches: at most this many records, or bytes of them, per agentd.audit.records frame.
+const (
+	auditBatchRecords = 256
+	auditBatchBytes   = 48 << 10
+)
+
+// pumpAudit sends the audit's host records to the host in batches, on a queue of its own
+// (a fair share of the channel, behind no session's data and ahead of none). When the host
+// reads slowly this waits, and the audit drops and counts what it cannot hand over: the data
+// path never waits for it.
+func (a *Agent) pumpAudit(ctx context.Context) {
+	lines := a.cfg.Audit.Host()
+	q := a.out.NewQueue(auditBatchBytes*2, auditBatchBytes)
+	defer q.Close()
+	for {
+		var batch protocol.AuditRecords
+		size := 0
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				return
+			}
+			batch.Records, size = append(batch.Records, l), len(l)
+		case <-ctx.Done():
+			return
+		}
+	more:
+		for len(batch.Records) < auditBatchRecords && size < auditBatchBytes {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					break more
+				}
+				batch.Records, size = append(batch.Records, l), size+len(l)
+			default:
+				break more
+			}
+		}
+		batch.Dropped = uint64(a.cfg.Audit.Lost())
+		if q.PushMsg(ctx, 0, protocol.TypeAuditRecords, batch) != nil {
+			return
+		}
+	}
+}

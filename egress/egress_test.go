@@ -241,3 +241,42 @@ func TestSNIGate(t *testing.T) {
 		t.Fatalf("%d sni records, want %d:\n%s", refused, want, out.String())
 	}
 }
+
+// TestAuditHostBounded: a host that never reads its audit records costs nothing on the data
+// path: records for it beyond the queue are dropped and counted, the file still gets every
+// record, and nothing waits.
+func TestAuditHostBounded(t *testing.T) {
+	var file bytes.Buffer
+	a := NewAudit(&file, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	host := a.Host()
+	s := New(mustParse(t, pol), Options{Audit: a})
+	src := netip.MustParseAddrPort("10.87.0.2:40000")
+	n := 3 * AuditQueue
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < n; i++ {
+			s.Admit(policy.TCP, src, netip.MustParseAddrPort("192.0.2.1:80")) // denied: one record each
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("decisions waited for a host that does not read")
+	}
+	a.Close()
+	got := 0
+	for range host {
+		got++
+	}
+	if got > AuditQueue || got == 0 {
+		t.Fatalf("the host queue held %d records, want 1..%d", got, AuditQueue)
+	}
+	lines := strings.Count(file.String(), "\n")
+	if int64(lines)+a.Dropped.Load() != int64(n) || int64(got)+a.Lost() < int64(n) {
+		t.Fatalf("%d records: file %d, dropped %d, host %d, lost %d", n, lines, a.Dropped.Load(), got, a.Lost())
+	}
+	if a.HostDropped.Load() == 0 {
+		t.Fatal("no host drop counted")
+	}
+}

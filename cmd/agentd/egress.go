@@ -1,15 +1,12 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
@@ -35,7 +32,7 @@ type egressOptions struct {
 
 func (e *egressOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&e.mode, "egress", "off", "guest egress: off; netstack (the tun becomes the guest's default route, every flow passes the policy, agentd dials out); or channel (the same, but each allowed flow is a stream over the agent channel that the host dials: for a guest with no network device)")
-	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML); reloaded on SIGHUP. Without one, netstack egress allows everything but the floor")
+	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML), read once at start; after that only the host changes the policy (agentctl policy reload). Without one, netstack egress allows everything but the floor")
 	fs.StringVar(&e.floorFile, "egress-floor", "", "policy `FILE` whose rules come before the policy's and cannot be widened by it (default: deny the metadata address)")
 	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr)")
 	fs.StringVar(&e.guestNetns, "egress-guest-netns", "", "move the tun into the network namespace at `PATH` (/var/run/netns/NAME) and route that namespace through it")
@@ -92,6 +89,18 @@ func (e *egressOptions) loadPolicy() (*policy.Policy, error) {
 	return p, nil
 }
 
+// floor is the rules every policy is put behind: --egress-floor's, or the default.
+func (e *egressOptions) floor() ([]policy.Rule, error) {
+	if e.floorFile == "" {
+		return policy.DefaultFloor, nil
+	}
+	f, _, err := policy.ReadFile(e.floorFile)
+	if err != nil {
+		return nil, fmt.Errorf("egress floor: %w", err)
+	}
+	return f.Rules, nil
+}
+
 // startEgress starts the egress path the flags describe (nil when there is nothing to run: no
 // netstack and no policy file). uplink, when set, is an interface to isolate besides
 // --egress-uplink's (as PID 1: the MSB_NET interface, configured already).
@@ -106,7 +115,11 @@ func startEgress(e egressOptions, uplink string, log *slog.Logger) (*gateway.Gat
 			return nil, err
 		}
 	}
-	c := gateway.Config{Mode: gateway.Mode(e.mode), Policy: pol, GuestNetns: e.guestNetns, TunName: e.tunName,
+	floor, err := e.floor()
+	if err != nil {
+		return nil, err
+	}
+	c := gateway.Config{Mode: gateway.Mode(e.mode), Policy: pol, Floor: floor, GuestNetns: e.guestNetns, TunName: e.tunName,
 		MTU: uint32(e.mtu), Queues: e.queues, Guest: egress.DefaultGuestNet, Log: log}
 	c.Upstreams, _ = e.upstreams()
 	for _, name := range strings.Split(e.uplink, ",") {
@@ -129,28 +142,4 @@ func startEgress(e egressOptions, uplink string, log *slog.Logger) (*gateway.Gat
 		c.Audit = f
 	}
 	return gateway.Start(c)
-}
-
-// watchReload reloads the policy file on SIGHUP until ctx ends. A bad file keeps the policy in
-// force and says why.
-func watchReload(ctx context.Context, gw *gateway.Gateway, e egressOptions, log *slog.Logger) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	go func() {
-		defer signal.Stop(hup)
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-hup:
-				p, err := e.loadPolicy()
-				if err != nil {
-					log.Error("egress policy not reloaded; the previous one stays in force", "error", err)
-					continue
-				}
-				n := gw.Reload(p)
-				log.Info("egress policy reloaded", "rules", len(p.Rules), "flows_revoked", n)
-			}
-		}
-	}()
 }

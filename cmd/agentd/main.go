@@ -374,6 +374,8 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 			cfg.Relay.Resolver = gw.Resolver
 		}
 		cfg.Streams = gw.Streams
+		cfg.Policy = gw // the host owns the policy from here on
+		cfg.Audit = gw.Audit
 	}
 	a := agent.New(cfg)
 	if hooks.adopted != nil {
@@ -397,9 +399,9 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if gw != nil {
-		watchReload(ctx, gw, o.egress, log)
-	}
+	// No signal from inside the guest changes the policy: it changes only by the host's
+	// agentd.policy.set. SIGHUP, which once reloaded it from a file, is ignored.
+	signal.Ignore(syscall.SIGHUP)
 	err := a.Serve(ctx)
 	switch {
 	case errors.Is(err, agent.ErrShutdown) && hooks.adopted != nil:
