@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/exec"
@@ -147,6 +149,10 @@ func main() {
 	if exec.IsHelper() {
 		exec.HelperMain() // agentd started as its own pre-exec helper; does not return
 	}
+	// Out of the workloads' reach: a process that is not dumpable cannot be ptraced, nor its
+	// memory (/proc/PID/mem, process_vm_*), descriptors (pidfd_getfd, /proc/PID/fd), root or
+	// namespaces opened, by anyone without CAP_SYS_PTRACE, which no confined workload has.
+	unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
 	if isHandoffAgent() {
 		os.Exit(handoffAgentMain(boot)) // the agent half of PID 1 after a handoff
 	}
