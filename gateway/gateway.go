@@ -60,6 +60,9 @@ type Config struct {
 	GuestNetns string
 	// Uplink names the interfaces moved into agentd's private namespace (netstack mode).
 	Uplink []string
+	// PinUplink, when set, is a file the uplink namespace is pinned on, so that it outlives
+	// agentd: as the guest's init, the uplink then never comes back into the guest's view.
+	PinUplink string
 	// Upstreams are the resolvers the guest's DNS goes to (empty: resolv.conf's, read at
 	// start); unused in channel mode, where the host resolves.
 	Upstreams []netip.AddrPort
@@ -134,6 +137,11 @@ func Start(c Config) (g *Gateway, err error) {
 		if len(c.Uplink) > 0 {
 			if g.uplink, err = namespace.IsolateUplink(c.Uplink); err != nil {
 				return g, fmt.Errorf("--egress-uplink: %w", err)
+			}
+			if c.PinUplink != "" {
+				if err := g.uplink.Pin(c.PinUplink); err != nil {
+					return g, err
+				}
 			}
 			g.upstream = g.uplink.DialContext
 		}

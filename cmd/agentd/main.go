@@ -233,7 +233,7 @@ func run(o options, log *slog.Logger, boot uint64) error {
 	if err != nil {
 		return err
 	}
-	gw, err := startEgress(o.egress, "", log)
+	gw, err := startEgress(o.egress, "", "", log)
 	if err != nil {
 		return err
 	}
@@ -315,7 +315,7 @@ func startGuestEgress(e egressOptions, conf initfs.Config, log *slog.Logger) (*g
 	if conf.Net != nil {
 		uplink = conf.Net.Iface // moved with its addresses and routes
 	}
-	gw, err := startEgress(e, uplink, log)
+	gw, err := startEgress(e, uplink, privateDir+"/uplink.net", log)
 	if err != nil {
 		return nil, fmt.Errorf("init: egress: %w", err)
 	}
