@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"bytes"
 	"fmt"
 	"reflect"
 	"strings"
@@ -48,25 +49,33 @@ var (
 func Marshal(v any) ([]byte, error) { return encMode.Marshal(v) }
 
 // Unmarshal decodes one CBOR item from b into v, ignoring trailing bytes (as the reference
-// does), then checks that every field tagged `req:"1"` was present.
+// does), then checks what serde checks and the CBOR library does not: every field tagged
+// `req:"1"` is present, and null (or undefined) appears only where the reference has an
+// Option (a pointer here). A null bool, integer, string, byte string or array is an error,
+// not its zero value: a null data chunk is not EOF, a null OpenFile option is not false.
 func Unmarshal(b []byte, v any) error {
 	if len(b) == 0 {
 		return fmt.Errorf("empty payload")
 	}
-	if (b[0] == 0xf6 || b[0] == 0xf7) && reflect.TypeOf(v).Elem().Kind() == reflect.Struct {
+	if isNull(b) && reflect.TypeOf(v).Elem().Kind() == reflect.Struct {
 		return fmt.Errorf("invalid type: null, expected a map")
 	}
 	if _, err := decMode.UnmarshalFirst(b, v); err != nil {
 		return err
 	}
-	return checkRequired(b, reflect.TypeOf(v).Elem())
+	// Without a null byte anywhere there is no null to refuse: only required fields to check.
+	nulls := bytes.IndexByte(b, 0xf6) >= 0 || bytes.IndexByte(b, 0xf7) >= 0
+	return checkFields(b, reflect.TypeOf(v).Elem(), nulls)
 }
 
-// checkRequired reports the first field tagged `req:"1"` that is missing from the encoded map
-// b, recursing into struct, pointer-to-struct and slice-of-struct fields. Serde rejects a
-// missing non-Option field that has no default; so do we, with serde's wording.
-func checkRequired(b []byte, t reflect.Type) error {
-	if t.Kind() != reflect.Struct || !hasRequired(t) {
+// isNull reports whether the encoded item b is null or undefined.
+func isNull(b []byte) bool { return len(b) > 0 && (b[0] == 0xf6 || b[0] == 0xf7) }
+
+// checkFields checks the encoded map b against struct type t: missing required fields (with
+// serde's wording) and, if nulls, null values in non-Option fields, recursing into struct,
+// pointer-to-struct and slice fields.
+func checkFields(b []byte, t reflect.Type, nulls bool) error {
+	if t.Kind() != reflect.Struct || (!nulls && !hasRequired(t)) {
 		return nil
 	}
 	var m map[string]cbor.RawMessage
@@ -86,23 +95,29 @@ func checkRequired(b []byte, t reflect.Type) error {
 			}
 			continue
 		}
-		if err := checkRequiredValue(raw, f.Type); err != nil {
+		if err := checkValue(raw, f.Type, nulls); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
 	}
 	return nil
 }
 
-func checkRequiredValue(raw []byte, t reflect.Type) error {
+func checkValue(raw []byte, t reflect.Type, nulls bool) error {
+	if isNull(raw) {
+		if nulls && t.Kind() != reflect.Pointer && t.Kind() != reflect.Interface {
+			return fmt.Errorf("invalid type: null, expected %s", t)
+		}
+		return nil
+	}
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	switch t.Kind() {
 	case reflect.Struct:
-		return checkRequired(raw, t)
+		return checkFields(raw, t, nulls)
 	case reflect.Slice:
 		et := t.Elem()
-		if et.Kind() != reflect.Struct || !hasRequired(et) {
+		if et.Kind() == reflect.Uint8 || !(nulls || et.Kind() == reflect.Struct && hasRequired(et)) {
 			return nil
 		}
 		var items []cbor.RawMessage
@@ -110,7 +125,7 @@ func checkRequiredValue(raw []byte, t reflect.Type) error {
 			return nil
 		}
 		for i, it := range items {
-			if err := checkRequired(it, et); err != nil {
+			if err := checkValue(it, et, nulls); err != nil {
 				return fmt.Errorf("[%d]: %w", i, err)
 			}
 		}
