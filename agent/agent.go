@@ -221,14 +221,18 @@ func (a *Agent) Serve(ctx context.Context) error {
 	}
 	if a.cfg.HeartbeatPath != "" {
 		hctx, stop := context.WithCancel(ctx)
-		defer stop()
 		interval := a.cfg.HeartbeatInterval
 		if interval <= 0 {
 			interval = time.Second
 		}
-		go heartbeat.Run(hctx, a.cfg.HeartbeatPath, interval, &a.act, func() (int, int, int) {
-			return a.ExecSessions(), a.fs.Streams(), a.Sessions()
-		})
+		beat := make(chan struct{})
+		go func() {
+			defer close(beat)
+			heartbeat.Run(hctx, a.cfg.HeartbeatPath, interval, &a.act, func() (int, int, int) {
+				return a.ExecSessions(), a.fs.Streams(), a.Sessions()
+			})
+		}()
+		defer func() { stop(); <-beat }() // no write to the heartbeat file after Serve returns
 	}
 	readErr := make(chan error, 1)
 	go func() { readErr <- a.readLoop(ctx) }()

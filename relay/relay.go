@@ -12,7 +12,10 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/agentd/agentd/budget"
@@ -109,6 +112,9 @@ type Session struct {
 
 	credit *budget.Credit // flow: bytes we may still send to the host
 
+	hostEOF atomic.Bool   // the host sent tcp.eof
+	late    chan struct{} // host data arrived after the host's eof
+
 	mu       sync.Mutex
 	conn     net.Conn
 	ended    bool
@@ -139,6 +145,7 @@ func New(id uint32, req protocol.TCPConnect, out *mux.Writer, opts Options, log 
 		credit:   budget.NewCredit(int64(req.Window)),
 		ctx:      ctx,
 		cancel:   cancel,
+		late:     make(chan struct{}, 1),
 		finished: make(chan struct{}),
 	}
 	cfg := sink.Config{Limit: opts.InboundLimit, Budget: opts.Inbound}
@@ -160,13 +167,17 @@ func (s *Session) Finished() <-chan struct{} { return s.finished }
 
 func (s *Session) run(host string, port uint16) {
 	defer close(s.finished)
+	if !resolvable(host) {
+		s.fail(fmt.Sprintf("connect %s:%d: %s", host, port, lookupText(nil)))
+		return
+	}
 	addr := net.JoinHostPort(host, strconv.Itoa(int(port)))
 	dctx, dcancel := context.WithTimeout(s.ctx, s.opts.ConnectTimeout)
 	if s.opts.Decide != nil {
 		allowed, err := s.allowed(dctx, host, port)
 		if err != nil {
 			dcancel()
-			s.fail(fmt.Sprintf("connect %s:%d: %s", host, port, err))
+			s.fail(fmt.Sprintf("connect %s:%d: %s", host, port, dialText(err)))
 			return
 		}
 		addr = net.JoinHostPort(allowed.String(), strconv.Itoa(int(port)))
@@ -178,7 +189,7 @@ func (s *Session) run(host string, port uint16) {
 			s.end()
 			return
 		}
-		msg := fmt.Sprintf("connect %s:%d: %s", host, port, describe(err))
+		msg := fmt.Sprintf("connect %s:%d: %s", host, port, dialText(err))
 		if errors.Is(err, context.DeadlineExceeded) {
 			msg = fmt.Sprintf("connect %s:%d timed out", host, port)
 		}
@@ -217,7 +228,7 @@ func (s *Session) allowed(ctx context.Context, host string, port uint16) (netip.
 	} else {
 		names = []string{host}
 		if addrs, err = net.DefaultResolver.LookupNetIP(ctx, "ip", host); err != nil {
-			return netip.Addr{}, fmt.Errorf("resolve: %w", err)
+			return netip.Addr{}, err
 		}
 	}
 	var last policy.Decision
@@ -232,6 +243,32 @@ func (s *Session) allowed(ctx context.Context, host string, port uint16) (netip.
 
 // describe renders an error the way the reference's messages read: the OS error text.
 func describe(err error) string { return oserr.Text(err) }
+
+// dialText renders a connect failure as the reference's does: a name that does not resolve
+// is getaddrinfo's failure, anything else the OS error text.
+func dialText(err error) string {
+	var dns *net.DNSError
+	if errors.As(err, &dns) {
+		return lookupText(dns)
+	}
+	return describe(err)
+}
+
+// lookupText is Rust's text for a failed getaddrinfo: a name that does not exist is
+// EAI_NONAME, a resolver that did not answer EAI_AGAIN (glibc's gai_strerror wording).
+func lookupText(dns *net.DNSError) string {
+	if dns != nil && !dns.IsNotFound && (dns.IsTimeout || dns.IsTemporary) {
+		return "failed to lookup address information: Temporary failure in name resolution"
+	}
+	return "failed to lookup address information: Name or service not known"
+}
+
+// resolvable reports whether getaddrinfo could take host at all: the reference passes it as
+// is, so "" and a bracketed IPv6 literal are names that do not resolve (where Go would dial
+// the local host, or refuse the address form).
+func resolvable(host string) bool {
+	return host != "" && !strings.ContainsAny(host, "[]")
+}
 
 // toHost reads the destination and queues core.tcp.data. The queue's high watermark (and,
 // with flow control, the host's credit) stops the reads, so the destination feels TCP
@@ -287,7 +324,15 @@ func (s *Session) toDestination(conn net.Conn) {
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
 			if err := cw.CloseWrite(); err != nil && s.ctx.Err() == nil {
 				s.fail("shutdown TCP stream: " + describe(err))
+				return
 			}
+		}
+		// Host data after its EOF: a write after shutdown(SHUT_WR) is EPIPE on Linux, so the
+		// reference's relay fails with exactly this (one terminal frame; the data is not sent).
+		select {
+		case <-s.late:
+			s.fail("write TCP stream: " + oserr.Errno(syscall.EPIPE))
+		case <-s.ctx.Done():
 		}
 	case err != nil && s.ctx.Err() == nil:
 		s.fail("write TCP stream: " + describe(err))
@@ -299,8 +344,16 @@ var errSessionClosed = errors.New("TCP session is closed")
 
 // Write queues host data for the destination (copying it: it aliases the channel's read
 // buffer). It waits while the session's buffer is full, which only a host without flow
-// control can cause. Data after the host's EOF is dropped, as by the reference.
+// control can cause. Data after the host's own EOF is a write to a shut-down socket: once
+// everything before the EOF is written, the session fails as the reference's does.
 func (s *Session) Write(data []byte) error {
+	if len(data) > 0 && s.hostEOF.Load() {
+		select {
+		case s.late <- struct{}{}:
+		default:
+		}
+		return nil
+	}
 	if err := s.in.Write(data); err != nil {
 		return errSessionClosed
 	}
@@ -312,6 +365,7 @@ func (s *Session) CloseWrite() error {
 	if err := s.in.CloseWrite(); err != nil {
 		return errSessionClosed
 	}
+	s.hostEOF.Store(true)
 	return nil
 }
 
