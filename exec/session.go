@@ -327,10 +327,12 @@ func startCmd(cmd *osexec.Cmd) (*osexec.Cmd, error) {
 	return sh, sh.Start()
 }
 
-// Go queues exec.started and starts streaming. The caller registers the session first, so
-// the host can never act on a session the agent does not know yet.
+// Go sends exec.started and starts streaming. The caller registers the session first, so
+// the host can never act on a session the agent does not know yet. exec.started goes ahead of
+// session output, as a reply of the agent loop: like the reference's, it precedes anything
+// else on the id, output and replies to the host's later frames alike.
 func (s *Session) Go() {
-	s.q.PushMsg(s.ctx, s.id, protocol.TypeExecStarted, s.started)
+	s.out.ControlMsg(s.ctx, s.id, protocol.TypeExecStarted, s.started)
 	s.goRun()
 }
 

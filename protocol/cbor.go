@@ -26,24 +26,36 @@ var (
 		return em
 	}()
 
-	// decMode accepts what the reference's decoder accepts: definite or indefinite lengths,
-	// tags (skipped), unknown keys (ignored); it rejects duplicate keys as serde does.
-	decMode = func() cbor.DecMode {
-		dm, err := cbor.DecOptions{
-			DupMapKey:         cbor.DupMapKeyEnforcedAPF,
-			MaxNestedLevels:   256,
-			IndefLength:       cbor.IndefLengthAllowed,
-			TagsMd:            cbor.TagsAllowed,
-			DefaultMapType:    reflect.TypeOf(map[string]any(nil)),
-			UTF8:              cbor.UTF8RejectInvalid,
-			FieldNameMatching: cbor.FieldNameMatchingCaseSensitive,
-		}.DecMode()
-		if err != nil {
-			panic(err)
-		}
-		return dm
+	// decOptions accept what the reference's decoder accepts: definite or indefinite lengths,
+	// tags (skipped), unknown keys (ignored), field names as text or byte strings; they reject
+	// duplicate keys as serde does.
+	decOptions = cbor.DecOptions{
+		DupMapKey:           cbor.DupMapKeyEnforcedAPF,
+		MaxNestedLevels:     256,
+		IndefLength:         cbor.IndefLengthAllowed,
+		TagsMd:              cbor.TagsAllowed,
+		DefaultMapType:      reflect.TypeOf(map[string]any(nil)),
+		UTF8:                cbor.UTF8RejectInvalid,
+		FieldNameMatching:   cbor.FieldNameMatchingCaseSensitive,
+		FieldNameByteString: cbor.FieldNameByteStringAllowed,
+	}
+	decMode = mustDecMode(decOptions)
+	// keyMode reads a map's keys as field names, text or bytes (checkFields); a byte string is
+	// not a string anywhere else.
+	keyMode = func() cbor.DecMode {
+		o := decOptions
+		o.ByteStringToString = cbor.ByteStringToStringAllowed
+		return mustDecMode(o)
 	}()
 )
+
+func mustDecMode(o cbor.DecOptions) cbor.DecMode {
+	dm, err := o.DecMode()
+	if err != nil {
+		panic(err)
+	}
+	return dm
+}
 
 // Marshal encodes a payload value the way the reference does.
 func Marshal(v any) ([]byte, error) { return encMode.Marshal(v) }
@@ -79,8 +91,8 @@ func checkFields(b []byte, t reflect.Type, nulls bool) error {
 		return nil
 	}
 	var m map[string]cbor.RawMessage
-	if _, err := decMode.UnmarshalFirst(b, &m); err != nil {
-		return nil // not a map of text keys (e.g. byte-string keys): the value decode already ran
+	if _, err := keyMode.UnmarshalFirst(b, &m); err != nil {
+		return nil // not a map with field-name keys: the value decode already ran
 	}
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)

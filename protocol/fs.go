@@ -154,7 +154,7 @@ func (r *FsRequest) UnmarshalCBOR(b []byte) error {
 	var w struct {
 		Op map[string]cbor.RawMessage `cbor:"op"`
 	}
-	if err := decMode.Unmarshal(b, &w); err != nil {
+	if err := keyMode.Unmarshal(b, &w); err != nil { // the variant's name may be a byte string too
 		return err
 	}
 	if w.Op == nil {

@@ -376,18 +376,16 @@ func (s *Session) Credit(n uint32) { s.credit.Add(int64(n)) }
 // disconnect, shutdown): queued data in both directions is dropped.
 func (s *Session) Abort() { s.end() }
 
-// fail sends the terminal core.tcp.failed and ends the session.
+// fail ends the session and sends its terminal core.tcp.failed. The session leaves the table
+// first, as the reference's does before its terminal frame goes out: a host that saw the
+// failure finds the id unknown.
 func (s *Session) fail(msg string) {
-	s.mu.Lock()
-	if s.ended {
-		s.mu.Unlock()
-		return
+	if !s.endKeepQueue() {
+		return // already over: one terminal frame per session
 	}
-	s.mu.Unlock()
 	// The failure goes behind any data already queued, so the host sees it last.
 	s.q.PushMsg(context.Background(), s.id, protocol.TypeTCPFailed, protocol.TCPFailed{Error: msg})
 	s.log.Debug("tcp session failed", "id", s.id, "error", msg)
-	s.endKeepQueue()
 }
 
 func (s *Session) end() {

@@ -170,11 +170,14 @@ func TestInboundGrantsCredit(t *testing.T) {
 func TestDataAfterHostEOF(t *testing.T) {
 	testutil.Leaks(t)
 	got := make(chan string, 1)
+	release := make(chan struct{})
 	srv := testutil.Serve(t, func(c *net.TCPConn) {
 		b, _ := io.ReadAll(c)
 		got <- string(b)
+		<-release // no FIN from this side: the failure is the session's only frame
 		c.Close()
 	})
+	defer close(release)
 	h := newHarness(t)
 	s := h.start(4, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)}, Options{})
 	h.next() // connected
