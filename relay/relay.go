@@ -172,6 +172,9 @@ func (s *Session) run(host string, port uint16) {
 		return
 	}
 	addr := net.JoinHostPort(host, strconv.Itoa(int(port)))
+	if a, ok := inetAton(host); ok {
+		addr = net.JoinHostPort(a.String(), strconv.Itoa(int(port)))
+	}
 	dctx, dcancel := context.WithTimeout(s.ctx, s.opts.ConnectTimeout)
 	if s.opts.Decide != nil {
 		allowed, err := s.allowed(dctx, host, port)
@@ -225,6 +228,8 @@ func (s *Session) allowed(ctx context.Context, host string, port uint16) (netip.
 	var names []string
 	if a, err := netip.ParseAddr(host); err == nil {
 		addrs = []netip.Addr{a}
+	} else if a, ok := inetAton(host); ok {
+		addrs = []netip.Addr{a}
 	} else {
 		names = []string{host}
 		if addrs, err = net.DefaultResolver.LookupNetIP(ctx, "ip", host); err != nil {
@@ -261,6 +266,35 @@ func lookupText(dns *net.DNSError) string {
 		return "failed to lookup address information: Temporary failure in name resolution"
 	}
 	return "failed to lookup address information: Name or service not known"
+}
+
+// inetAton parses the IPv4 forms getaddrinfo takes besides dotted quads (inet_aton's: "127.1",
+// "0x7f000001", "2130706433": one to four parts, decimal, octal or hex, the last filling the
+// remaining bytes). A dotted quad is left to netip.
+func inetAton(host string) (netip.Addr, bool) {
+	parts := strings.Split(host, ".")
+	if len(parts) > 4 {
+		return netip.Addr{}, false
+	}
+	var ip uint32
+	for i, p := range parts {
+		v, err := strconv.ParseUint(p, 0, 32) // base from the prefix: 0x hex, 0 octal
+		if err != nil || p == "" || p[0] == '+' || strings.ContainsAny(p, "_oObB") {
+			return netip.Addr{}, false
+		}
+		if i < len(parts)-1 {
+			if v > 255 {
+				return netip.Addr{}, false
+			}
+			ip |= uint32(v) << (8 * (3 - i))
+		} else {
+			if bits := 8 * (5 - len(parts)); bits < 32 && v >= 1<<bits {
+				return netip.Addr{}, false
+			}
+			ip |= uint32(v)
+		}
+	}
+	return netip.AddrFrom4([4]byte{byte(ip >> 24), byte(ip >> 16), byte(ip >> 8), byte(ip)}), true
 }
 
 // resolvable reports whether getaddrinfo could take host at all: the reference passes it as

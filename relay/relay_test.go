@@ -237,3 +237,17 @@ func TestConnectErrorTexts(t *testing.T) {
 		}
 	}
 }
+
+func TestInetAton(t *testing.T) {
+	for in, want := range map[string]string{"127.1": "127.0.0.1", "0x7f000001": "127.0.0.1", "2130706433": "127.0.0.1",
+		"017700000001": "127.0.0.1", "10.1.2": "10.1.0.2", "1.2.3.4": "1.2.3.4", "0": "0.0.0.0"} {
+		if a, ok := inetAton(in); !ok || a.String() != want {
+			t.Errorf("%q: %v %v, want %s", in, a, ok, want)
+		}
+	}
+	for _, in := range []string{"", "1.2.3.4.5", "256.1", "1.256.1.1", "0x", "a", "1..2", "+1", "1_0", "0o17", "0b1", "localhost", "::1", "4294967296"} {
+		if a, ok := inetAton(in); ok {
+			t.Errorf("%q parsed as %v", in, a)
+		}
+	}
+}

@@ -215,9 +215,37 @@ func (g *gen) attrs() Map {
 
 func (g *gen) fsCase() {
 	g.c.fsTree = true
+	if g.chance(0.1) {
+		g.disconnectCase()
+		return
+	}
 	for n := 2 + g.r.Intn(7); n > 0; n-- {
 		g.fsStep()
 	}
+}
+
+// disconnect is core.relay.client.disconnected for relay slot 1 (the foreign ids): sent on an
+// id of its own, answered by nobody.
+func (g *gen) disconnect() hostFrame {
+	return hostFrame{id: g.id(), typ: "core.relay.client.disconnected",
+		payload: Map{{"id_start", uint64(relayStep + 1)}, {"id_end_exclusive", uint64(2*relayStep + 1)}}}
+}
+
+// disconnectCase: a relay client's handles and sessions end with it, without frames; another
+// client's stay.
+func (g *gen) disconnectCase() {
+	g.c.name += "-disconnect"
+	mine, theirs := g.id(), g.foreignID()
+	g.nh += 2
+	hm, ht := fmt.Sprintf("h%d", g.nh-1), fmt.Sprintf("h%d", g.nh)
+	open := Map{{"path", pathRef("f")}, {"options", Map{{"read", true}, {"write", false}, {"append", false},
+		{"create", false}, {"truncate", false}, {"create_new", false}, {"mode", nil}}}}
+	g.add(step{frames: []hostFrame{fsReq(mine, "OpenFile", open)}, done: terminals(mine, 1), opens: map[uint32]string{mine: hm}})
+	g.add(step{frames: []hostFrame{fsReq(theirs, "OpenFile", open)}, done: terminals(theirs, 1), opens: map[uint32]string{theirs: ht}})
+	g.add(step{frames: []hostFrame{g.disconnect()}})
+	a, b := g.id(), g.foreignID()
+	g.add(step{frames: []hostFrame{fsReq(a, "FStat", Map{{"handle", hRef(hm)}}), fsReq(b, "FStat", Map{{"handle", hRef(ht)}})},
+		done: all(terminals(a, 1), terminals(b, 1))})
 }
 
 func (g *gen) fsStep() {
@@ -401,7 +429,7 @@ func (g *gen) execCase() {
 			strs("HOME=/custom", "NOEQUALS"), strs("A=b=c")}[g.r.Intn(5)]
 		g.run1(execReq("sh", strs("-c", `echo "$PATH|$FOO|$HOME|$A|$BASE|$LANG"`), KV{"env", env}, tty))
 	case 7: // users and groups (item 7)
-		user := g.pick("nobody", "65534", "4242", "nobody:root", "0:65534", "no-such-user", "nobody:no-such-group", "nobody:", ":0", " root ")
+		user := g.pick("nobody", "65534", "4242", "nobody:root", "0:65534", "no-such-user", "nobody:no-such-group", "nobody:", ":0", " root ", "", "4242:4242")
 		g.run1(execReq("sh", strs("-c", `echo "$(id -u) $(id -g) $(id -G) $HOME"`), KV{"user", user}, tty))
 	case 8: // NUL bytes (item 8)
 		req := [][2]any{{"ec\x00ho", strs("x")}, {"echo", strs("a\x00b")}, {"echo", strs("ok")}}[g.r.Intn(3)]
@@ -472,9 +500,9 @@ func (g *gen) tcpCase() {
 	}
 	data := func(d any) hostFrame { return hostFrame{id: id, typ: "core.tcp.data", payload: Map{{"data", d}}} }
 	ctl := func(t string) hostFrame { return hostFrame{id: id, typ: t, payload: Map{}} }
-	switch g.r.Intn(6) {
+	switch g.r.Intn(7) {
 	case 0: // names and addresses that do not connect (item 8)
-		host := g.pick("127.0.0.1", "::1", "localhost", "[::1]", "", "no such host", "bad..name", "127.1")
+		host := g.pick("127.0.0.1", "::1", "localhost", "[::1]", "", "no such host", "bad..name", "127.1", "0x7f000001", "2130706433", "1.2.3.4.5", "0x")
 		g.add(step{frames: []hostFrame{connect(host, g.env.closed)}, done: terminals(id, 1)})
 	case 1: // echo, half-closes both ways, close: no reply
 		g.add(step{frames: []hostFrame{connect(g.pick("127.0.0.1", "localhost"), g.env.echo)}, done: hasType(id, "core.tcp.connected", 1)})
@@ -511,6 +539,11 @@ func (g *gen) tcpCase() {
 		g.add(step{frames: []hostFrame{ctl("core.tcp.close"), probe(id)}, done: probed(id)})
 	case 4: // frames for an id without a session
 		g.add(step{frames: []hostFrame{ctl("core.tcp.eof"), ctl("core.tcp.close"), data([]byte("x"))}, done: terminals(id, 1)})
+	case 6: // a disconnected relay client's session ends without a frame
+		id = g.foreignID()
+		g.add(step{frames: []hostFrame{connect("127.0.0.1", g.env.sink)}, done: hasType(id, "core.tcp.connected", 1)})
+		g.add(step{frames: []hostFrame{g.disconnect()}})
+		g.add(step{frames: []hostFrame{probe(id)}, done: probed(id)})
 	case 5: // close, then data: the id is unknown
 		g.add(step{frames: []hostFrame{connect("127.0.0.1", g.env.sink)}, done: hasType(id, "core.tcp.connected", 1)})
 		g.add(step{frames: []hostFrame{ctl("core.tcp.close"), data([]byte("x"))}, done: terminals(id, 1)})

@@ -9,9 +9,11 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
+	"unicode"
 )
 
 // TCP sessions, §2.4 and §3.12.
@@ -201,6 +203,8 @@ func dialLikeRust(ctx context.Context, host string, port uint16) (net.Conn, erro
 	var addrs []netip.Addr
 	if a, err := netip.ParseAddr(host); err == nil && a.Zone() == "" {
 		addrs = []netip.Addr{a}
+	} else if a, ok := atonExact(host); ok { // getaddrinfo takes inet_aton's forms: 127.1, 0x7f000001
+		addrs = []netip.Addr{a}
 	} else {
 		noName := errors.New("failed to lookup address information: Name or service not known")
 		if host == "" || containsAny(host, "[]") {
@@ -244,4 +248,50 @@ func containsAny(s, chars string) bool {
 		}
 	}
 	return false
+}
+
+// atonExact is glibc's __inet_aton_exact: one to four parts, each decimal, octal (leading 0)
+// or hex (0x); the last fills the remaining bytes.
+func atonExact(s string) (netip.Addr, bool) {
+	parts := strings.Split(s, ".")
+	if len(parts) > 4 {
+		return netip.Addr{}, false
+	}
+	var vals []uint64
+	for _, p := range parts {
+		base := 10
+		switch {
+		case strings.HasPrefix(p, "0x") || strings.HasPrefix(p, "0X"):
+			base, p = 16, p[2:]
+		case len(p) > 1 && p[0] == '0':
+			base, p = 8, p[1:]
+		}
+		if p == "" && base != 8 {
+			return netip.Addr{}, false
+		}
+		v := uint64(0)
+		for _, c := range p {
+			d := strings.IndexRune("0123456789abcdef", unicode.ToLower(c))
+			if d < 0 || d >= base {
+				return netip.Addr{}, false
+			}
+			if v = v*uint64(base) + uint64(d); v > math.MaxUint32 {
+				return netip.Addr{}, false
+			}
+		}
+		vals = append(vals, v)
+	}
+	var ip uint64
+	for i, v := range vals[:len(vals)-1] {
+		if v > 255 {
+			return netip.Addr{}, false
+		}
+		ip |= v << (8 * (3 - i))
+	}
+	last := vals[len(vals)-1]
+	if last >= 1<<(8*(5-len(vals))) {
+		return netip.Addr{}, false
+	}
+	ip |= last
+	return netip.AddrFrom4([4]byte{byte(ip >> 24), byte(ip >> 16), byte(ip >> 8), byte(ip)}), true
 }
