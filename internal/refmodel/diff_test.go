@@ -502,7 +502,11 @@ func TestDifferential(t *testing.T) {
 	}
 	base := t.TempDir()
 	echo := testutil.Serve(t, testutil.Echo)
-	sink := testutil.Serve(t, func(c *net.TCPConn) { io.Copy(io.Discard, c); time.Sleep(100 * time.Millisecond); c.Close() })
+	// The sink takes everything and never closes its side while the test runs: its sessions end
+	// only by what the host does.
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	sink := testutil.Serve(t, func(c *net.TCPConn) { io.Copy(io.Discard, c); <-release; c.Close() })
 	env := genEnv{echo: echo.Addr.Port, sink: sink.Addr.Port, closed: testutil.ClosedPort(t)}
 	cases := generate(rand.New(rand.NewSource(*flagSeed)), *flagCases, env)
 	roots := [2]string{base + "/a", base + "/m"} // of one length: messages quote positions in paths
