@@ -85,6 +85,9 @@ func HelperMain() {
 	}
 	unix.CloseOnExec(3)
 	err := unix.Exec(spec.Path, spec.Argv, env)
+	if err == unix.ENOEXEC { // a script without "#!": /bin/sh runs it, as execvp does
+		err = unix.Exec("/bin/sh", append([]string{"/bin/sh", spec.Path}, spec.Argv[1:]...), env)
+	}
 	fail("execve", err)
 }
 

@@ -416,7 +416,8 @@ func (r *Resolver) Lookup(ctx context.Context, name string) ([]netip.Addr, error
 			return nil, fmt.Errorf("resolve %s: %w", name, err)
 		}
 		if h.RCode == dnsmessage.RCodeNameError {
-			return nil, fmt.Errorf("resolve %s: no such host (or denied by egress policy)", name)
+			// A *net.DNSError, as the system resolver's: core.tcp words it as getaddrinfo does.
+			return nil, &net.DNSError{Err: "no such host (or denied by egress policy)", Name: name, IsNotFound: true}
 		}
 		p.SkipAllQuestions()
 		answers, _ := p.AllAnswers()
@@ -430,7 +431,7 @@ func (r *Resolver) Lookup(ctx context.Context, name string) ([]netip.Addr, error
 		}
 	}
 	if len(out) == 0 {
-		return nil, fmt.Errorf("resolve %s: no addresses", name)
+		return nil, &net.DNSError{Err: "no addresses", Name: name, IsNotFound: true}
 	}
 	return out, nil
 }

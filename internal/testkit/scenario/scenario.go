@@ -43,6 +43,9 @@ func Run(t *testing.T, start Start) {
 	t.Run("UnknownSession", func(t *testing.T) { UnknownSession(t, start(t, nil)) })
 	t.Run("ManySessions", func(t *testing.T) { ManySessions(t, start(t, nil), 1000) })
 	t.Run("MalformedFrames", func(t *testing.T) { MalformedFrames(t, start(t, nil)) })
+	t.Run("DataAfterHostEOF", func(t *testing.T) { DataAfterHostEOF(t, start(t, nil)) })
+	t.Run("NullData", func(t *testing.T) { NullData(t, start(t, nil)) })
+	t.Run("ConnectErrors", func(t *testing.T) { ConnectErrors(t, start(t, nil)) })
 }
 
 // Ctx is a test-bounded context.
@@ -330,4 +333,97 @@ func MalformedFrames(t *testing.T, a Agent) {
 		t.Fatalf("agent not responsive after bad frames: %q %v", buf, err)
 	}
 	conn.Close()
+}
+
+// DataAfterHostEOF: tcp.data after the host's own tcp.eof is a write to a socket whose write
+// half is shut down: the session ends with the reference's one terminal tcp.failed (issue 16,
+// item 9), and the id is then unknown.
+func DataAfterHostEOF(t *testing.T, a Agent) {
+	release := make(chan struct{})
+	defer close(release)
+	got := make(chan string, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+		<-release
+	})
+	r := openRaw(t, a.Client)
+	r.send(protocol.TypeTCPConnect, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)})
+	if m := r.recv(); m.Type != protocol.TypeTCPConnected {
+		t.Fatalf("got %s", m.Name())
+	}
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("before")})
+	r.send(protocol.TypeTCPEOF, protocol.Empty{})
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte{}}) // empty: nothing to write, no error
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("after")})
+	m := r.recv()
+	var f protocol.TCPFailed
+	protocol.Unmarshal(m.Payload, &f)
+	if m.Type != protocol.TypeTCPFailed || m.Flags != protocol.FlagTerminal || f.Error != "write TCP stream: Broken pipe (os error 32)" {
+		t.Fatalf("got %s %+v", m.Name(), f)
+	}
+	if s := <-got; s != "before" {
+		t.Fatalf("destination got %q", s)
+	}
+	s2, err := a.Client.OpenID(r.s.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("x")})
+	if m, err := s2.Recv(Ctx(t)); err != nil || m.Type != protocol.TypeTCPFailed {
+		t.Fatalf("after the failure: %s %v", m.Name(), err)
+	} else if protocol.Unmarshal(m.Payload, &f); f.Error != fmt.Sprintf("unknown TCP session: %d", r.s.ID) {
+		t.Fatalf("after the failure: %+v", f)
+	}
+	a.Idle(t)
+}
+
+// NullData: a null tcp.data is core.error invalid_payload on the session's id, and the data
+// around it still reaches the destination (issue 16, item 3).
+func NullData(t *testing.T, a Agent) {
+	got := make(chan string, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+	})
+	r := openRaw(t, a.Client)
+	r.send(protocol.TypeTCPConnect, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)})
+	if m := r.recv(); m.Type != protocol.TypeTCPConnected {
+		t.Fatalf("got %s", m.Name())
+	}
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("a")})
+	if err := a.Client.Send(r.s.ID, protocol.TypeTCPData, []byte{0xa1, 0x64, 'd', 'a', 't', 'a', 0xf6}); err != nil {
+		t.Fatal(err)
+	}
+	expectInvalidPayload(t, r.s, protocol.TypeTCPData)
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("b")})
+	r.send(protocol.TypeTCPEOF, protocol.Empty{})
+	if s := <-got; s != "ab" {
+		t.Fatalf("destination got %q", s)
+	}
+	r.send(protocol.TypeTCPClose, protocol.Empty{})
+	a.Idle(t)
+}
+
+// ConnectErrors: names that do not resolve get getaddrinfo's text, as from the reference; a
+// bracketed IPv6 literal is not an address to it either (item 8).
+func ConnectErrors(t *testing.T, a Agent) {
+	for _, name := range []string{"no such host", "[::1]", ""} {
+		_, err := a.Client.DialTCP(Ctx(t), name, 9)
+		var te *host.TCPError
+		want := fmt.Sprintf("connect %s:9: failed to lookup address information: Name or service not known", name)
+		if !errors.As(err, &te) || te.Msg != want {
+			t.Fatalf("host %q: %v, want %q", name, err, want)
+		}
+	}
+	port := testutil.ClosedPort(t)
+	_, err := a.Client.DialTCP(Ctx(t), "::1", uint16(port))
+	var te *host.TCPError
+	if want := fmt.Sprintf("connect ::1:%d: Connection refused (os error 111)", port); !errors.As(err, &te) || te.Msg != want {
+		t.Fatalf("::1: %v, want %q", err, want)
+	}
+	a.Idle(t)
 }
