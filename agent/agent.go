@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -46,6 +47,9 @@ type Config struct {
 	BootTimeNs, InitTimeNs uint64
 	// Features are the extensions this agent offers; a host gets those it asks for.
 	Features []string
+	// Announce are names core.ready's features carry whatever the host asked for: warnings a
+	// host should see even if it knows no extension (egress-advisory).
+	Announce []string
 	// HeartbeatPath is where the heartbeat file is written ("" = none), every
 	// HeartbeatInterval (default 1 s).
 	HeartbeatPath     string
@@ -249,7 +253,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		InitTimeNs:   a.cfg.InitTimeNs,
 		ReadyTimeNs:  BootTimeNs(),
 		AgentVersion: protocol.AgentVersion,
-		Features:     a.enabled,
+		Features:     append(slices.Clip(a.enabled), a.cfg.Announce...),
 	}
 	if err := a.out.ControlMsg(ctx, 0, protocol.TypeReady, ready); err != nil {
 		return err

@@ -58,11 +58,20 @@ var Kept = []Cap{
 // restricted: Kept, the seccomp filter, and the masks the caller adds.
 func Confined(mask ...string) Profile { return Profile{Caps: Kept, Seccomp: true, Mask: mask} }
 
-// Apply confines the calling thread and the program it execs next: the masks first (they need
-// CAP_SYS_ADMIN and a mount namespace of the workload's own), then no_new_privs and the
-// capabilities, then the filter. Call it on a locked thread, after nothing else needs a
-// privilege it takes away (the user switch needs CAP_SETUID/SETGID, which are kept).
+// Apply confines the calling thread and the program it execs next: Begin and End with nothing
+// in between. Call it on a locked thread.
 func Apply(p Profile) error {
+	if err := Begin(p); err != nil {
+		return err
+	}
+	return End(p)
+}
+
+// Begin is the part of the confinement that needs privileges: the masks (CAP_SYS_ADMIN and a
+// mount namespace of the workload's own), no_new_privs, and the bounding set cut to p.Caps (for
+// good: no exec gets anything else back). The thread keeps its other capabilities until End,
+// so a user switch or a per-request rlimit between the two still works as without confinement.
+func Begin(p Profile) error {
 	if len(p.Mask) > 0 {
 		if err := mask(p.Mask); err != nil {
 			return err
@@ -71,7 +80,13 @@ func Apply(p Profile) error {
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("no_new_privs: %w", err)
 	}
-	if err := limitCaps(p.Caps); err != nil {
+	return limitBounding(p.Caps)
+}
+
+// End finishes the confinement: the thread's own capability sets cut to p.Caps, then the
+// seccomp filter, last, so that nothing before it is refused.
+func End(p Profile) error {
+	if err := limitSets(p.Caps); err != nil {
 		return err
 	}
 	if p.Seccomp {
@@ -94,30 +109,35 @@ func lastCap() uintptr {
 	return 63
 }
 
-// limitCaps cuts the bounding set to keep and removes everything else from the effective,
-// permitted, inheritable and ambient sets.
-func limitCaps(keep []Cap) error {
-	kept := func(c uintptr) bool {
-		return slices.ContainsFunc(keep, func(k Cap) bool { return k.Num == c })
-	}
+func kept(keep []Cap, c uintptr) bool {
+	return slices.ContainsFunc(keep, func(k Cap) bool { return k.Num == c })
+}
+
+// limitBounding clears the ambient set and cuts the bounding set to keep.
+func limitBounding(keep []Cap) error {
 	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil && err != unix.EINVAL {
 		return fmt.Errorf("clear ambient capabilities: %w", err)
 	}
 	for c := uintptr(0); c <= lastCap(); c++ {
-		if kept(c) {
+		if kept(keep, c) {
 			continue
 		}
 		if err := unix.Prctl(unix.PR_CAPBSET_DROP, c, 0, 0, 0); err != nil && err != unix.EINVAL {
 			return fmt.Errorf("drop capability %d from the bounding set: %w", c, err)
 		}
 	}
+	return nil
+}
+
+// limitSets removes everything but keep from the effective, permitted and inheritable sets.
+func limitSets(keep []Cap) error {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	if err := unix.Capget(&hdr, &data[0]); err != nil {
 		return fmt.Errorf("capget: %w", err)
 	}
 	for c := uintptr(0); c < 64; c++ {
-		if kept(c) {
+		if kept(keep, c) {
 			continue
 		}
 		w, bit := c/32, uint32(1)<<(c%32)
@@ -155,6 +175,27 @@ func mask(paths []string) error {
 		}
 		if err != nil {
 			return fmt.Errorf("mask %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// CloseOnExec marks every descriptor from first up close-on-exec, so that nothing the process
+// holds (what it inherited, what a library opened without O_CLOEXEC: gVisor's tun and eventfd)
+// reaches a program it execs: a workload starts with what its exec request gave it and nothing
+// of agentd's.
+func CloseOnExec(first int) error {
+	if err := unix.CloseRange(uint(first), ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err == nil {
+		return nil
+	}
+	ents, err := os.ReadDir("/proc/self/fd") // kernels before 5.11
+	if err != nil {
+		return fmt.Errorf("close-on-exec: %w", err)
+	}
+	for _, e := range ents {
+		var fd int
+		if _, err := fmt.Sscan(e.Name(), &fd); err == nil && fd >= first {
+			unix.CloseOnExec(fd)
 		}
 	}
 	return nil

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/confine"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/sessionio"
 )
@@ -40,8 +41,9 @@ type Options struct {
 	StdinBudget *sessionio.Budget
 	// DefaultUser is MSB_USER: the user of requests that name none ("" = agentd's own).
 	DefaultUser string
-	// Restricted applies the restricted security profile to every child.
-	Restricted bool
+	// Confine, when set, confines every child (confine.Confined: while egress is on, and under
+	// MSB_SECURITY_PROFILE=restricted).
+	Confine *confine.Profile
 	// BaseEnv is the environment every child starts from. agentd's own environment is never
 	// passed on (it holds boot configuration); only this and the request's entries are.
 	BaseEnv []string
@@ -185,8 +187,8 @@ func Start(id uint32, req protocol.ExecRequest, out *sessionio.Writer, opts Opti
 		cmd.Dir = *req.Cwd
 	}
 	var errPipe *os.File
-	if len(req.Rlimits) > 0 || opts.Restricted {
-		hs := helperSpec{Path: path, Argv: cmd.Args, Identity: ident, Restricted: opts.Restricted}
+	if len(req.Rlimits) > 0 || opts.Confine != nil {
+		hs := helperSpec{Path: path, Argv: cmd.Args, Identity: ident, Confine: opts.Confine}
 		for _, rl := range req.Rlimits {
 			if n, ok := protocol.RlimitResources[strings.ToLower(rl.Resource)]; ok { // unknown names are skipped
 				hs.Rlimits = append(hs.Rlimits, [3]int64{int64(n), int64(rl.Soft), int64(rl.Hard)})

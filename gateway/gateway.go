@@ -22,6 +22,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/agentd/agentd/confine"
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/egress/resolver"
@@ -162,6 +163,9 @@ func Start(c Config) (g *Gateway, err error) {
 	if err := g.attachGuest(); err != nil {
 		return g, err
 	}
+	// gVisor opens the tun and its eventfds without O_CLOEXEC: a child agentd starts must not
+	// inherit them.
+	confine.CloseOnExec(3)
 	c.Log.Info("egress netstack up", "mode", c.Mode, "tun", c.TunName, "mtu", c.MTU, "resolver", c.Guest.Gateway4,
 		"upstream_dns", upNames, "uplink_isolated", g.uplink != nil, "rules", len(c.Policy.Rules))
 	return g, nil

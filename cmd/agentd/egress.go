@@ -132,6 +132,9 @@ func startEgress(e egressOptions, uplink, pin string, log *slog.Logger) (*gatewa
 	if e.mode == "off" && e.policyFile == "" {
 		return nil, nil
 	}
+	if e.advisory && e.mode != "off" {
+		log.Warn("egress is advisory (--egress-advisory): workloads keep full privileges and can get around the policy")
+	}
 	pol := e.initial
 	if pol == nil {
 		var err error

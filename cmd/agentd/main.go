@@ -22,6 +22,7 @@ import (
 
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/confine"
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/gateway"
 	"github.com/agentd/agentd/heartbeat"
@@ -153,6 +154,8 @@ func main() {
 	// memory (/proc/PID/mem, process_vm_*), descriptors (pidfd_getfd, /proc/PID/fd), root or
 	// namespaces opened, by anyone without CAP_SYS_PTRACE, which no confined workload has.
 	unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
+	// Nothing agentd inherited reaches a workload (the handoff agent's channel is used here).
+	confine.CloseOnExec(3)
 	if isHandoffAgent() {
 		os.Exit(handoffAgentMain(boot)) // the agent half of PID 1 after a handoff
 	}
@@ -202,10 +205,11 @@ func main() {
 	}
 }
 
-// execOptions derives the exec settings from the boot configuration: MSB_USER (the default
-// user, also reported in core.init.resolved) and MSB_SECURITY_PROFILE.
-func execOptions(c initfs.Config) (exec.Options, protocol.UserIDs, error) {
-	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: c.User, Restricted: c.Restricted}
+// execOptions derives the exec settings from the boot configuration (MSB_USER: the default
+// user, also reported in core.init.resolved) and the workloads' confinement (egress on, or
+// MSB_SECURITY_PROFILE=restricted).
+func execOptions(c initfs.Config, e egressOptions) (exec.Options, protocol.UserIDs, error) {
+	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: c.User, Confine: workloadProfile(c, e)}
 	var ids protocol.UserIDs
 	if c.User != "" {
 		id, err := exec.ResolveUser(c.User)
@@ -217,19 +221,29 @@ func execOptions(c initfs.Config) (exec.Options, protocol.UserIDs, error) {
 	return opts, ids, nil
 }
 
+// workloadProfile is the confinement of every workload process (nil: none, the reference's
+// behaviour when agentd enforces nothing).
+func workloadProfile(c initfs.Config, e egressOptions) *confine.Profile {
+	if !e.confined(c.Restricted) {
+		return nil
+	}
+	p := confine.Confined(append(e.privatePaths(), privateDir, initfs.HandoffLog)...)
+	return &p
+}
+
 // configFromEnv reads the MSB_* boot configuration and the exec settings derived from it.
-func configFromEnv() (initfs.Config, exec.Options, protocol.UserIDs, error) {
+func configFromEnv(e egressOptions) (initfs.Config, exec.Options, protocol.UserIDs, error) {
 	conf, err := initfs.LoadConfig(os.Getenv)
 	if err != nil {
 		return conf, exec.Options{}, protocol.UserIDs{}, err
 	}
-	execOpts, defaultUser, err := execOptions(conf)
+	execOpts, defaultUser, err := execOptions(conf, e)
 	return conf, execOpts, defaultUser, err
 }
 
 func run(o options, log *slog.Logger, boot uint64) error {
 	initStart := agent.BootTimeNs()
-	_, execOpts, defaultUser, err := configFromEnv()
+	_, execOpts, defaultUser, err := configFromEnv(o.egress)
 	if err != nil {
 		return err
 	}
@@ -264,7 +278,7 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 			return err
 		}
 		b.Steps = append(initfs.Steps{"config", time.Since(t).Round(time.Microsecond).String()}, b.Steps...)
-		execOpts, defaultUser, err := execOptions(conf) // after the pivot: the image's passwd
+		execOpts, defaultUser, err := execOptions(conf, o.egress) // after the pivot: the image's passwd
 		if err != nil {
 			return fmt.Errorf("config: %w", err)
 		}
@@ -348,6 +362,12 @@ type serveHooks struct {
 	adopted   *handoffState
 }
 
+// ignoredSignals are the catchable signals agentd does not act on (see serve).
+var ignoredSignals = []os.Signal{syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGPIPE,
+	syscall.SIGALRM, syscall.SIGTSTP, syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGVTALRM, syscall.SIGIO, syscall.SIGPWR,
+	syscall.SIGXCPU, syscall.SIGXFSZ, syscall.SIGTRAP, syscall.SIGABRT, syscall.SIGBUS, syscall.SIGFPE, syscall.SIGSEGV,
+	syscall.SIGILL, syscall.SIGSYS, syscall.SIGSTKFLT}
+
 // serve runs the handshake and the agent loop on port.
 func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, gw *gateway.Gateway, hooks serveHooks) error {
 	cfg := agent.Config{
@@ -368,6 +388,9 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	}
 	if o.noFlow {
 		cfg.Features = []string{}
+	}
+	if o.egress.advisory && o.egress.mode != "off" {
+		cfg.Announce = []string{"egress-advisory"}
 	}
 	if gw != nil {
 		// core.tcp destinations pass the same policy point as the guest's flows, once.
@@ -401,13 +424,17 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 		}
 	}
 	if hooks.handoff != nil {
-		return handOff(log, hooks.handoff, a, port, cfg.InitTimeNs) // returns only on failure
+		return handOff(log, hooks.handoff, a, port, cfg.InitTimeNs, execOpts.Confine) // returns only on failure
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	// No signal from inside the guest changes the policy: it changes only by the host's
-	// agentd.policy.set. SIGHUP, which once reloaded it from a file, is ignored.
-	signal.Ignore(syscall.SIGHUP)
+	// No signal from inside the guest changes the policy (it changes only by the host's
+	// agentd.policy.set) or stops agentd, but SIGTERM and SIGINT, which shut it down (and the
+	// guest with it, as the reference does: that fails closed). Every other signal whose default
+	// would end or stop the process, or make the Go runtime dump and exit, is ignored when
+	// another process sends it (a real fault still panics). As PID 1 the kernel already drops
+	// them; as a standalone agent or the agent child after a handoff this is what keeps them out.
+	signal.Ignore(ignoredSignals...)
 	err := a.Serve(ctx)
 	switch {
 	case errors.Is(err, agent.ErrShutdown) && hooks.adopted != nil:

@@ -1,0 +1,175 @@
+package e2e
+
+import (
+	"encoding/json"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/protocol"
+)
+
+var buildAttack = sync.OnceValue(func() error {
+	cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, "attack"), "../internal/testkit/attack")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return &exec.ExitError{Stderr: out}
+	}
+	return nil
+})
+
+// attackResults runs the attack program as a workload (root, through agentd's exec) and
+// returns what each attempt got.
+func attackResults(t *testing.T, c *host.Client, pid int, args ...string) map[string]string {
+	t.Helper()
+	if err := buildAttack(); err != nil {
+		t.Fatalf("build the attack program: %v", err)
+	}
+	req := protocol.ExecRequest{Cmd: filepath.Join(binDir, "attack"), Args: append([]string{"-pid", itoa(pid)}, args...)}
+	out, errOut, code, err := c.Run(ctx(t), req, nil)
+	if err != nil || code != 0 {
+		t.Fatalf("attack: exit %d %v\n%s%s", code, err, out, errOut)
+	}
+	var res map[string]string
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("attack said %s %s", out, errOut)
+	}
+	return res
+}
+
+// holes lists the attempts that worked.
+func holes(res map[string]string) []string {
+	var out []string
+	for k, v := range res {
+		if v == "ok" && k != "signals sent" {
+			out = append(out, k)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// TestConfinedWorkload is the hostile root workload against agentd with egress on, in a guest
+// namespace whose uplink agentd isolated: it tries to ptrace and seize every agentd thread, read
+// and write agentd's memory, copy agentd's descriptors, enter every agentd thread's namespaces
+// (the uplink's among them), load and unload kernel modules, reach I/O ports and /dev/mem,
+// create or attach a tun, open raw and packet sockets, make namespaces and mounts of its own,
+// rewrite agentd's policy and audit files and send agentd every catchable signal. Every attempt
+// fails; it started with only descriptors 0-2; afterwards agentd runs on with the same policy
+// generation and the denied server is still refused. Then it kills agentd, and the guest is
+// left with no way out at all.
+func TestConfinedWorkload(t *testing.T) {
+	tp := nettest.New(t)
+	up := "agup" + tp.ID
+	nettest.Run(t, "ip", "link", "add", up+"p", "type", "veth", "peer", "name", up)
+	nettest.Run(t, "ip", "link", "set", up, "netns", tp.Name)
+	nettest.Run(t, "ip", "addr", "add", "203.0.113.1/24", "dev", up+"p")
+	nettest.Run(t, "ip", "addr", "add", "203.0.113.3/24", "dev", up+"p")
+	nettest.Run(t, "ip", "link", "set", up+"p", "up")
+	nettest.Run(t, "ip", "-n", tp.Name, "addr", "add", "203.0.113.2/24", "dev", up)
+	nettest.Run(t, "ip", "-n", tp.Name, "link", "set", up, "up")
+	nettest.Run(t, "ip", "-n", tp.Name, "route", "add", "default", "via", "203.0.113.1")
+	allowed := httpServer(t, "203.0.113.1:0", "allowed")
+	denied := httpServer(t, "203.0.113.3:0", "denied")
+	dns := nettest.DNSServer(t, netip.MustParseAddr("203.0.113.1"), nil)
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "policy.json")
+	os.WriteFile(pol, []byte(`{"default_egress": "deny", "rules": [{"id": "web", "destination": {"cidr": "203.0.113.1/32"}, "protocols": ["tcp"], "action": "allow"}]}`), 0o600)
+	audit := filepath.Join(dir, "audit.jsonl")
+	tp.UseResolver(t, egress.DefaultGuestNet.ResolvConf())
+	t.Setenv("MSB_USER", "0:0")
+	a := startAgentdWrapped(t, []string{"ip", "netns", "exec", tp.Name}, "socket", host.Options{},
+		"--egress", "netstack", "--egress-uplink", up, "--egress-policy", pol, "--egress-dns", dns.String(),
+		"--egress-audit", audit, "--egress-tun", "agtun"+tp.ID)
+	run := func(script string) (string, int32) {
+		t.Helper()
+		out, errOut, code, err := a.c.Run(ctx(t), protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", script}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(out) + string(errOut), code
+	}
+	refused := func(when string) {
+		t.Helper()
+		if out, code := run("curl -sS --max-time 5 http://" + denied + "/"); code != 7 {
+			t.Fatalf("%s: the denied server: exit %d %s", when, code, out)
+		}
+		if out, code := run("curl -sS --max-time 5 http://" + allowed + "/"); code != 0 || out != "allowed" {
+			t.Fatalf("%s: the allowed server: exit %d %q", when, code, out)
+		}
+	}
+	refused("before")
+	out, _ := run("exec ls -l /proc/self/fd")
+	var fds []string
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) >= 3 && f[len(f)-2] == "->" && !strings.HasSuffix(f[len(f)-1], "/fd") { // not ls's own listing
+			fds = append(fds, f[len(f)-3])
+		}
+	}
+	if strings.Join(fds, ",") != "0,1,2" {
+		t.Fatalf("a workload starts with descriptors %v, want 0, 1 and 2:\n%s", fds, out)
+	}
+	res := attackResults(t, a.c, a.pid(), "-rewrite", pol+","+audit, "-signals")
+	if h := holes(res); len(h) > 0 {
+		t.Fatalf("attempts that worked: %v\nall: %v", h, res)
+	}
+	t.Logf("attempts and what they got: %v", res)
+	if b, _ := os.ReadFile(pol); !strings.Contains(string(b), `"deny"`) {
+		t.Fatalf("agentd's policy file changed: %s", b)
+	}
+	time.Sleep(100 * time.Millisecond) // the signals: nothing to await, the point is nothing happens
+	if a.cmd.ProcessState != nil {
+		t.Fatal("agentd died of the signals")
+	}
+	st, err := a.c.Policy(ctx(t))
+	if err != nil || st.Generation != 1 {
+		t.Fatalf("policy after the attacks: %+v %v", st, err)
+	}
+	refused("after the attacks")
+
+	// Kill it: the workload can (root may signal root), and the guest fails closed.
+	a.killed = true
+	a.c.Run(ctx(t), protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "kill -9 " + itoa(a.pid()) + "; sleep 5"}}, nil)
+	if err := a.wait(); err == nil || !strings.Contains(err.Error(), "killed") {
+		t.Fatalf("agentd after kill -9 from the workload: %v", err)
+	}
+	ifs, _ := tp.Cmd("ls", "/sys/class/net").CombinedOutput()
+	if strings.Join(strings.Fields(string(ifs)), ",") != "lo" {
+		t.Fatalf("after agentd died, the guest has interfaces %q", ifs)
+	}
+	if out, err := tp.Cmd("curl", "-sS", "--max-time", "3", "http://"+denied+"/").CombinedOutput(); err == nil {
+		t.Fatalf("after agentd died, the denied server answers: %s", out)
+	}
+	if out, err := tp.Cmd("curl", "-sS", "--max-time", "3", "http://"+allowed+"/").CombinedOutput(); err == nil {
+		t.Fatalf("after agentd died, the guest still gets out: %s", out)
+	}
+}
+
+// TestRestrictedWorkload: MSB_SECURITY_PROFILE=restricted confines workloads the same way
+// without egress.
+func TestRestrictedWorkload(t *testing.T) {
+	t.Setenv("MSB_SECURITY_PROFILE", "restricted")
+	a := startAgentd(t, "socket", host.Options{})
+	res := attackResults(t, a.c, a.pid(), "-signals")
+	if h := holes(res); len(h) > 0 {
+		t.Fatalf("attempts that worked: %v\nall: %v", h, res)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if err := a.cmd.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Fatal("agentd died of the signals")
+	}
+	if _, _, code, err := a.c.Run(ctx(t), protocol.ExecRequest{Cmd: "true"}, nil); err != nil || code != 0 {
+		t.Fatalf("agentd after the attacks: %d %v", code, err)
+	}
+}
