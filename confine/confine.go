@@ -38,7 +38,8 @@ type Cap struct {
 
 // Kept is the capability allowlist of a confined workload: Docker's default set without
 // NET_RAW (raw and packet sockets, which could speak past the policy on any interface they
-// reach) and MKNOD (device nodes). docs/security.md has the table, capability by capability.
+// reach) and MKNOD (device nodes), with SYS_BOOT. docs/security.md has the table, capability
+// by capability.
 var Kept = []Cap{
 	{"CAP_CHOWN", unix.CAP_CHOWN},
 	{"CAP_DAC_OVERRIDE", unix.CAP_DAC_OVERRIDE},
@@ -52,6 +53,9 @@ var Kept = []Cap{
 	{"CAP_SYS_CHROOT", unix.CAP_SYS_CHROOT},
 	{"CAP_AUDIT_WRITE", unix.CAP_AUDIT_WRITE},
 	{"CAP_SETFCAP", unix.CAP_SETFCAP},
+	// Powering the VM off ends the workload with everything else (it fails closed), and the
+	// image's init after a handoff must be able to.
+	{"CAP_SYS_BOOT", unix.CAP_SYS_BOOT},
 }
 
 // Confined is the profile of every workload while egress is on, and of MSB_SECURITY_PROFILE=

@@ -50,7 +50,6 @@ var Refused = []Syscall{
 	{"mount_setattr", unix.SYS_MOUNT_SETATTR, "the mount table"},
 	{"swapon", unix.SYS_SWAPON, "the kernel's memory"},
 	{"swapoff", unix.SYS_SWAPOFF, "the kernel's memory"},
-	{"reboot", unix.SYS_REBOOT, "the machine (agentd powers it off, after the workloads)"},
 	{"acct", unix.SYS_ACCT, "kernel accounting"},
 	{"quotactl", unix.SYS_QUOTACTL, "file system quotas"},
 	{"add_key", unix.SYS_ADD_KEY, "the kernel keyring, shared with agentd"},

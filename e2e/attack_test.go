@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -13,9 +14,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/agentd/agentd/confine"
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/internal/testkit/vm"
 	"github.com/agentd/agentd/protocol"
 )
 
@@ -36,7 +39,29 @@ func attackResults(t *testing.T, c *host.Client, pid int, args ...string) map[st
 	if err := buildAttack(); err != nil {
 		t.Fatalf("build the attack program: %v", err)
 	}
-	req := protocol.ExecRequest{Cmd: filepath.Join(binDir, "attack"), Args: append([]string{"-pid", itoa(pid)}, args...)}
+	return runAttack(t, c, filepath.Join(binDir, "attack"), append([]string{"-pid", itoa(pid)}, args...)...)
+}
+
+// pushAttack copies the attack program into a guest and returns its path there.
+func pushAttack(t *testing.T, c *host.Client) string {
+	t.Helper()
+	if err := buildAttack(); err != nil {
+		t.Fatalf("build the attack program: %v", err)
+	}
+	f, err := os.Open(filepath.Join(binDir, "attack"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := c.WriteFile(ctx(t), "/tmp/attack", 0o755, f); err != nil {
+		t.Fatalf("push the attack program: %v", err)
+	}
+	return "/tmp/attack"
+}
+
+func runAttack(t *testing.T, c *host.Client, path string, args ...string) map[string]string {
+	t.Helper()
+	req := protocol.ExecRequest{Cmd: path, Args: args}
 	out, errOut, code, err := c.Run(ctx(t), req, nil)
 	if err != nil || code != 0 {
 		t.Fatalf("attack: exit %d %v\n%s%s", code, err, out, errOut)
@@ -172,4 +197,66 @@ func TestRestrictedWorkload(t *testing.T) {
 	if _, _, code, err := a.c.Run(ctx(t), protocol.ExecRequest{Cmd: "true"}, nil); err != nil || code != 0 {
 		t.Fatalf("agentd after the attacks: %d %v", code, err)
 	}
+}
+
+// TestVMConfined: the hostile root workload in a real VM with egress on, where the kernel
+// matters (modules, I/O ports, /dev/mem): against agentd as PID 1, and against the agent child
+// after a handoff, whose init (and so its whole tree) runs confined too.
+func TestVMConfined(t *testing.T) {
+	needVM(t)
+	egressArgs := "MSB_NET=iface=eth0,mac=52:54:00:12:34:56,mtu=1500 MSB_NET_IPV4=addr=10.0.2.15/24,gw=10.0.2.2,dns=10.0.2.3 " +
+		"AGENTD_EGRESS=netstack AGENTD_EGRESS_POLICY=/etc/agentd/egress.json"
+	denied := httpServer(t, "127.0.0.1:0", "denied")
+	check := func(t *testing.T, c *host.Client, res map[string]string) {
+		t.Helper()
+		if h := holes(res); len(h) > 0 {
+			t.Fatalf("attempts that worked: %v\nall: %v", h, res)
+		}
+		for _, k := range []string{"finit_module", "iopl", "/dev/mem"} {
+			if res[k] == "" {
+				t.Errorf("%s was not tried", k)
+			}
+		}
+		// The host sets a deny-all policy; the workload's tampering changed nothing before it.
+		if st, err := c.SetPolicy(ctx(t), []byte(`{"default_egress": "deny"}`)); err != nil || st.Generation != 2 {
+			t.Fatalf("set policy after the attacks: %+v %v", st, err)
+		}
+		out, _, code, err := c.Run(ctx(t), protocol.ExecRequest{Cmd: "wget", Args: []string{"-q", "-O", "-", "http://10.0.2.2:" + itoa(int(mustPort(t, denied))) + "/"}}, nil)
+		if err != nil || code == 0 {
+			t.Fatalf("the denied server after the attacks: %d %q %v", code, out, err)
+		}
+	}
+	t.Run("pid 1", func(t *testing.T) {
+		c, v := bootVM(t, egressArgs)
+		res := runAttack(t, c, pushAttack(t, c), "-pid", "1", "-rewrite", "/etc/agentd/egress.json", "-signals")
+		t.Logf("%v", res)
+		check(t, c, res)
+		shutdownVM(t, c, v, 10*time.Second)
+	})
+	t.Run("handoff", func(t *testing.T) {
+		img := rootImage(t, map[string]string{"sbin/testinit": "#!/bin/sh\ntrap 'sync; poweroff -f' 38 15\nwhile :; do sleep 0.1; done\n"})
+		c, v := bootVM(t, egressArgs+" MSB_BLOCK_ROOT=kind=disk-image,device=/dev/vda,fstype=ext4 MSB_HANDOFF_INIT=/sbin/testinit",
+			vm.Disk{Path: img, Serial: "root"})
+		res := runAttack(t, c, pushAttack(t, c), "-name", "agentd-handoff-agent", "-rewrite", "/etc/agentd/egress.json", "-signals")
+		t.Logf("%v", res)
+		if res["pid"] == "0" {
+			t.Fatal("the agent child was not found")
+		}
+		check(t, c, res)
+		out, _, _, err := c.Run(ctx(t), protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/1/status"}}, nil)
+		if err != nil || !strings.Contains(string(out), "NoNewPrivs:\t1") || !strings.Contains(string(out), "Seccomp:\t2") ||
+			!strings.Contains(string(out), "CapBnd:\t"+keptMask()) {
+			t.Fatalf("the handed-off init is not confined: %q %v", out, err)
+		}
+		shutdownVM(t, c, v, 10*time.Second)
+	})
+}
+
+// keptMask is the bounding set of a confined workload, as /proc/PID/status prints it.
+func keptMask() string {
+	var m uint64
+	for _, c := range confine.Kept {
+		m |= 1 << c.Num
+	}
+	return fmt.Sprintf("%016x", m)
 }

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -391,6 +392,17 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	}
 	if o.egress.advisory && o.egress.mode != "off" {
 		cfg.Announce = []string{"egress-advisory"}
+	}
+	if hooks.handoff != nil && o.egress.mode != "off" {
+		// The agent child after the handoff runs egress and implements these; the handshake
+		// made here must offer them for it.
+		if cfg.Features == nil {
+			cfg.Features = []string{protocol.FeatureFlow}
+		}
+		cfg.Features = append(slices.Clone(cfg.Features), protocol.FeaturePolicy, protocol.FeatureAudit)
+		if o.egress.mode == "channel" {
+			cfg.Features = append(cfg.Features, protocol.FeatureStreams)
+		}
 	}
 	if gw != nil {
 		// core.tcp destinations pass the same policy point as the guest's flows, once.

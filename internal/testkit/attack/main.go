@@ -24,11 +24,15 @@ import (
 
 func main() {
 	pid := flag.Int("pid", 1, "agentd's process id")
+	name := flag.String("name", "", "find agentd by its argv[0] instead (the agent child after a handoff)")
 	rewrite := flag.String("rewrite", "", "comma-separated files of agentd's to overwrite with an allow-everything policy")
 	signals := flag.Bool("signals", false, "send agentd every catchable signal but SIGTERM and SIGINT")
 	modules := flag.String("modules", "/lib/modules", "where to look for a kernel module to load")
 	flag.Parse()
-	r := results{}
+	if *name != "" {
+		*pid = find(*name)
+	}
+	r := results{"pid": strconv.Itoa(*pid)}
 
 	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", *pid))
 	if len(tasks) == 0 { // not even listable: try the process itself
@@ -223,4 +227,17 @@ func findModule(dir string) string {
 		return found[0]
 	}
 	return ""
+}
+
+// find returns the process whose argv[0] is name (0 if none: every attempt then fails).
+func find(name string) int {
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, "cmdline"))
+		if err == nil && strings.SplitN(string(b), "\x00", 2)[0] == name {
+			n, _ := strconv.Atoi(filepath.Base(d))
+			return n
+		}
+	}
+	return 0
 }
