@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -234,7 +235,17 @@ func TestVMConfined(t *testing.T) {
 		shutdownVM(t, c, v, 10*time.Second)
 	})
 	t.Run("handoff", func(t *testing.T) {
-		img := rootImage(t, map[string]string{"sbin/testinit": "#!/bin/sh\ntrap 'sync; poweroff -f' 38 15\nwhile :; do sleep 0.1; done\n"})
+		// The image's init reports, on the console, what the guest can reach once a workload
+		// has killed the agent (it cannot be asked through the agent any more).
+		allowedPort := itoa(int(mustPort(t, denied)))
+		img := rootImage(t, map[string]string{"sbin/testinit": `#!/bin/sh
+trap 'sync; poweroff -f' 38 15
+while [ ! -e /tmp/agent-killed ]; do sleep 0.1; done
+sleep 2
+echo "AFTER: net=$(ls /sys/class/net | tr '\n' ' ') route=$(ip route | tr '\n' ' ')" > /dev/console
+wget -q -O - http://10.0.2.2:` + allowedPort + `/ > /dev/null 2>&1; echo "AFTER: wget=$?" > /dev/console
+while :; do sleep 0.1; done
+`})
 		c, v := bootVM(t, egressArgs+" MSB_BLOCK_ROOT=kind=disk-image,device=/dev/vda,fstype=ext4 MSB_HANDOFF_INIT=/sbin/testinit",
 			vm.Disk{Path: img, Serial: "root"})
 		res := runAttack(t, c, pushAttack(t, c), "-name", "agentd-handoff-agent", "-rewrite", "/etc/agentd/egress.json", "-signals")
@@ -248,7 +259,23 @@ func TestVMConfined(t *testing.T) {
 			!strings.Contains(string(out), "CapBnd:\t"+keptMask()) {
 			t.Fatalf("the handed-off init is not confined: %q %v", out, err)
 		}
-		shutdownVM(t, c, v, 10*time.Second)
+		// Kill the agent: the guest must be left with no way out (the tun goes with agentd,
+		// and the pinned uplink namespace keeps eth0 out of the guest's view).
+		// The agent's end of the channel goes with it; the host's end sees nothing, so this
+		// session's answer never comes: a short deadline.
+		kctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		c.Run(kctx, protocol.ExecRequest{Cmd: "sh", Args: []string{"-c", "touch /tmp/agent-killed; kill -9 " + res["pid"]}}, nil)
+		cancel()
+		deadline := time.Now().Add(30 * time.Second)
+		for !strings.Contains(v.Console(), "AFTER: wget=") && time.Now().Before(deadline) {
+			time.Sleep(100 * time.Millisecond) // the init's report on the console; no event to await
+		}
+		con := v.Console()
+		after := con[strings.Index(con, "AFTER: net="):]
+		if !strings.Contains(after, "net=lo ") || strings.Contains(after, "eth0") || !strings.Contains(after, "wget=") || strings.Contains(after, "wget=0") {
+			t.Fatalf("after the agent died the guest has: %s", after)
+		}
+		t.Logf("after the agent died: %q", after)
 	})
 }
 
