@@ -21,7 +21,7 @@ FUZZ_TARGETS := \
 	./netstack:FuzzClientHelloSNI \
 	./tlshello:FuzzParse
 
-.PHONY: all build test unit fuzz-smoke fuzz bench bench-egress bench-streams bench-vm lint run initramfs vm clean
+.PHONY: all build test unit fuzz-smoke fuzz diff-ref bench bench-egress bench-streams bench-vm lint run initramfs vm clean
 
 all: build
 
@@ -56,6 +56,13 @@ fuzz-smoke:
 # A long fuzzing session of the frame+envelope decoder: make fuzz FUZZTIME=10m
 fuzz:
 	$(GO) test ./protocol -run '^$$' -fuzz '^FuzzFrameEnvelope$$' -fuzztime $(FUZZTIME)
+
+# The differential test against the model of the reference agent (internal/testkit/refmodel), longer
+# than in make test: make diff-ref N=5000 SEED=7 (needs root: its exec cases switch users).
+N    ?= 3000
+SEED ?= $(shell date +%s)
+diff-ref:
+	$(GO) test ./internal/testkit/refmodel -run '^TestDifferential$$' -count=1 -timeout 60m -v -args -cases $(N) -seed $(SEED) | grep -v '^=== '
 
 # Two reports: over a pty (a slow channel, like virtio-serial: the channel is the limit) and over
 # a unix socket (a fast channel: agentd is also compared with a plain-copy relay).

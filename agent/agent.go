@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -59,6 +60,9 @@ type Config struct {
 	BootTimeNs, InitTimeNs uint64
 	// Features are the extensions this agent offers; a host gets those it asks for.
 	Features []string
+	// Announce are names core.ready's features carry whatever the host asked for: warnings a
+	// host should see even if it knows no extension (egress-advisory).
+	Announce []string
 	// HeartbeatPath is where the heartbeat file is written ("" = none), every
 	// HeartbeatInterval (default 1 s).
 	HeartbeatPath     string
@@ -77,11 +81,30 @@ type Config struct {
 	// Streams, when set, is offered to the host as feature "streams" (guest-initiated
 	// streams) and attached to the channel if the host enables it.
 	Streams *hostdial.Endpoint
+	// Policy, when set, is offered as feature "policy": the host owns the egress policy and
+	// sets it with agentd.policy.set (the only way it changes once agentd runs).
+	Policy PolicyControl
+	// Audit, when set, is offered as feature "audit": every egress decision record also goes
+	// to the host, as agentd.audit.records frames.
+	Audit AuditSource
 
 	Relay relay.Options
 	Exec  exec.Options
 	Fs    fs.Options
 	Mux   sessionio.WriterOptions
+}
+
+// PolicyControl is the egress policy the host owns (gateway.Gateway).
+type PolicyControl interface {
+	SetPolicy(doc []byte) protocol.PolicyState
+	PolicyState(doc bool) protocol.PolicyState
+}
+
+// AuditSource gives the audit records meant for the host (egress.Audit): JSON lines on a
+// bounded channel, closed when the audit ends, and how many records the host has lost.
+type AuditSource interface {
+	Host() <-chan []byte
+	Lost() int64
 }
 
 // Defaults for the session cap and the shared buffer budgets.
@@ -128,9 +151,14 @@ func New(cfg Config) *Agent {
 	if cfg.Features == nil {
 		cfg.Features = []string{protocol.FeatureFlow}
 	}
-	if cfg.Streams != nil && !protocol.HasFeature(cfg.Features, protocol.FeatureStreams) {
-		cfg.Features = append(cfg.Features, protocol.FeatureStreams)
+	offer := func(on bool, feature string) {
+		if on && !protocol.HasFeature(cfg.Features, feature) {
+			cfg.Features = append(cfg.Features, feature)
+		}
 	}
+	offer(cfg.Streams != nil, protocol.FeatureStreams)
+	offer(cfg.Policy != nil, protocol.FeaturePolicy)
+	offer(cfg.Audit != nil, protocol.FeatureAudit)
 	if cfg.MaxTCPSessions <= 0 {
 		cfg.MaxTCPSessions = DefaultMaxTCPSessions
 	}
@@ -267,7 +295,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		InitTimeNs:   a.cfg.InitTimeNs,
 		ReadyTimeNs:  BootTimeNs(),
 		AgentVersion: protocol.AgentVersion,
-		Features:     a.enabled,
+		Features:     append(slices.Clip(a.enabled), a.cfg.Announce...),
 	}
 	if err := a.out.ControlMsg(ctx, 0, protocol.TypeReady, ready); err != nil {
 		return err
@@ -287,6 +315,12 @@ func (a *Agent) Serve(ctx context.Context) error {
 			})
 		}()
 		defer func() { stop(); <-beat }() // joined: no write after Serve returns
+	}
+	if a.cfg.Audit != nil && protocol.HasFeature(a.enabled, protocol.FeatureAudit) {
+		actx, stop := context.WithCancel(ctx)
+		pumped := make(chan struct{})
+		go func() { defer close(pumped); a.pumpAudit(actx) }()
+		defer func() { stop(); <-pumped }()
 	}
 	readErr := make(chan error, 1)
 	go func() { readErr <- a.readLoop(ctx) }()
@@ -508,7 +542,7 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if !protocol.HasFeature(a.enabled, protocol.FeatureFlow) {
 			req.Window = 0
 		}
-		return a.startExec(ctx, m.ID, req)
+		return a.startExec(ctx, m.ID, m.V, req)
 	case protocol.TypeExecStdin:
 		data, err := protocol.DecodeData(m.Payload)
 		if err != nil {
@@ -549,6 +583,22 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 			msg := fmt.Sprintf("unknown write session: %d", m.ID)
 			return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
 		}
+	case protocol.TypePolicySet, protocol.TypePolicyGet:
+		if a.cfg.Policy == nil || !protocol.HasFeature(a.enabled, protocol.FeaturePolicy) {
+			return a.reject(ctx, m.ID, m.V, protocol.KindUnsupportedMessageType,
+				fmt.Sprintf("%s: the host did not negotiate feature %q", m.Type, protocol.FeaturePolicy), m.Type.String())
+		}
+		var st protocol.PolicyState
+		if m.Type == protocol.TypePolicySet {
+			var p protocol.PolicySet
+			if err := a.decode(ctx, &m, &p); err != nil {
+				return ignoreBad(err)
+			}
+			st = a.cfg.Policy.SetPolicy(p.Document)
+		} else {
+			st = a.cfg.Policy.PolicyState(true)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypePolicyState, st)
 	case protocol.TypeStreamOpened, protocol.TypeStreamData, protocol.TypeStreamEOF, protocol.TypeStreamClose, protocol.TypeStreamCredit:
 		if a.cfg.Streams == nil || !protocol.HasFeature(a.enabled, protocol.FeatureStreams) {
 			return nil // never opened any: nothing to route to
@@ -695,9 +745,11 @@ func (a *Agent) startTCP(ctx context.Context, id uint32, v uint8, p protocol.TCP
 	return nil
 }
 
-func (a *Agent) startExec(ctx context.Context, id uint32, req protocol.ExecRequest) error {
+func (a *Agent) startExec(ctx context.Context, id uint32, v uint8, req protocol.ExecRequest) error {
 	a.all.Add(1)
-	s, failed := exec.Start(id, req, a.out, a.cfg.Exec, a.log, func(s *exec.Session) {
+	opts := a.cfg.Exec
+	opts.Groups = min(v, a.gen) > protocol.ReferenceGeneration
+	s, failed := exec.Start(id, req, a.out, opts, a.log, func(s *exec.Session) {
 		a.mu.Lock()
 		if a.execs[s.ID()] == s {
 			delete(a.execs, s.ID())
@@ -740,7 +792,7 @@ func (a *Agent) closeRange(start, end uint32) {
 	}
 	var execs []*exec.Session
 	for id, s := range a.execs {
-		if id >= start && id < end {
+		if id >= start && id < end && s.Groups() { // a 0.5.7 host's relay sends exec.signal 9 itself
 			execs = append(execs, s)
 		}
 	}
@@ -830,3 +882,48 @@ func ClockDriftExceeds(guestNs, hostNs int64) bool {
 
 // SetInitTime records the init duration reported in core.ready (known only after Handshake).
 func (a *Agent) SetInitTime(ns uint64) { a.cfg.InitTimeNs = ns }
+
+// Audit batches: at most this many records, or bytes of them, per agentd.audit.records frame.
+const (
+	auditBatchRecords = 256
+	auditBatchBytes   = 48 << 10
+)
+
+// pumpAudit sends the audit's host records to the host in batches, on a queue of its own
+// (a fair share of the channel, behind no session's data and ahead of none). When the host
+// reads slowly this waits, and the audit drops and counts what it cannot hand over: the data
+// path never waits for it.
+func (a *Agent) pumpAudit(ctx context.Context) {
+	lines := a.cfg.Audit.Host()
+	q := a.out.NewQueue(auditBatchBytes*2, auditBatchBytes)
+	defer q.Close()
+	for {
+		var batch protocol.AuditRecords
+		size := 0
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				return
+			}
+			batch.Records, size = append(batch.Records, l), len(l)
+		case <-ctx.Done():
+			return
+		}
+	more:
+		for len(batch.Records) < auditBatchRecords && size < auditBatchBytes {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					break more
+				}
+				batch.Records, size = append(batch.Records, l), size+len(l)
+			default:
+				break more
+			}
+		}
+		batch.Dropped = uint64(a.cfg.Audit.Lost())
+		if q.PushMsg(ctx, 0, protocol.TypeAuditRecords, batch) != nil {
+			return
+		}
+	}
+}

@@ -24,10 +24,15 @@ func relayed(t *testing.T) string {
 
 // relayedWith is relayed with extra agentd flags; it also returns the agentd process and log.
 func relayedWith(t *testing.T, agentdArgs ...string) (string, *exec.Cmd, *testutil.Buffer) {
+	return relayedServeArgs(t, nil, agentdArgs...)
+}
+
+// relayedServeArgs is relayedWith with extra arguments for agentctl serve.
+func relayedServeArgs(t *testing.T, serveArgs []string, agentdArgs ...string) (string, *exec.Cmd, *testutil.Buffer) {
 	dir := t.TempDir()
 	chanSock, relaySock := filepath.Join(dir, "chan.sock"), filepath.Join(dir, "relay.sock")
 	serveLog, agentLog := &testutil.Buffer{}, &testutil.Buffer{}
-	serve := exec.Command(filepath.Join(binDir, "agentctl"), "serve", "--port", "unix-listen:"+chanSock, "--listen", relaySock)
+	serve := exec.Command(filepath.Join(binDir, "agentctl"), append([]string{"serve", "--port", "unix-listen:" + chanSock, "--listen", relaySock}, serveArgs...)...)
 	serve.Stderr = serveLog
 	startProc(t, serve, serveLog)
 	waitPath(t, chanSock)

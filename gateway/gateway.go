@@ -8,6 +8,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,9 +17,12 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"sync"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/agentd/agentd/confine"
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/egress/resolver"
@@ -26,6 +30,7 @@ import (
 	"github.com/agentd/agentd/internal/resolvconf"
 	"github.com/agentd/agentd/namespace"
 	"github.com/agentd/agentd/netstack"
+	"github.com/agentd/agentd/protocol"
 )
 
 // Mode is how the guest's flows leave.
@@ -46,6 +51,9 @@ const (
 type Config struct {
 	Mode   Mode
 	Policy *policy.Policy // with its floor (policy.Load)
+	// Floor is the rules every policy the host sets later is put behind (policy.DefaultFloor
+	// unless the operator gave another).
+	Floor []policy.Rule
 	// Audit receives one JSON line per decision and per closed flow (nil: none).
 	Audit io.Writer
 	// GuestNetns is the network namespace the tun moves into ("": agentd's own, the guest
@@ -53,6 +61,9 @@ type Config struct {
 	GuestNetns string
 	// Uplink names the interfaces moved into agentd's private namespace (netstack mode).
 	Uplink []string
+	// PinUplink, when set, is a file the uplink namespace is pinned on, so that it outlives
+	// agentd: as the guest's init, the uplink then never comes back into the guest's view.
+	PinUplink string
 	// Upstreams are the resolvers the guest's DNS goes to (empty: resolv.conf's, read at
 	// start); unused in channel mode, where the host resolves.
 	Upstreams []netip.AddrPort
@@ -65,15 +76,20 @@ type Config struct {
 
 // Gateway is a running egress path.
 type Gateway struct {
-	cfg      Config
-	Service  *egress.Service
-	Resolver *resolver.Resolver // nil in Off mode
+	cfg     Config
+	Service *egress.Service
+	// Audit records every decision: to Config.Audit's file, if any, and to the host once the
+	// agent attaches it (Audit.Host).
+	Audit    *egress.Audit
+	Resolver *resolver.Resolver // the guest's resolver, core.tcp's too; nil in Off mode
 	Stack    *netstack.Stack    // nil in Off mode
 	Streams  *hostdial.Endpoint // channel mode: handed to the agent loop
-	audit    *egress.Audit
 	uplink   *namespace.NS
 	upstream func(ctx context.Context, network, address string) (net.Conn, error)
 	log      *slog.Logger
+
+	policyMu   sync.Mutex // one policy change at a time
+	generation atomic.Uint64
 }
 
 // ErrUplinkNeeded is Start's answer to a netstack path with nowhere to go: agentd's own
@@ -99,10 +115,13 @@ func Start(c Config) (g *Gateway, err error) {
 			g = nil
 		}
 	}()
-	if c.Audit != nil {
-		g.audit = egress.NewAudit(c.Audit, c.Log)
+	if c.Floor == nil {
+		c.Floor = policy.DefaultFloor
 	}
-	g.Service = egress.New(c.Policy, egress.Options{HostAddrs: c.Guest.Gateways(), Audit: g.audit})
+	g.cfg.Floor = c.Floor
+	g.Audit = egress.NewAudit(c.Audit, c.Log)
+	g.Service = egress.New(c.Policy, egress.Options{HostAddrs: c.Guest.Gateways(), Audit: g.Audit})
+	g.generation.Store(1)
 	if c.Mode == Off {
 		return g, nil
 	}
@@ -119,6 +138,11 @@ func Start(c Config) (g *Gateway, err error) {
 		if len(c.Uplink) > 0 {
 			if g.uplink, err = namespace.IsolateUplink(c.Uplink); err != nil {
 				return g, fmt.Errorf("--egress-uplink: %w", err)
+			}
+			if c.PinUplink != "" {
+				if err := g.uplink.Pin(c.PinUplink); err != nil {
+					return g, err
+				}
 			}
 			g.upstream = g.uplink.DialContext
 		}
@@ -139,6 +163,9 @@ func Start(c Config) (g *Gateway, err error) {
 	if err := g.attachGuest(); err != nil {
 		return g, err
 	}
+	// gVisor opens the tun and its eventfds without O_CLOEXEC: a child agentd starts must not
+	// inherit them.
+	confine.CloseOnExec(3)
 	c.Log.Info("egress netstack up", "mode", c.Mode, "tun", c.TunName, "mtu", c.MTU, "resolver", c.Guest.Gateway4,
 		"upstream_dns", upNames, "uplink_isolated", g.uplink != nil, "rules", len(c.Policy.Rules))
 	return g, nil
@@ -185,7 +212,46 @@ func (g *Gateway) TCPDialer(local egress.DialFunc) *egress.Dialer {
 }
 
 // Reload swaps in a new policy; flows it no longer allows are revoked. It returns how many.
-func (g *Gateway) Reload(p *policy.Policy) int { return g.Service.Reload(p) }
+func (g *Gateway) Reload(p *policy.Policy) int {
+	g.policyMu.Lock()
+	defer g.policyMu.Unlock()
+	n := g.Service.Reload(p)
+	g.generation.Add(1)
+	return n
+}
+
+// SetPolicy applies a policy document the host sent (agentd.policy.set): parsed, put behind
+// the floor and swapped in. A bad document changes nothing; the state says why, with the
+// field path, and what stays in force.
+func (g *Gateway) SetPolicy(doc []byte) protocol.PolicyState {
+	p, err := policy.Parse(doc)
+	if err == nil {
+		p, err = policy.WithFloor(g.cfg.Floor, p)
+	}
+	if err != nil {
+		st := g.PolicyState(false)
+		st.Error = err.Error()
+		g.log.Warn("egress policy from the host refused; the previous one stays in force", "error", err)
+		return st
+	}
+	n := g.Reload(p)
+	st := g.PolicyState(false)
+	g.log.Info("egress policy set by the host", "generation", st.Generation, "rules", st.Rules, "flows_revoked", n)
+	return st
+}
+
+// PolicyState is the live policy's generation and rule count, and with doc its normalized
+// JSON (agentd.policy.get).
+func (g *Gateway) PolicyState(doc bool) protocol.PolicyState {
+	g.policyMu.Lock()
+	defer g.policyMu.Unlock()
+	p := g.Service.Policy()
+	st := protocol.PolicyState{Generation: g.generation.Load(), Rules: uint32(len(p.Rules))}
+	if doc {
+		st.Document, _ = json.Marshal(p)
+	}
+	return st
+}
 
 // Stop ends the path: flows, the stack, the uplink namespace, the audit log (after the totals).
 func (g *Gateway) Stop() {
@@ -198,8 +264,8 @@ func (g *Gateway) Stop() {
 	if g.uplink != nil {
 		g.uplink.Close()
 	}
-	if g.audit != nil {
-		g.audit.Close()
+	if g.Audit != nil {
+		g.Audit.Close()
 	}
 }
 

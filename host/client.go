@@ -67,7 +67,7 @@ type Options struct {
 
 // DefaultOptions for a client.
 var DefaultOptions = Options{
-	Features:         []string{protocol.FeatureFlow},
+	Features:         []string{protocol.FeatureFlow, protocol.FeaturePolicy},
 	SessionQueue:     1024,
 	Window:           1 << 20,
 	HandshakeTimeout: 60 * time.Second,
@@ -108,6 +108,7 @@ type Client struct {
 	fr   *protocol.FrameReader
 
 	idMin, idEnd uint32 // ids this client may use: [idMin, idEnd)
+	relayed      bool   // behind a relay server (FromRelay), not on the channel itself
 
 	// ctx ends when the connection does (done is closed first).
 	ctx    context.Context
@@ -220,6 +221,7 @@ func FromRelay(conn io.ReadWriteCloser, opts Options) (*Client, error) {
 		return nil, fmt.Errorf("relay handshake: bad id range [%d, %d)", start, end)
 	}
 	c := newClient(conn, protocol.NewFrameReader(conn), opts, start, end)
+	c.relayed = true
 	m, raw, err := readMessage(c.fr)
 	if err != nil {
 		return nil, fmt.Errorf("relay handshake: read core.ready: %w", err)

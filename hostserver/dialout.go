@@ -15,6 +15,7 @@ import (
 
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/egress/resolver"
 	"github.com/agentd/agentd/internal/oserr"
 	"github.com/agentd/agentd/internal/resolvconf"
 	"github.com/agentd/agentd/protocol"
@@ -26,10 +27,17 @@ import (
 type DialOutOptions struct {
 	// Dial opens destinations (default: kernel sockets).
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
-	// Egress is the host's own policy point (nil: allow every stream agentd asks for): each
-	// stream is admitted there once, tracked (a reload can revoke it) and audited, like a
-	// guest flow inside agentd.
+	// Egress is the host's own policy point (nil: allow every stream agentd asks for), with
+	// the full rule set, as if the guest had none: each tcp and udp stream is admitted there
+	// once, tracked (a reload can revoke it) and audited; the guest's DNS is answered by a
+	// resolver of the host's that decides each query by name, refuses rebinding answers and
+	// pins what it hands out, so domain rules hold here too; and a tcp stream's ClientHello
+	// must pass the SNI check before a byte of it is sent on. A guest taken over completely
+	// (its own policy gone) still reaches only what this allows.
 	Egress *egress.Service
+	// SNIWait bounds how long a TLS stream's ClientHello may take to arrive whole; a slower
+	// one is refused (default 5 s).
+	SNIWait time.Duration
 	// DNS are the resolvers "dns" streams go to (default: /etc/resolv.conf's nameservers).
 	DNS []netip.AddrPort
 	// Window is the receive window granted to agentd per stream (default 256 KiB).
@@ -41,7 +49,8 @@ type DialOutOptions struct {
 }
 
 // DefaultDialOutOptions are used for zero fields.
-var DefaultDialOutOptions = DialOutOptions{Window: sessionio.DefaultStreamWindow, MaxStreams: 4096, ConnectTimeout: 30 * time.Second}
+var DefaultDialOutOptions = DialOutOptions{Window: sessionio.DefaultStreamWindow, MaxStreams: 4096, ConnectTimeout: 30 * time.Second,
+	SNIWait: 5 * time.Second}
 
 // DialOutCounters are the totals of guest-initiated streams.
 type DialOutCounters struct {
@@ -55,6 +64,8 @@ type dialOut struct {
 	log      *slog.Logger
 	ctx      context.Context
 	Counters *DialOutCounters
+
+	res *resolver.Resolver // the host's resolver for the guest's DNS (with Egress)
 
 	mu      sync.Mutex
 	streams map[uint32]*hostStream
@@ -77,10 +88,17 @@ func newDialOut(ctx context.Context, o DialOutOptions, send func([]byte, func())
 	if o.DNS == nil {
 		o.DNS = resolvconf.Servers(resolvconf.Path)
 	}
+	if o.SNIWait <= 0 {
+		o.SNIWait = d.SNIWait
+	}
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	return &dialOut{opts: o, send: send, log: o.Log, ctx: ctx, Counters: c, streams: map[uint32]*hostStream{}}
+	s := &dialOut{opts: o, send: send, log: o.Log, ctx: ctx, Counters: c, streams: map[uint32]*hostStream{}}
+	if o.Egress != nil {
+		s.res = resolver.New(o.Egress, resolver.Options{Upstream: resolver.Servers{Addrs: o.DNS, Dial: o.Dial}})
+	}
+	return s
 }
 
 func (s *dialOut) msg(id uint32, t protocol.Type, v any) bool {
@@ -118,6 +136,10 @@ func (s *dialOut) handle(m protocol.Message) {
 		}
 		st.fromGuest(data)
 	case protocol.TypeStreamEOF:
+		if st.gateHolding() { // the guest's side ended inside its ClientHello
+			st.expireGate()
+			return
+		}
 		if in := st.sink(); in != nil {
 			in.CloseWrite()
 		}
@@ -143,6 +165,10 @@ type hostStream struct {
 	start    time.Time
 	up, down atomic.Int64
 	flow     *egress.Flow // the host's decision (nil without a host policy)
+
+	gmu      sync.Mutex
+	gate     *egress.SNIGate // a tcp stream's first bytes, until its ClientHello is judged
+	gateTime *time.Timer
 
 	mu   sync.Mutex
 	in   *sessionio.Sink // guest -> destination bytes (tcp)
@@ -177,13 +203,9 @@ func (s *dialOut) open(id uint32, p protocol.StreamOpen) {
 		return
 	}
 	var flow *egress.Flow
-	if s.opts.Egress != nil {
-		proto := policy.Protocol(p.Proto)
-		if p.Proto == "dns" {
-			proto = policy.UDP // the guest decided the query by name; here it is a datagram to the resolver
-		}
+	if s.opts.Egress != nil && p.Proto != "dns" { // a dns stream's queries are decided one by one, by name
 		var d policy.Decision
-		if flow, d = s.opts.Egress.AdmitRequest(egress.Request{Protocol: proto, Dsts: []netip.AddrPort{ap}, Via: "host"}); flow == nil {
+		if flow, d = s.opts.Egress.AdmitRequest(egress.Request{Protocol: policy.Protocol(p.Proto), Dsts: []netip.AddrPort{ap}, Via: "host"}); flow == nil {
 			refuse("denied by the host's policy: rule " + d.RuleID)
 			return
 		}
@@ -191,6 +213,9 @@ func (s *dialOut) open(id uint32, p protocol.StreamOpen) {
 	ctx, cancel := context.WithCancel(s.ctx)
 	st := &hostStream{s: s, id: id, proto: p.Proto, dst: dst, ctx: ctx, cancel: cancel,
 		credit: sessionio.NewCredit(int64(p.Window)), start: time.Now(), flow: flow}
+	if flow != nil && p.Proto == "tcp" {
+		st.gate = flow.NewSNIGate()
+	}
 	s.mu.Lock()
 	if len(s.streams) >= s.opts.MaxStreams || s.streams[id] != nil {
 		s.mu.Unlock()
@@ -214,7 +239,13 @@ func (st *hostStream) run(window uint32) {
 		network = "udp"
 	}
 	dctx, cancel := context.WithTimeout(st.ctx, s.opts.ConnectTimeout)
-	conn, err := s.opts.Dial(dctx, network, st.dst)
+	var conn net.Conn
+	var err error
+	if st.proto == "dns" && s.res != nil {
+		conn = newResolverConn(st.ctx, s.res)
+	} else {
+		conn, err = s.opts.Dial(dctx, network, st.dst)
+	}
 	cancel()
 	if err != nil {
 		s.Counters.Refused.Add(1)
@@ -336,10 +367,21 @@ func (st *hostStream) sink() *sessionio.Sink {
 	return st.in
 }
 
-// fromGuest takes guest data: into the sink for tcp, straight out as one datagram for udp.
+// fromGuest takes guest data: into the sink for tcp (through the SNI gate), straight out as
+// one datagram for udp. It runs on the server's reader, so it never waits: data beyond the
+// window the host granted is a protocol violation that ends the stream.
 func (st *hostStream) fromGuest(data []byte) {
 	if in := st.sink(); in != nil {
-		if in.Write(data) != nil {
+		if in.Buffered()+len(data) > st.s.opts.Window {
+			st.abort("the guest sent beyond its window")
+			return
+		}
+		data, ok := st.passGate(data)
+		if !ok {
+			st.abort("refused by the host's policy: TLS server name")
+			return
+		}
+		if len(data) > 0 && in.Write(data) != nil {
 			st.abort("write to the destination failed")
 		}
 		return
@@ -400,3 +442,97 @@ func (s *dialOut) closeAll() {
 		st.end("", false)
 	}
 }
+
+// passGate runs a tcp stream's data through its SNI gate (all of it passes once the gate has
+// judged). The first bytes held start the SNIWait deadline.
+func (st *hostStream) passGate(data []byte) ([]byte, bool) {
+	st.gmu.Lock()
+	defer st.gmu.Unlock()
+	g := st.gate
+	if g == nil || g.Done() {
+		return data, true
+	}
+	pass, ok := g.Feed(data)
+	if g.Holding() && st.gateTime == nil {
+		st.gateTime = time.AfterFunc(st.s.opts.SNIWait, st.expireGate)
+	}
+	if g.Done() && st.gateTime != nil {
+		st.gateTime.Stop()
+	}
+	return pass, ok
+}
+
+func (st *hostStream) gateHolding() bool {
+	st.gmu.Lock()
+	defer st.gmu.Unlock()
+	return st.gate != nil && st.gate.Holding()
+}
+
+// expireGate refuses a ClientHello still incomplete at the deadline (or at the guest's EOF).
+func (st *hostStream) expireGate() {
+	st.gmu.Lock()
+	held := st.gate.Holding()
+	if held {
+		st.gate.Expire()
+	}
+	st.gmu.Unlock()
+	if held {
+		st.abort("refused by the host's policy: incomplete TLS ClientHello")
+	}
+}
+
+// resolverConn is a dns stream answered by the host's resolver: each datagram written is a
+// query (decided by name), each read returns an answer. At most resolverQueries per stream
+// are in flight; more are dropped, as datagrams may be.
+type resolverConn struct {
+	res      *resolver.Resolver
+	ctx      context.Context
+	cancel   context.CancelFunc
+	inflight chan struct{}
+	answers  chan []byte
+}
+
+const resolverQueries = 8
+
+func newResolverConn(ctx context.Context, res *resolver.Resolver) *resolverConn {
+	ctx, cancel := context.WithCancel(ctx)
+	return &resolverConn{res: res, ctx: ctx, cancel: cancel, inflight: make(chan struct{}, resolverQueries),
+		answers: make(chan []byte, resolverQueries)}
+}
+
+func (c *resolverConn) Write(q []byte) (int, error) {
+	select {
+	case c.inflight <- struct{}{}:
+	default:
+		return len(q), nil // dropped
+	}
+	q = append([]byte(nil), q...)
+	go func() {
+		defer func() { <-c.inflight }()
+		resp, err := c.res.Answer(c.ctx, netip.AddrPort{}, q, policy.UDP)
+		if err != nil {
+			return // unanswerable (no header): dropped, as a DNS server drops it
+		}
+		select {
+		case c.answers <- resp:
+		case <-c.ctx.Done():
+		}
+	}()
+	return len(q), nil
+}
+
+func (c *resolverConn) Read(b []byte) (int, error) {
+	select {
+	case a := <-c.answers:
+		return copy(b, a), nil
+	case <-c.ctx.Done():
+		return 0, net.ErrClosed
+	}
+}
+
+func (c *resolverConn) Close() error                     { c.cancel(); return nil }
+func (c *resolverConn) LocalAddr() net.Addr              { return &net.UDPAddr{} }
+func (c *resolverConn) RemoteAddr() net.Addr             { return &net.UDPAddr{} }
+func (c *resolverConn) SetDeadline(time.Time) error      { return nil }
+func (c *resolverConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *resolverConn) SetWriteDeadline(time.Time) error { return nil }

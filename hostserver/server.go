@@ -38,6 +38,9 @@ type Options struct {
 	// DialOut, when set, serves guest-initiated streams: the server asks for feature
 	// "streams" and dials out for the guest (agentctl serve --egress).
 	DialOut *DialOutOptions
+	// AuditLog, when set, gets every audit record the guest sends (feature "audit", which the
+	// server always asks for), one JSON line each; clients can follow them too (AuditKeep).
+	AuditLog io.Writer
 }
 
 // DefaultOptions mirror microsandbox's relay (256 frames toward the guest, 64 per client).
@@ -70,6 +73,7 @@ type Server struct {
 	clients [protocol.RelayMaxClients]*relayClient
 
 	dialOut *dialOut // nil unless the agent enabled guest-initiated streams
+	audit   *auditLog
 	// DialOutCounters count guest-initiated streams.
 	DialOutCounters DialOutCounters
 }
@@ -105,16 +109,18 @@ func New(conn io.ReadWriteCloser, opts Options) (*Server, error) {
 	if opts.Log == nil {
 		opts.Log = slog.Default()
 	}
-	features := opts.Features
+	// The host owns the policy (its clients set it through the server) and keeps the audit.
+	features := append(append([]string(nil), opts.Features...), protocol.FeaturePolicy, protocol.FeatureAudit)
 	if opts.DialOut != nil {
-		features = append(append([]string(nil), features...), protocol.FeatureStreams)
+		features = append(features, protocol.FeatureStreams)
 	}
 	g, fr, err := host.Handshake(conn, host.Options{Features: features, HandshakeTimeout: opts.HandshakeTimeout, Log: opts.Log})
 	if err != nil {
 		return nil, err
 	}
 	r := &Server{conn: conn, opts: opts, log: opts.Log, fr: fr, ready: g.ReadyFrame,
-		toAgent: make(chan agentFrame, opts.ToAgentQueue), queued: sessionio.NewBudget(opts.ToAgentBytes), done: make(chan struct{})}
+		toAgent: make(chan agentFrame, opts.ToAgentQueue), queued: sessionio.NewBudget(opts.ToAgentBytes), done: make(chan struct{}),
+		audit: newAuditLog(opts.AuditLog)}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	if opts.DialOut != nil && protocol.HasFeature(g.Ready.Features, protocol.FeatureStreams) {
 		ctx, cancel := context.WithCancel(context.Background())
@@ -235,7 +241,12 @@ func (r *Server) readAgent() {
 			}
 		}
 		if f.ID == 0 {
-			continue // control frames after ready are not routed
+			if protocol.FrameType(f) == protocol.TypeAuditRecords {
+				if m, err := protocol.DecodeMessage(f); err == nil {
+					r.audit.add(m)
+				}
+			}
+			continue // other control frames after ready are not routed
 		}
 		r.mu.Lock()
 		c := r.clients[protocol.RelaySlotOf(f.ID)]
@@ -354,10 +365,15 @@ func (r *Server) readClient(c *relayClient) {
 			continue
 		}
 		if f.Flags&protocol.FlagSessionStart != 0 {
-			if m, err := protocol.DecodeMessage(f); err == nil && m.Type == protocol.TypeExecRequest {
+			m, err := protocol.DecodeMessage(f)
+			switch {
+			case err == nil && m.Type == protocol.TypeExecRequest:
 				r.mu.Lock()
 				c.execIDs[f.ID] = true
 				r.mu.Unlock()
+			case err == nil && m.Type == protocol.TypeAuditFollow:
+				r.audit.follow(r, c, f.ID, m) // the server answers it; agentd never sees it
+				continue
 			}
 		}
 		raw, _ := protocol.AppendRawFrame(nil, f.ID, f.Flags, f.Body)
@@ -391,3 +407,19 @@ func (r *Server) leave(c *relayClient) {
 func isStreamFrame(f protocol.Frame) bool { return isStreamType(protocol.FrameType(f)) }
 
 func isStreamType(t protocol.Type) bool { return t.Info().Family == protocol.FamilyStreams }
+
+// toClient sends a message of the server's own to a client, waiting while its queue is full;
+// false once the client or the server is gone.
+func (r *Server) toClient(c *relayClient, id uint32, t protocol.Type, v any) bool {
+	frame, err := protocol.EncodeFrame(id, t, v)
+	if err != nil {
+		return false
+	}
+	select {
+	case c.out <- frame:
+		return true
+	case <-c.gone:
+	case <-r.done:
+	}
+	return false
+}

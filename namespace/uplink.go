@@ -2,6 +2,8 @@ package namespace
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -84,6 +86,25 @@ func moveLinks(ns *NS, names []string) error {
 				return fmt.Errorf("uplink %s: route %s: %w", name, r, err)
 			}
 		}
+	}
+	return nil
+}
+
+// Pin keeps the namespace alive without this process: it is bind-mounted on path (as `ip netns
+// add` does), so it outlives agentd. If agentd dies, the uplink then stays where no workload can
+// reach it instead of the kernel handing its interface back to the guest's namespace (which a
+// namespace's end does to physical devices); the guest keeps no way out.
+func (ns *NS) Pin(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("namespace: pin: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDONLY, 0o400)
+	if err != nil {
+		return fmt.Errorf("namespace: pin: %w", err)
+	}
+	f.Close()
+	if err := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", ns.fd), path, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("namespace: pin at %s: %w", path, err)
 	}
 	return nil
 }

@@ -5,10 +5,12 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // TestIsolateUplink moves a veth end with an address and a route into a fresh namespace: the
@@ -76,5 +78,41 @@ func TestIsolateUplinkMissing(t *testing.T) {
 	}
 	if _, err := IsolateUplink([]string{"agnosuchlink0"}); err == nil || !strings.Contains(err.Error(), "agnosuchlink0") {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// TestPin: a pinned uplink namespace outlives the handle agentd holds, with its interface in
+// it (unpinned, the namespace would end with the handle and take the veth with it).
+func TestPin(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for links and namespaces")
+	}
+	name := fmt.Sprintf("agpin%d", os.Getpid()%100000)
+	if out, err := exec.Command("ip", "link", "add", name, "type", "veth", "peer", "name", name+"p").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "link", "del", name+"p").Run() })
+	ns, err := IsolateUplink([]string{name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pin := filepath.Join(t.TempDir(), "uplink.net")
+	if err := ns.Pin(pin); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(pin, unix.MNT_DETACH) })
+	ns.Close() // agentd gone
+	again, err := Open(pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	h, err := again.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if _, err := h.LinkByName(name); err != nil {
+		t.Fatalf("the uplink is gone with agentd's handle: %v", err)
 	}
 }

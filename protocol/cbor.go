@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"bytes"
 	"fmt"
 	"reflect"
 	"strings"
@@ -25,36 +26,52 @@ var (
 		return em
 	}()
 
-	// decMode accepts what the reference's decoder accepts: definite or indefinite lengths,
-	// tags (skipped), unknown keys (ignored); it rejects duplicate keys as serde does.
-	decMode = func() cbor.DecMode {
-		dm, err := cbor.DecOptions{
-			DupMapKey:         cbor.DupMapKeyEnforcedAPF,
-			MaxNestedLevels:   256,
-			IndefLength:       cbor.IndefLengthAllowed,
-			TagsMd:            cbor.TagsAllowed,
-			DefaultMapType:    reflect.TypeOf(map[string]any(nil)),
-			UTF8:              cbor.UTF8RejectInvalid,
-			FieldNameMatching: cbor.FieldNameMatchingCaseSensitive,
-		}.DecMode()
-		if err != nil {
-			panic(err)
-		}
-		return dm
+	// decOptions accept what the reference's decoder accepts: definite or indefinite lengths,
+	// tags (skipped), unknown keys (ignored), field names as text or byte strings; they reject
+	// duplicate keys as serde does.
+	decOptions = cbor.DecOptions{
+		DupMapKey:           cbor.DupMapKeyEnforcedAPF,
+		MaxNestedLevels:     256,
+		IndefLength:         cbor.IndefLengthAllowed,
+		TagsMd:              cbor.TagsAllowed,
+		DefaultMapType:      reflect.TypeOf(map[string]any(nil)),
+		UTF8:                cbor.UTF8RejectInvalid,
+		FieldNameMatching:   cbor.FieldNameMatchingCaseSensitive,
+		FieldNameByteString: cbor.FieldNameByteStringAllowed,
+	}
+	decMode = mustDecMode(decOptions)
+	// keyMode reads a map's keys as field names, text or bytes (checkFields); a byte string is
+	// not a string anywhere else.
+	keyMode = func() cbor.DecMode {
+		o := decOptions
+		o.ByteStringToString = cbor.ByteStringToStringAllowed
+		return mustDecMode(o)
 	}()
 )
+
+func mustDecMode(o cbor.DecOptions) cbor.DecMode {
+	dm, err := o.DecMode()
+	if err != nil {
+		panic(err)
+	}
+	return dm
+}
 
 // Marshal encodes a payload value the way the reference does.
 func Marshal(v any) ([]byte, error) { return encMode.Marshal(v) }
 
 // Unmarshal decodes one CBOR item from b into v, ignoring trailing bytes (as the reference
-// does), then checks that every field tagged `req:"1"` was present. An error names the key
-// path of the offending field ("network.mac: ...", "dir_mounts[0]: missing field ...").
+// does), then checks what serde checks and the CBOR library does not: every field tagged
+// `req:"1"` is present, and null (or undefined) appears only where the reference has an
+// Option (a pointer here, or a type that decodes null itself, such as Null). A null bool,
+// integer, string, byte string or array is an error, not its zero value: a null data chunk is
+// not EOF, a null OpenFile option is not false. An error names the key path of the offending
+// field ("network.mac: ...", "dir_mounts[0]: missing field ...").
 func Unmarshal(b []byte, v any) error {
 	if len(b) == 0 {
 		return fmt.Errorf("empty payload")
 	}
-	if (b[0] == 0xf6 || b[0] == 0xf7) && reflect.TypeOf(v).Elem().Kind() == reflect.Struct {
+	if isNull(b) && reflect.TypeOf(v).Elem().Kind() == reflect.Struct {
 		return fmt.Errorf("invalid type: null, expected a map")
 	}
 	if _, err := decMode.UnmarshalFirst(b, v); err != nil {
@@ -63,8 +80,13 @@ func Unmarshal(b []byte, v any) error {
 		}
 		return err
 	}
-	return checkRequired(b, reflect.TypeOf(v).Elem(), "")
+	// Without a null byte anywhere there is no null to refuse: only required fields to check.
+	nulls := bytes.IndexByte(b, 0xf6) >= 0 || bytes.IndexByte(b, 0xf7) >= 0
+	return checkFields(b, reflect.TypeOf(v).Elem(), nulls, "")
 }
+
+// isNull reports whether the encoded item b is null or undefined.
+func isNull(b []byte) bool { return len(b) > 0 && (b[0] == 0xf6 || b[0] == 0xf7) }
 
 var unmarshalerType = reflect.TypeOf((*cbor.Unmarshaler)(nil)).Elem()
 
@@ -124,17 +146,16 @@ func joinPath(parent, child string) string {
 	return parent + "." + child
 }
 
-// checkRequired reports the first field tagged `req:"1"` that is missing from the encoded map
-// b, recursing into struct, pointer-to-struct and slice-of-struct fields. Serde rejects a
-// missing non-Option field that has no default; so do we, with serde's wording, after the key
-// path of the map it is missing from.
-func checkRequired(b []byte, t reflect.Type, path string) error {
-	if t.Kind() != reflect.Struct || !hasRequired(t) {
+// checkFields checks the encoded map b against struct type t: missing required fields (with
+// serde's wording, after the key path of the map they are missing from) and, if nulls, null
+// values in non-Option fields, recursing into struct, pointer-to-struct and slice fields.
+func checkFields(b []byte, t reflect.Type, nulls bool, path string) error {
+	if t.Kind() != reflect.Struct || (!nulls && !hasRequired(t)) {
 		return nil
 	}
 	var m map[string]cbor.RawMessage
-	if _, err := decMode.UnmarshalFirst(b, &m); err != nil {
-		return nil // not a map of text keys (e.g. byte-string keys): the value decode already ran
+	if _, err := keyMode.UnmarshalFirst(b, &m); err != nil {
+		return nil // not a map with field-name keys: the value decode already ran
 	}
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
@@ -152,26 +173,29 @@ func checkRequired(b []byte, t reflect.Type, path string) error {
 			}
 			continue
 		}
-		if err := checkRequiredValue(raw, f.Type, joinPath(path, name)); err != nil {
+		if err := checkValue(raw, f.Type, nulls, joinPath(path, name)); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func checkRequiredValue(raw []byte, t reflect.Type, path string) error {
-	if t.Kind() == reflect.Pointer && len(raw) > 0 && (raw[0] == 0xf6 || raw[0] == 0xf7) {
-		return nil // null or undefined: an Option's None
+func checkValue(raw []byte, t reflect.Type, nulls bool, path string) error {
+	if isNull(raw) {
+		if nulls && t.Kind() != reflect.Pointer && t.Kind() != reflect.Interface && !reflect.PointerTo(t).Implements(unmarshalerType) {
+			return fmt.Errorf("%s: invalid type: null, expected %s", path, t)
+		}
+		return nil
 	}
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	switch t.Kind() {
 	case reflect.Struct:
-		return checkRequired(raw, t, path)
+		return checkFields(raw, t, nulls, path)
 	case reflect.Slice:
 		et := t.Elem()
-		if et.Kind() != reflect.Struct || !hasRequired(et) {
+		if et.Kind() == reflect.Uint8 || !(nulls || et.Kind() == reflect.Struct && hasRequired(et)) {
 			return nil
 		}
 		var items []cbor.RawMessage
@@ -179,7 +203,7 @@ func checkRequiredValue(raw []byte, t reflect.Type, path string) error {
 			return nil
 		}
 		for i, it := range items {
-			if err := checkRequired(it, et, fmt.Sprintf("%s[%d]", path, i)); err != nil {
+			if err := checkValue(it, et, nulls, fmt.Sprintf("%s[%d]", path, i)); err != nil {
 				return err
 			}
 		}

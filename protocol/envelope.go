@@ -158,8 +158,11 @@ func slowEnvelope(b []byte, m *Message) error {
 // nil means "absent".
 type Bytes []byte
 
-// UnmarshalCBOR implements cbor.Unmarshaler.
+// UnmarshalCBOR implements cbor.Unmarshaler. Null is not a byte string (as for serde_bytes).
 func (p *Bytes) UnmarshalCBOR(b []byte) error {
+	if isNull(b) {
+		return fmt.Errorf("invalid type: null, expected bytes")
+	}
 	if s, _, ok := readDefinite(b, majorBytes); ok {
 		*p = s
 		return nil

@@ -162,7 +162,7 @@ func (r *FsRequest) UnmarshalCBOR(b []byte) error {
 		Op   map[string]cbor.RawMessage `cbor:"op"`
 		Bulk cbor.RawMessage            `cbor:"bulk"`
 	}
-	if err := decMode.Unmarshal(b, &w); err != nil {
+	if err := keyMode.Unmarshal(b, &w); err != nil { // the variant's name may be a byte string too
 		return err
 	}
 	if w.Op == nil {

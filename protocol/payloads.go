@@ -84,6 +84,18 @@ func NewPayload(t Type) any {
 		return &StreamClose{}
 	case TypeStreamCredit:
 		return &StreamCredit{}
+	case TypePolicySet:
+		return &PolicySet{}
+	case TypePolicyGet:
+		return &PolicyGet{}
+	case TypePolicyState:
+		return &PolicyState{}
+	case TypeAuditRecords:
+		return &AuditRecords{}
+	case TypeAuditFollow:
+		return &AuditFollow{}
+	case TypeAuditEnd:
+		return &AuditEnd{}
 	}
 	return nil
 }

@@ -151,7 +151,8 @@ func TestTypeTable(t *testing.T) {
 	flags := map[Type]byte{TypeError: 1, TypeExecExited: 1, TypeExecFailed: 1, TypeFsResponse: 1,
 		TypeTCPClosed: 1, TypeTCPFailed: 1, TypeExecRequest: 2, TypeFsRequest: 2, TypeTCPConnect: 2, TypeShutdown: 4,
 		TypePong: 1, TypeTouched: 1, TypeWorkloadFrozen: 1, TypeWorkloadThawed: 1, TypeRootDiskState: 1,
-		TypeStreamOpen: 2, TypeStreamClose: 1}
+		TypeStreamOpen: 2, TypeStreamClose: 1, TypePolicySet: 2, TypePolicyGet: 2, TypePolicyState: 1,
+		TypeAuditFollow: 2, TypeAuditEnd: 1}
 	for _, ty := range AllTypes() {
 		if ty.Flags() != flags[ty] {
 			t.Errorf("%s flags %d want %d", ty, ty.Flags(), flags[ty])

@@ -19,6 +19,13 @@ const Version = 9
 // LatestGeneration is the newest generation whose types the table knows (microsandbox 0.7.x).
 const LatestGeneration = 9
 
+// ReferenceGeneration is the generation of microsandbox-agentd 0.5.7. A session started by a
+// frame stamped with it (or older) gets that agent's behaviour exactly; one started by a later
+// host gets what current hosts rely on (contract section 10: process groups, core.tcp.closed,
+// drain or reset on core.tcp.close). Each side stamps its own generation, so the frame's v is
+// the host's, and the session runs at the lower of it and agentd's.
+const ReferenceGeneration = 5
+
 // Negotiated is the generation a session with a peer that announced peer runs at: the lower of
 // the two (the host side takes min(own, core.ready's v)). Gate what one sends on it, never on
 // the v of the frames one stamps.
@@ -103,6 +110,16 @@ const (
 	TypeStreamClose
 	TypeStreamCredit
 
+	// The host-owned egress policy (feature "policy", see control.go).
+	TypePolicySet
+	TypePolicyGet
+	TypePolicyState
+
+	// Audit records to the host (feature "audit", see control.go).
+	TypeAuditRecords
+	TypeAuditFollow
+	TypeAuditEnd
+
 	numTypes
 )
 
@@ -136,11 +153,14 @@ const (
 	FamilyRootDisk
 	FamilyFlow    // extension: feature "flow"
 	FamilyStreams // extension: feature "streams"
+	FamilyPolicy  // extension: feature "policy"
+	FamilyAudit   // extension: feature "audit"
 )
 
 var familyNames = [...]string{FamilyCore: "core", FamilyLiveness: "liveness", FamilyExec: "exec",
 	FamilyFs: "fs", FamilyTCP: "tcp", FamilyBulk: "bulk", FamilyWorkload: "workload",
-	FamilyRootDisk: "root_disk", FamilyFlow: "flow", FamilyStreams: "streams"}
+	FamilyRootDisk: "root_disk", FamilyFlow: "flow", FamilyStreams: "streams", FamilyPolicy: "policy",
+	FamilyAudit: "audit"}
 
 func (f Family) String() string {
 	if int(f) < len(familyNames) && familyNames[f] != "" {
@@ -156,6 +176,10 @@ func (f Family) Feature() string {
 		return FeatureFlow
 	case FamilyStreams:
 		return FeatureStreams
+	case FamilyPolicy:
+		return FeaturePolicy
+	case FamilyAudit:
+		return FeatureAudit
 	}
 	return ""
 }
@@ -274,6 +298,12 @@ var typeTable = [numTypes]TypeInfo{
 	TypeStreamEOF:               ext("agentd.stream.eof", 0, cCtl, FamilyStreams, dBoth),
 	TypeStreamClose:             ext("agentd.stream.close", FlagTerminal, cCtl, FamilyStreams, dBoth),
 	TypeStreamCredit:            ext("agentd.stream.credit", 0, cCtl, FamilyStreams, dBoth),
+	TypePolicySet:               ext("agentd.policy.set", FlagSessionStart, cCtl, FamilyPolicy, dH2G),
+	TypePolicyGet:               ext("agentd.policy.get", FlagSessionStart, cCtl, FamilyPolicy, dH2G),
+	TypePolicyState:             ext("agentd.policy.state", FlagTerminal, cCtl, FamilyPolicy, dG2H),
+	TypeAuditRecords:            ext("agentd.audit.records", 0, cMnt, FamilyAudit, dG2H),
+	TypeAuditFollow:             ext("agentd.audit.follow", FlagSessionStart, cMnt, FamilyAudit, dH2G),
+	TypeAuditEnd:                ext("agentd.audit.end", FlagTerminal, cMnt, FamilyAudit, dG2H),
 }
 
 // schemaOrder is the reference's enum declaration order at generation 9 (its schema snapshot

@@ -18,8 +18,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -188,7 +190,11 @@ type Session struct {
 
 	credit *sessionio.Credit // flow: bytes we may still send to the host
 
-	bulk *bulkFlows // nil: the CBOR path
+	hostEOF atomic.Bool   // the host sent tcp.eof
+	late    chan struct{} // host data arrived after the host's eof
+
+	bulk    *bulkFlows // nil: the CBOR path
+	current bool       // started by a host after generation 5: core.tcp.closed, drain or reset
 	// sendCtx ends sending to the host without ending the session (a drain after tcp.close).
 	sendCtx    context.Context
 	stopSend   context.CancelFunc
@@ -229,9 +235,11 @@ func New(id uint32, req protocol.TCPConnect, v uint8, out *sessionio.Writer, opt
 		credit:   sessionio.NewCredit(int64(req.Window)),
 		ctx:      ctx,
 		cancel:   cancel,
+		late:     make(chan struct{}, 1),
 		finished: make(chan struct{}),
 	}
 	s.sendCtx, s.stopSend = context.WithCancel(ctx)
+	s.current = v > protocol.ReferenceGeneration
 	cfg := sessionio.SinkConfig{Limit: opts.InboundLimit, Budget: opts.Inbound}
 	if s.flow {
 		cfg.Grant = func(n int) {
@@ -280,6 +288,10 @@ func (s *Session) run(host string, port uint16) {
 		s.fail(s.offerError)
 		return
 	}
+	if !resolvable(host) {
+		s.fail(fmt.Sprintf("connect %s:%d: %s", host, port, lookupText(nil)))
+		return
+	}
 	dctx, dcancel := context.WithTimeout(s.ctx, s.opts.ConnectTimeout)
 	conn, err := s.dial(dctx, host, port)
 	dcancel()
@@ -288,7 +300,7 @@ func (s *Session) run(host string, port uint16) {
 			s.end()
 			return
 		}
-		msg := fmt.Sprintf("connect %s:%d: %s", host, port, describe(err))
+		msg := fmt.Sprintf("connect %s:%d: %s", host, port, dialText(err))
 		if errors.Is(err, context.DeadlineExceeded) {
 			msg = fmt.Sprintf("connect %s:%d timed out", host, port)
 		}
@@ -343,10 +355,12 @@ func (s *Session) dial(ctx context.Context, host string, port uint16) (net.Conn,
 	name := ""
 	if a, err := netip.ParseAddr(host); err == nil {
 		addrs = []netip.Addr{a}
+	} else if a, ok := inetAton(host); ok {
+		addrs = []netip.Addr{a}
 	} else {
 		name = host
 		if addrs, err = s.opts.Resolver.LookupNetIP(ctx, "ip", host); err != nil {
-			return nil, fmt.Errorf("resolve: %w", err)
+			return nil, err
 		}
 	}
 	dsts := make([]netip.AddrPort, len(addrs))
@@ -358,6 +372,61 @@ func (s *Session) dial(ctx context.Context, host string, port uint16) (net.Conn,
 
 // describe renders an error the way the reference's messages read: the OS error text.
 func describe(err error) string { return oserr.Text(err) }
+
+// dialText renders a connect failure as the reference's does: a name that does not resolve
+// is getaddrinfo's failure, anything else the OS error text.
+func dialText(err error) string {
+	var dns *net.DNSError
+	if errors.As(err, &dns) {
+		return lookupText(dns)
+	}
+	return describe(err)
+}
+
+// lookupText is Rust's text for a failed getaddrinfo: a name that does not exist is
+// EAI_NONAME, a resolver that did not answer EAI_AGAIN (glibc's gai_strerror wording).
+func lookupText(dns *net.DNSError) string {
+	if dns != nil && !dns.IsNotFound && (dns.IsTimeout || dns.IsTemporary) {
+		return "failed to lookup address information: Temporary failure in name resolution"
+	}
+	return "failed to lookup address information: Name or service not known"
+}
+
+// inetAton parses the IPv4 forms getaddrinfo takes besides dotted quads (inet_aton's: "127.1",
+// "0x7f000001", "2130706433": one to four parts, decimal, octal or hex, the last filling the
+// remaining bytes). A dotted quad is left to netip.
+func inetAton(host string) (netip.Addr, bool) {
+	parts := strings.Split(host, ".")
+	if len(parts) > 4 {
+		return netip.Addr{}, false
+	}
+	var ip uint32
+	for i, p := range parts {
+		v, err := strconv.ParseUint(p, 0, 32) // base from the prefix: 0x hex, 0 octal
+		if err != nil || p == "" || p[0] == '+' || strings.ContainsAny(p, "_oObB") {
+			return netip.Addr{}, false
+		}
+		if i < len(parts)-1 {
+			if v > 255 {
+				return netip.Addr{}, false
+			}
+			ip |= uint32(v) << (8 * (3 - i))
+		} else {
+			if bits := 8 * (5 - len(parts)); bits < 32 && v >= 1<<bits {
+				return netip.Addr{}, false
+			}
+			ip |= uint32(v)
+		}
+	}
+	return netip.AddrFrom4([4]byte{byte(ip >> 24), byte(ip >> 16), byte(ip >> 8), byte(ip)}), true
+}
+
+// resolvable reports whether getaddrinfo could take host at all: the reference passes it as
+// is, so "" and a bracketed IPv6 literal are names that do not resolve (where Go would dial
+// the local host, or refuse the address form).
+func resolvable(host string) bool {
+	return host != "" && !strings.ContainsAny(host, "[]")
+}
 
 // toHost reads the destination and queues core.tcp.data. The queue's high watermark (and,
 // with flow control, the host's credit) stops the reads, so the destination feels TCP
@@ -488,13 +557,21 @@ func (s *Session) toDestination(conn net.Conn) {
 			s.bulk.in.Drained() // the reference's last credit once a finished flow is written
 		}
 		s.halfEnded(true)
+		// Host data after its EOF: a write after shutdown(SHUT_WR) is EPIPE on Linux, so the
+		// reference's relay fails with exactly this (one terminal frame; the data is not sent).
+		select {
+		case <-s.late:
+			s.fail("write TCP stream: " + oserr.Errno(syscall.EPIPE))
+		case <-s.ctx.Done():
+		}
 	case err != nil && s.ctx.Err() == nil:
 		s.fail("write TCP stream: " + describe(err))
 	}
 }
 
 // halfEnded records the end of one direction (host: the host's end was applied; else the
-// destination's end was reported). Once both ended the session ends with core.tcp.closed.
+// destination's end was reported). Once both ended a current host's session ends with
+// core.tcp.closed; a 0.5.7 host's waits for its core.tcp.close, as with the reference.
 func (s *Session) halfEnded(host bool) {
 	s.mu.Lock()
 	if host {
@@ -502,11 +579,10 @@ func (s *Session) halfEnded(host bool) {
 	} else {
 		s.destEnded = true
 	}
-	both := s.hostEnded && s.destEnded && !s.ended && !s.draining
+	both := s.hostEnded && s.destEnded && !s.ended && !s.draining && s.current
 	s.mu.Unlock()
-	if both {
+	if both && s.endKeepQueue() { // out of the table first, as for a failure
 		s.q.PushMsg(context.Background(), s.id, protocol.TypeTCPClosed, protocol.Empty{})
-		s.endKeepQueue()
 	}
 }
 
@@ -562,10 +638,18 @@ var errCBORAfterBulk = errors.New("CBOR TCP data is invalid after raw bulk accep
 
 // Write queues host data for the destination (copying it: it aliases the channel's read
 // buffer). It waits while the session's buffer is full, which only a host without flow
-// control can cause. Data after the host's EOF is dropped, as by the reference.
+// control can cause. Data after the host's own EOF is a write to a shut-down socket: once
+// everything before the EOF is written, the session fails as the reference's does.
 func (s *Session) Write(data []byte) error {
 	if s.bulk != nil {
 		return errCBORAfterBulk
+	}
+	if len(data) > 0 && s.hostEOF.Load() {
+		select {
+		case s.late <- struct{}{}:
+		default:
+		}
+		return nil
 	}
 	if err := s.in.Write(data); err != nil {
 		return errSessionClosed
@@ -581,6 +665,7 @@ func (s *Session) CloseWrite() error {
 	if err := s.in.CloseWrite(); err != nil {
 		return errSessionClosed
 	}
+	s.hostEOF.Store(true)
 	return nil
 }
 
@@ -651,7 +736,12 @@ func (s *Session) BulkCancel(p protocol.BulkCancel) {
 // data written, the write side shut down), nothing more goes to the host but the destination
 // is drained until it closes, so what was written reaches it whole and ends with a FIN;
 // otherwise the destination is reset, so it cannot take a truncated stream for a whole one.
+// A 0.5.7 host's session is closed at once, as the reference does.
 func (s *Session) Close() {
+	if !s.current {
+		s.end()
+		return
+	}
 	s.mu.Lock()
 	if s.ended {
 		s.mu.Unlock()
@@ -683,18 +773,16 @@ func (s *Session) Abort() { s.end() }
 // host's on this session).
 func (s *Session) Fail(msg string) { s.fail(msg) }
 
-// fail sends the terminal core.tcp.failed and ends the session.
+// fail ends the session and sends its terminal core.tcp.failed. The session leaves the table
+// first, as the reference's does before its terminal frame goes out: a host that saw the
+// failure finds the id unknown.
 func (s *Session) fail(msg string) {
-	s.mu.Lock()
-	if s.ended {
-		s.mu.Unlock()
-		return
+	if !s.endKeepQueue() {
+		return // already over: one terminal frame per session
 	}
-	s.mu.Unlock()
 	// The failure goes behind any data already queued, so the host sees it last.
 	s.q.PushMsg(context.Background(), s.id, protocol.TypeTCPFailed, protocol.TCPFailed{Error: msg})
 	s.log.Debug("tcp session failed", "id", s.id, "error", msg)
-	s.endKeepQueue()
 }
 
 func (s *Session) end() {

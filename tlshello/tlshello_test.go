@@ -1,54 +1,15 @@
 package tlshello
 
 import (
-	"bytes"
-	"crypto/tls"
-	"net"
 	"testing"
-	"time"
+
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
-// clientHello records the first flight of a real crypto/tls client for serverName.
-func clientHello(t testing.TB, serverName string) []byte {
-	a, b := net.Pipe()
-	go func() {
-		c := tls.Client(a, &tls.Config{ServerName: serverName, InsecureSkipVerify: true})
-		c.SetDeadline(time.Now().Add(time.Second))
-		c.Handshake()
-		a.Close()
-	}()
-	var buf bytes.Buffer
-	b.SetReadDeadline(time.Now().Add(time.Second))
-	tmp := make([]byte, 4096)
-	for {
-		n, err := b.Read(tmp)
-		buf.Write(tmp[:n])
-		if err != nil || buf.Len() >= 5 && buf.Len() >= 5+int(buf.Bytes()[3])<<8|int(buf.Bytes()[4]) {
-			break
-		}
-	}
-	b.Close()
-	return buf.Bytes()
-}
-
-// split re-frames a one-record hello into records of at most size handshake bytes each, as a
-// client may (and as an attacker would, to hide the name from a checker that reads one record).
-func split(hello []byte, size int) []byte {
-	body := hello[5:]
-	var out []byte
-	for len(body) > 0 {
-		n := min(size, len(body))
-		out = append(out, 0x16, hello[1], hello[2], byte(n>>8), byte(n))
-		out = append(out, body[:n]...)
-		body = body[n:]
-	}
-	return out
-}
-
 func TestParse(t *testing.T) {
-	hello := clientHello(t, "api.example.com")
-	two := split(hello, len(hello[5:])/2+1)
-	tiny := split(hello, 1)
+	hello := testutil.ClientHello(t, "api.example.com")
+	two := testutil.SplitRecords(hello, len(hello[5:])/2+1)
+	tiny := testutil.SplitRecords(hello, 1)
 	withData := append(append([]byte(nil), hello...), []byte("early data")...)
 	other := append([]byte(nil), hello...)
 	other[5] = 2 // a ServerHello where the ClientHello should be
@@ -66,7 +27,7 @@ func TestParse(t *testing.T) {
 		{"split across two records", two, Complete, "api.example.com", len(two)},
 		{"one handshake byte per record", tiny, Complete, "api.example.com", len(tiny)},
 		{"data after the hello", withData, Complete, "api.example.com", len(hello)},
-		{"no SNI (an IP literal)", clientHello(t, ""), Complete, "", -1},
+		{"no SNI (an IP literal)", testutil.ClientHello(t, ""), Complete, "", -1},
 		{"nothing yet", nil, Incomplete, "", 0},
 		{"first 3 bytes", hello[:3], Incomplete, "", 0},
 		{"half the record", hello[:len(hello)/2], Incomplete, "", 0},
@@ -109,9 +70,9 @@ func TestIncompleteIsBounded(t *testing.T) {
 }
 
 func FuzzParse(f *testing.F) {
-	hello := clientHello(f, "api.example.com")
+	hello := testutil.ClientHello(f, "api.example.com")
 	f.Add(hello)
-	f.Add(split(hello, 7))
+	f.Add(testutil.SplitRecords(hello, 7))
 	f.Add([]byte{0x16, 3, 1, 0, 4, 1, 0, 0, 0})
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -138,7 +99,7 @@ func FuzzParse(f *testing.F) {
 }
 
 func BenchmarkParse(b *testing.B) {
-	hello := clientHello(b, "api.example.com")
+	hello := testutil.ClientHello(b, "api.example.com")
 	for i := 0; i < b.N; i++ {
 		Parse(hello)
 	}

@@ -20,7 +20,8 @@ commands:
   forward  listen locally and forward each connection to GUEST_HOST:PORT through the agent
   exec     run a program in the guest (-t for a terminal) and exit with its status
   fs       guest files: ls, stat, cat, get, put, mkdir, rm, mv
-  policy   check a policy file, explain which rule decides a flow, reload the guest's policy
+  policy   check a policy file, explain which rule decides a flow, set or show the guest's policy
+  audit    print the guest's egress decisions as JSON lines (-f to follow)
   shutdown ask the agent to shut the guest down (core.shutdown)
   version  print the version
 
@@ -46,6 +47,8 @@ func main() {
 		err = shutdownCmd(args)
 	case "policy":
 		err = policyCmd(args)
+	case "audit":
+		err = auditCmd(args)
 	case "version", "--version", "-version":
 		fmt.Println("agentctl", version)
 	case "help", "-h", "--help":

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -13,20 +14,23 @@ import (
 
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
-	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/host"
 )
 
 const policyUsage = `usage:
   agentctl policy check FILE
   agentctl policy explain [--name NAME] FILE PROTO DEST PORT
-  agentctl policy reload [--connect SOCK | --port SPEC] [--path GUEST_PATH] [--pid PID] FILE
+  agentctl policy reload [--connect SOCK | --port SPEC] FILE
+  agentctl policy show [--connect SOCK | --port SPEC]
 
 check    parses a policy file (JSON or YAML) and prints it normalized, or says what is wrong
 explain  prints the rule that decides a flow (with the built-in floor in front of the file's
          rules, as agentd runs it); --name is a name the destination is known by (its DNS pin
          or TLS SNI). DEST may also be a name: then it is decided as a DNS query would be.
-reload   checks FILE, writes it to the guest's policy path and signals agentd (SIGHUP) to swap
-         it in atomically; flows the new policy no longer allows are reset
+reload   checks FILE here, then sends it to agentd over the agent channel (the only way its
+         policy changes); agentd swaps it in atomically and resets flows it no longer allows,
+         and the command prints the new generation, or agentd's error with the field path
+show     prints the policy agentd enforces now, and its generation
 `
 
 // policyCmd: agentctl policy check|explain|reload.
@@ -42,6 +46,8 @@ func policyCmd(args []string) error {
 		return policyExplain(args[1:])
 	case "reload":
 		return policyReload(args[1:])
+	case "show":
+		return policyShow(args[1:])
 	}
 	fmt.Fprint(os.Stderr, policyUsage)
 	return usageError{fmt.Errorf("unknown policy subcommand %q", args[0])}
@@ -119,10 +125,8 @@ func policyExplain(args []string) error {
 }
 
 func policyReload(args []string) error {
-	fs, level := newFlags("policy reload", "[--connect SOCK | --port SPEC] [--path GUEST_PATH] [--pid PID] FILE")
+	fs, level := newFlags("policy reload", "[--connect SOCK | --port SPEC] FILE")
 	relay, port := connectFlags(fs)
-	path := fs.String("path", "/etc/agentd/egress.json", "the guest's policy file (agentd's --egress-policy)")
-	pid := fs.Int("pid", 1, "agentd's process id in the guest (1 when it is the guest's init)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -140,18 +144,40 @@ func policyReload(args []string) error {
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	// Written beside the target and renamed over it, so agentd never reads half a file.
-	tmp := *path + ".new"
-	if _, err := c.WriteFile(ctx, tmp, 0o600, bytes.NewReader(data)); err != nil {
-		return fmt.Errorf("write %s in the guest: %w", tmp, err)
+	st, err := c.SetPolicy(ctx, data)
+	var pe *host.PolicyError
+	if errors.As(err, &pe) {
+		return fmt.Errorf("the agent refused %s: %s (generation %d, %d rules, stays in force)", fs.Arg(0), pe.State.Error, pe.State.Generation, pe.State.Rules)
 	}
-	if _, err := c.Fs(ctx, &protocol.FsRename{Src: tmp, Dst: *path}); err != nil {
-		return fmt.Errorf("rename %s in the guest: %w", *path, err)
+	if err != nil {
+		return err
 	}
-	out, errOut, code, err := c.Run(ctx, protocol.ExecRequest{Cmd: "kill", Args: []string{"-HUP", strconv.Itoa(*pid)}}, nil)
-	if err != nil || code != 0 {
-		return fmt.Errorf("signal agentd (pid %d): exit %d %v %s%s", *pid, code, err, out, errOut)
+	fmt.Printf("policy %s applied: generation %d, %d rules (floor included)\n", fs.Arg(0), st.Generation, st.Rules)
+	return nil
+}
+
+func policyShow(args []string) error {
+	fs, level := newFlags("policy show", "[--connect SOCK | --port SPEC]")
+	relay, port := connectFlags(fs)
+	if err := parse(fs, args); err != nil {
+		return err
 	}
-	fmt.Printf("policy %s installed at %s; agentd (pid %d) reloads it now\n", fs.Arg(0), *path, *pid)
+	if fs.NArg() != 0 {
+		return usageError{fmt.Errorf("policy show takes no arguments")}
+	}
+	c, _, err := connect(*level, *relay, *port)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := c.Policy(ctx)
+	if err != nil {
+		return err
+	}
+	var doc bytes.Buffer
+	json.Indent(&doc, st.Document, "", "  ")
+	fmt.Printf("# generation %d, %d rules (floor included)\n%s\n", st.Generation, st.Rules, doc.String())
 	return nil
 }

@@ -25,6 +25,7 @@ func serve(args []string) error {
 	egress := fs.Bool("egress", false, "serve guest-initiated streams: dial out from this host for a guest that has no network of its own")
 	policyFile := fs.String("egress-policy", "", "host-side policy `FILE` (microsandbox's format) the guest's streams must also pass")
 	auditPath := fs.String("egress-audit", "", "append one JSON line per host-side decision and closed stream to `FILE` (- for stderr)")
+	guestAudit := fs.String("audit", "", "append the guest's egress decision records (sent by agentd) to `FILE`; agentctl audit prints the latest either way")
 	dns := fs.String("egress-dns", "", "resolver `ADDR:PORT` for the guest's DNS (default: this host's /etc/resolv.conf)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -48,6 +49,14 @@ func serve(args []string) error {
 		return err
 	}
 	opts := hostserver.Options{ClockSyncEvery: *clock, Log: log}
+	if *guestAudit != "" {
+		f, err := os.OpenFile(*guestAudit, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return fmt.Errorf("--audit: %w", err)
+		}
+		defer f.Close()
+		opts.AuditLog = f
+	}
 	if *noFlow {
 		opts.Features = []string{}
 	}

@@ -1,15 +1,12 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
@@ -29,13 +26,15 @@ type egressOptions struct {
 	tunName    string
 	mtu        uint
 	queues     int
+	advisory   bool // workloads keep full privileges: the policy is only advisory
 	// initial is the policy main read to check it before any side effect (nil: not read yet).
 	initial *policy.Policy
 }
 
 func (e *egressOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&e.mode, "egress", "off", "guest egress: off; netstack (the tun becomes the guest's default route, every flow passes the policy, agentd dials out); or channel (the same, but each allowed flow is a stream over the agent channel that the host dials: for a guest with no network device)")
-	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML); reloaded on SIGHUP. Without one, netstack egress allows everything but the floor")
+	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML), read once at start; after that only the host changes the policy (agentctl policy reload). Without one, netstack egress allows everything but the floor")
+	fs.BoolVar(&e.advisory, "egress-advisory", false, "let workloads keep full privileges while egress is on (they are confined otherwise: docs/security.md); the policy is then only advisory, since a root workload with every capability can get around it. agentd warns at start and reports egress-advisory in core.ready")
 	fs.StringVar(&e.floorFile, "egress-floor", "", "policy `FILE` whose rules come before the policy's and cannot be widened by it (default: deny the metadata address)")
 	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr)")
 	fs.StringVar(&e.guestNetns, "egress-guest-netns", "", "move the tun into the network namespace at `PATH` (/var/run/netns/NAME) and route that namespace through it")
@@ -92,12 +91,49 @@ func (e *egressOptions) loadPolicy() (*policy.Policy, error) {
 	return p, nil
 }
 
+// confined says whether workloads run confined (confine.Confined): with egress on unless the
+// operator made the policy advisory, and always under MSB_SECURITY_PROFILE=restricted.
+func (e *egressOptions) confined(restricted bool) bool {
+	return restricted || e.mode != "off" && !e.advisory
+}
+
+// privatePaths are agentd's own files, masked in the workloads' view.
+func (e *egressOptions) privatePaths() []string {
+	var out []string
+	for _, p := range []string{e.policyFile, e.floorFile, e.auditPath} {
+		if p != "" && p != "-" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// floor is the rules every policy is put behind: --egress-floor's, or the default.
+func (e *egressOptions) floor() ([]policy.Rule, error) {
+	if e.floorFile == "" {
+		return policy.DefaultFloor, nil
+	}
+	f, _, err := policy.ReadFile(e.floorFile)
+	if err != nil {
+		return nil, fmt.Errorf("egress floor: %w", err)
+	}
+	return f.Rules, nil
+}
+
+// privateDir holds agentd's runtime files as the guest's init (the pinned uplink namespace);
+// it is masked in the workloads' view.
+const privateDir = "/run/agentd"
+
 // startEgress starts the egress path the flags describe (nil when there is nothing to run: no
 // netstack and no policy file). uplink, when set, is an interface to isolate besides
-// --egress-uplink's (as PID 1: the MSB_NET interface, configured already).
-func startEgress(e egressOptions, uplink string, log *slog.Logger) (*gateway.Gateway, error) {
+// --egress-uplink's (as PID 1: the MSB_NET interface, configured already); pin, when set, is
+// where the uplink namespace is pinned so it outlives agentd.
+func startEgress(e egressOptions, uplink, pin string, log *slog.Logger) (*gateway.Gateway, error) {
 	if e.mode == "off" && e.policyFile == "" {
 		return nil, nil
+	}
+	if e.advisory && e.mode != "off" {
+		log.Warn("egress is advisory (--egress-advisory): workloads keep full privileges and can get around the policy")
 	}
 	pol := e.initial
 	if pol == nil {
@@ -106,7 +142,11 @@ func startEgress(e egressOptions, uplink string, log *slog.Logger) (*gateway.Gat
 			return nil, err
 		}
 	}
-	c := gateway.Config{Mode: gateway.Mode(e.mode), Policy: pol, GuestNetns: e.guestNetns, TunName: e.tunName,
+	floor, err := e.floor()
+	if err != nil {
+		return nil, err
+	}
+	c := gateway.Config{Mode: gateway.Mode(e.mode), Policy: pol, Floor: floor, GuestNetns: e.guestNetns, TunName: e.tunName,
 		MTU: uint32(e.mtu), Queues: e.queues, Guest: egress.DefaultGuestNet, Log: log}
 	c.Upstreams, _ = e.upstreams()
 	for _, name := range strings.Split(e.uplink, ",") {
@@ -117,6 +157,7 @@ func startEgress(e egressOptions, uplink string, log *slog.Logger) (*gateway.Gat
 	if e.mode == "netstack" && len(c.Uplink) == 0 && uplink != "" {
 		c.Uplink = []string{uplink}
 	}
+	c.PinUplink = pin
 	switch e.auditPath {
 	case "":
 	case "-":
@@ -129,28 +170,4 @@ func startEgress(e egressOptions, uplink string, log *slog.Logger) (*gateway.Gat
 		c.Audit = f
 	}
 	return gateway.Start(c)
-}
-
-// watchReload reloads the policy file on SIGHUP until ctx ends. A bad file keeps the policy in
-// force and says why.
-func watchReload(ctx context.Context, gw *gateway.Gateway, e egressOptions, log *slog.Logger) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	go func() {
-		defer signal.Stop(hup)
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-hup:
-				p, err := e.loadPolicy()
-				if err != nil {
-					log.Error("egress policy not reloaded; the previous one stays in force", "error", err)
-					continue
-				}
-				n := gw.Reload(p)
-				log.Info("egress policy reloaded", "rules", len(p.Rules), "flows_revoked", n)
-			}
-		}
-	}()
 }

@@ -6,9 +6,11 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/confine"
 	"github.com/agentd/agentd/gateway"
 	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/initfs"
@@ -39,8 +41,10 @@ type handoffState struct {
 
 func isHandoffAgent() bool { return len(os.Args) > 0 && os.Args[0] == handoffAgentName }
 
-// handOff starts the agent child on port and execs the new init. It returns only on failure.
-func handOff(log *slog.Logger, bc initfs.BootConfig, a *agent.Agent, port io.ReadWriteCloser, initNs uint64) error {
+// handOff starts the agent child on port and execs the new init, confined by profile (when
+// set) like every other workload: the init and everything it starts. It returns only on
+// failure.
+func handOff(log *slog.Logger, bc initfs.BootConfig, a *agent.Agent, port io.ReadWriteCloser, initNs uint64, profile *confine.Profile) error {
 	h := bc.Handoff
 	path, err := initfs.ResolveHandoff(h)
 	if err != nil {
@@ -58,7 +62,14 @@ func handOff(log *slog.Logger, bc initfs.BootConfig, a *agent.Agent, port io.Rea
 	if err != nil {
 		return err
 	}
-	log.Info("handing PID 1 to another init", "init", path, "agent_pid", pid, "agent_log", initfs.HandoffLog)
+	log.Info("handing PID 1 to another init", "init", path, "agent_pid", pid, "agent_log", initfs.HandoffLog, "confined", profile != nil)
+	confine.CloseOnExec(3) // the init gets nothing of agentd's (gVisor's tun lacks O_CLOEXEC)
+	if profile != nil {
+		runtime.LockOSThread() // the confinement is the exec'ing thread's
+		if err := confine.Apply(*profile); err != nil {
+			return fmt.Errorf("handoff: confine the init: %w", err)
+		}
+	}
 	// The channel's fd is close-on-exec here: the new init does not inherit it. Its environment
 	// is agentd's (the kernel's) or, from core.bootstrap, the workloads' default_env.
 	environ := os.Environ()
@@ -102,7 +113,7 @@ func handoffAgentMain(boot uint64) int {
 			return err
 		}
 		conf := bc.Config
-		execOpts, defaultUser, err := execOptions(bc)
+		execOpts, defaultUser, err := execOptions(bc, o.egress)
 		if err != nil {
 			return err
 		}

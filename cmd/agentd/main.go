@@ -14,12 +14,16 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/confine"
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/gateway"
 	"github.com/agentd/agentd/heartbeat"
@@ -171,6 +175,12 @@ func main() {
 	if exec.IsHelper() {
 		exec.HelperMain() // agentd started as its own pre-exec helper; does not return
 	}
+	// Out of the workloads' reach: a process that is not dumpable cannot be ptraced, nor its
+	// memory (/proc/PID/mem, process_vm_*), descriptors (pidfd_getfd, /proc/PID/fd), root or
+	// namespaces opened, by anyone without CAP_SYS_PTRACE, which no confined workload has.
+	unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
+	// Nothing agentd inherited reaches a workload (the handoff agent's channel is used here).
+	confine.CloseOnExec(3)
 	if isHandoffAgent() {
 		os.Exit(handoffAgentMain(boot)) // the agent half of PID 1 after a handoff
 	}
@@ -218,11 +228,12 @@ func main() {
 }
 
 // execOptions derives the exec settings from the boot configuration: the default user (also
-// reported in core.init.resolved), the security profile and, from core.bootstrap, the default
-// cwd and the workloads' environment and PATH.
-func execOptions(bc initfs.BootConfig) (exec.Options, protocol.UserIDs, error) {
+// reported in core.init.resolved), the workloads' confinement (egress on, or the restricted
+// security profile) and, from core.bootstrap, the default cwd and the workloads' environment
+// and PATH.
+func execOptions(bc initfs.BootConfig, e egressOptions) (exec.Options, protocol.UserIDs, error) {
 	c := bc.Config
-	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: c.User, Restricted: c.Restricted, DefaultCwd: c.DefaultCwd}
+	opts := exec.Options{AgentPath: os.Getenv("PATH"), DefaultUser: c.User, Confine: workloadProfile(c, e), DefaultCwd: c.DefaultCwd}
 	if p := bc.WorkloadPath(); p != "" {
 		opts.AgentPath = p
 		for _, kv := range c.WorkloadEnv() {
@@ -244,6 +255,16 @@ func execOptions(bc initfs.BootConfig) (exec.Options, protocol.UserIDs, error) {
 		ids = protocol.UserIDs{UID: id.UID, GID: id.GID}
 	}
 	return opts, ids, nil
+}
+
+// workloadProfile is the confinement of every workload process (nil: none, the reference's
+// behaviour when agentd enforces nothing).
+func workloadProfile(c initfs.Config, e egressOptions) *confine.Profile {
+	if !e.confined(c.Restricted) {
+		return nil
+	}
+	p := confine.Confined(append(e.privatePaths(), privateDir, initfs.HandoffLog)...)
+	return &p
 }
 
 // readConfig reads the boot configuration from the channel or the environment (initfs.ReadConfig).
@@ -326,11 +347,11 @@ func run(o options, log *slog.Logger, boot uint64) error {
 	if o, err = withBootSettings(o, bc); err != nil {
 		return err
 	}
-	execOpts, defaultUser, err := execOptions(bc)
+	execOpts, defaultUser, err := execOptions(bc, o.egress)
 	if err != nil {
 		return err
 	}
-	gw, err := startEgress(o.egress, "", log)
+	gw, err := startEgress(o.egress, "", "", log)
 	if err != nil {
 		return err
 	}
@@ -376,7 +397,7 @@ func runInit(o options, log *slog.Logger, boot uint64) {
 		if err := b.Configure(conf); err != nil {
 			return err
 		}
-		execOpts, defaultUser, err := execOptions(bc) // after the pivot: the image's passwd
+		execOpts, defaultUser, err := execOptions(bc, o.egress) // after the pivot: the image's passwd
 		if err != nil {
 			return fmt.Errorf("config: %w", err)
 		}
@@ -421,7 +442,7 @@ func startGuestEgress(e egressOptions, conf initfs.Config, log *slog.Logger) (*g
 	if conf.Net != nil {
 		uplink = conf.Net.Iface // moved with its addresses and routes
 	}
-	gw, err := startEgress(e, uplink, log)
+	gw, err := startEgress(e, uplink, privateDir+"/uplink.net", log)
 	if err != nil {
 		return nil, fmt.Errorf("init: egress: %w", err)
 	}
@@ -458,6 +479,12 @@ type serveHooks struct {
 	adopted   *handoffState
 }
 
+// ignoredSignals are the catchable signals agentd does not act on (see serve).
+var ignoredSignals = []os.Signal{syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGPIPE,
+	syscall.SIGALRM, syscall.SIGTSTP, syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGVTALRM, syscall.SIGIO, syscall.SIGPWR,
+	syscall.SIGXCPU, syscall.SIGXFSZ, syscall.SIGTRAP, syscall.SIGABRT, syscall.SIGBUS, syscall.SIGFPE, syscall.SIGSEGV,
+	syscall.SIGILL, syscall.SIGSYS, syscall.SIGSTKFLT}
+
 // serve runs the handshake and the agent loop on port.
 func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWriteCloser, execOpts exec.Options, defaultUser protocol.UserIDs, gw *gateway.Gateway, hooks serveHooks) error {
 	cfg := agent.Config{
@@ -482,6 +509,20 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 	if o.noFlow {
 		cfg.Features = []string{}
 	}
+	if o.egress.advisory && o.egress.mode != "off" {
+		cfg.Announce = []string{"egress-advisory"}
+	}
+	if hooks.handoff != nil && hooks.handoff.Handoff != nil && o.egress.mode != "off" {
+		// The agent child after the handoff runs egress and implements these; the handshake
+		// made here must offer them for it.
+		if cfg.Features == nil {
+			cfg.Features = []string{protocol.FeatureFlow}
+		}
+		cfg.Features = append(slices.Clone(cfg.Features), protocol.FeaturePolicy, protocol.FeatureAudit)
+		if o.egress.mode == "channel" {
+			cfg.Features = append(cfg.Features, protocol.FeatureStreams)
+		}
+	}
 	if gw != nil {
 		// core.tcp destinations pass the same policy point as the guest's flows, once.
 		local := (&net.Dialer{}).DialContext
@@ -493,6 +534,8 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 			cfg.Relay.Resolver = gw.Resolver
 		}
 		cfg.Streams = gw.Streams
+		cfg.Policy = gw // the host owns the policy from here on
+		cfg.Audit = gw.Audit
 	}
 	a := agent.New(cfg)
 	if hooks.adopted != nil {
@@ -512,13 +555,17 @@ func serve(o options, log *slog.Logger, boot, initStart uint64, port io.ReadWrit
 		}
 	}
 	if hooks.handoff != nil && hooks.handoff.Handoff != nil {
-		return handOff(log, *hooks.handoff, a, port, cfg.InitTimeNs) // returns only on failure
+		return handOff(log, *hooks.handoff, a, port, cfg.InitTimeNs, execOpts.Confine) // returns only on failure
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if gw != nil {
-		watchReload(ctx, gw, o.egress, log)
-	}
+	// No signal from inside the guest changes the policy (it changes only by the host's
+	// agentd.policy.set) or stops agentd, but SIGTERM and SIGINT, which shut it down (and the
+	// guest with it, as the reference does: that fails closed). Every other signal whose default
+	// would end or stop the process, or make the Go runtime dump and exit, is ignored when
+	// another process sends it (a real fault still panics). As PID 1 the kernel already drops
+	// them; as a standalone agent or the agent child after a handoff this is what keeps them out.
+	signal.Ignore(ignoredSignals...)
 	err := a.Serve(ctx)
 	switch {
 	case errors.Is(err, agent.ErrShutdown) && hooks.adopted != nil:

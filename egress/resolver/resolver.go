@@ -110,13 +110,70 @@ func (r *Resolver) Answer(ctx context.Context, src netip.AddrPort, query []byte,
 		r.c.busy.Add(1)
 		return reply(h, qs, dnsmessage.RCodeServerFailure)
 	}
-	resp, err := r.forward(ctx, query, proto)
+	up, err := upstreamQuery(h, q, &p)
+	if err != nil {
+		r.c.malformed.Add(1)
+		return reply(h, qs, dnsmessage.RCodeFormatError)
+	}
+	resp, err := r.forward(ctx, up, proto)
 	if err != nil {
 		r.c.failed.Add(1)
 		return reply(h, qs, dnsmessage.RCodeServerFailure)
 	}
 	r.c.forwarded.Add(1)
 	return r.inspect(h, qs, resp)
+}
+
+// upstreamQuery is what goes upstream for an allowed query: a message built anew from its
+// header flags and its one question, and of its additional records only EDNS's UDP size and
+// DO bit. Nothing else the guest put in its query (answer, authority or additional records,
+// EDNS options) leaves the guest, so no name the policy did not decide can ride along. p has
+// read the questions; the additional records are read from it.
+func upstreamQuery(h dnsmessage.Header, q dnsmessage.Question, p *dnsmessage.Parser) ([]byte, error) {
+	var edns *dnsmessage.ResourceHeader
+	if err := p.SkipAllAnswers(); err != nil {
+		return nil, err
+	}
+	if err := p.SkipAllAuthorities(); err != nil {
+		return nil, err
+	}
+	for {
+		rh, err := p.AdditionalHeader()
+		if err == dnsmessage.ErrSectionDone {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		if rh.Type == dnsmessage.TypeOPT && edns == nil {
+			o := rh
+			edns = &o
+		}
+		if err := p.SkipAdditional(); err != nil {
+			return nil, err
+		}
+	}
+	b := dnsmessage.NewBuilder(make([]byte, 0, 512), dnsmessage.Header{ID: h.ID, RecursionDesired: h.RecursionDesired,
+		CheckingDisabled: h.CheckingDisabled, AuthenticData: h.AuthenticData})
+	if err := b.StartQuestions(); err != nil {
+		return nil, err
+	}
+	if err := b.Question(q); err != nil {
+		return nil, err
+	}
+	if edns != nil {
+		if err := b.StartAdditionals(); err != nil {
+			return nil, err
+		}
+		var opt dnsmessage.ResourceHeader
+		if err := opt.SetEDNS0(max(int(edns.Class), 512), dnsmessage.RCodeSuccess, edns.DNSSECAllowed()); err != nil {
+			return nil, err
+		}
+		if err := b.OPTResource(opt, dnsmessage.OPTResource{}); err != nil {
+			return nil, err
+		}
+	}
+	return b.Finish()
 }
 
 // inspect checks an upstream answer for rebinding and pins its addresses to the query name.
@@ -359,7 +416,8 @@ func (r *Resolver) Lookup(ctx context.Context, name string) ([]netip.Addr, error
 			return nil, fmt.Errorf("resolve %s: %w", name, err)
 		}
 		if h.RCode == dnsmessage.RCodeNameError {
-			return nil, fmt.Errorf("resolve %s: no such host (or denied by egress policy)", name)
+			// A *net.DNSError, as the system resolver's: core.tcp words it as getaddrinfo does.
+			return nil, &net.DNSError{Err: "no such host (or denied by egress policy)", Name: name, IsNotFound: true}
 		}
 		p.SkipAllQuestions()
 		answers, _ := p.AllAnswers()
@@ -373,7 +431,7 @@ func (r *Resolver) Lookup(ctx context.Context, name string) ([]netip.Addr, error
 		}
 	}
 	if len(out) == 0 {
-		return nil, fmt.Errorf("resolve %s: no addresses", name)
+		return nil, &net.DNSError{Err: "no addresses", Name: name, IsNotFound: true}
 	}
 	return out, nil
 }

@@ -21,6 +21,8 @@ func RunFs(t *testing.T, start Start, bigFile int64) {
 	t.Run("Ops", func(t *testing.T) { FsOps(t, start(t, nil)) })
 	t.Run("Errors", func(t *testing.T) { FsErrors(t, start(t, nil)) })
 	t.Run("Handles", func(t *testing.T) { FsHandles(t, start(t, nil)) })
+	t.Run("WriteStreamKeepsHandleFree", func(t *testing.T) { FsWriteStreamKeepsHandleFree(t, start(t, nil)) })
+	t.Run("NullPayloads", func(t *testing.T) { FsNullPayloads(t, start(t, nil)) })
 	for _, features := range [][]string{{protocol.FeatureFlow}, {}} {
 		t.Run(fmt.Sprintf("RoundTrip/features=%v", features), func(t *testing.T) { FsRoundTrip(t, start(t, features), bigFile) })
 	}
@@ -130,7 +132,15 @@ func FsErrors(t *testing.T, a Agent) {
 	fsErr(t, a, &protocol.FsOpenDir{Path: missing}, "opendir: "+enoent)
 	fsErr(t, a, &protocol.FsRealPath{Path: missing + "/x/y"}, "realpath: "+enoent)
 	fsErr(t, a, &protocol.FsOpenFile{Path: "/etc/hostname", Options: protocol.FsOpenOptions{Read: true, Truncate: true}},
-		"open: Invalid argument (os error 22)")
+		"open: creating or truncating a file requires write or append access")
+	fsErr(t, a, &protocol.FsOpenFile{Path: "/etc/hostname"}, "open: must specify at least one of read, write, or append access")
+	// A recursive RemoveDir of a file refuses, and the file stays (issue 16, item 1).
+	file := filepath.Join(filepath.Dir(missing), "file")
+	os.WriteFile(file, []byte("keep me"), 0o644)
+	fsErr(t, a, &protocol.FsRemoveDir{Path: file, Recursive: true}, "remove_dir: Not a directory (os error 20)")
+	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
+		t.Fatalf("RemoveDir of a file: %q %v", b, err)
+	}
 	fsErr(t, a, &protocol.FsOpenFile{Path: "/sys/kernel/notes", Options: protocol.FsOpenOptions{Write: true}},
 		"open: Permission denied (os error 13)")
 	fsErr(t, a, &protocol.FsCloseHandle{Handle: 999999}, "close: invalid handle: 999999")
@@ -264,5 +274,114 @@ func FsRoundTrip(t *testing.T, a Agent, size int64) {
 	}
 	if st, _ := os.Stat(path); st.Size() != size {
 		t.Fatalf("file has %d bytes", st.Size())
+	}
+}
+
+// writeStream opens path for writing and starts a Write stream on a fresh id (no reply is due
+// until its EOF).
+func writeStream(t *testing.T, a Agent, path string) (uint64, *host.Session) {
+	t.Helper()
+	h := fsOK(t, a, &protocol.FsOpenFile{Path: path, Options: protocol.FsOpenOptions{Write: true, Create: true}}).Handle
+	s, err := a.Client.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	if err := a.Client.SendMsg(s.ID, protocol.TypeFsRequest, protocol.FsRequest{Op: &protocol.FsWrite{Handle: h}}); err != nil {
+		t.Fatal(err)
+	}
+	return h, s
+}
+
+func sendData(t *testing.T, a Agent, id uint32, data string) {
+	t.Helper()
+	if err := a.Client.SendMsg(id, protocol.TypeFsData, protocol.Data{Data: []byte(data)}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// FsWriteStreamKeepsHandleFree: while a write stream waits for the host's next chunk, FStat
+// and CloseHandle on its handle are answered at once; the stream then finishes the file
+// (issue 16, item 2).
+func FsWriteStreamKeepsHandleFree(t *testing.T, a Agent) {
+	path := filepath.Join(t.TempDir(), "upload")
+	h, w := writeStream(t, a, path)
+	sendData(t, a, w.ID, "abc")
+	if d := fsOK(t, a, &protocol.FsFStat{Handle: h}); d.Stat.Path != path {
+		t.Fatalf("fstat during an upload: %+v", d.Stat)
+	}
+	fsOK(t, a, &protocol.FsCloseHandle{Handle: h})
+	sendData(t, a, w.ID, "def")
+	sendData(t, a, w.ID, "")
+	m, err := w.Recv(Ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := fsResp(t, m); !r.OK {
+		t.Fatalf("upload after its handle was closed: %+v", r)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "abcdef" {
+		t.Fatalf("file has %q", b)
+	}
+}
+
+// nullData is {"data": null}.
+var nullData = []byte{0xa1, 0x64, 'd', 'a', 't', 'a', 0xf6}
+
+// expectInvalidPayload reads a core.error invalid_payload for offending from s.
+func expectInvalidPayload(t *testing.T, s *host.Session, offending protocol.Type) {
+	t.Helper()
+	m, err := s.Recv(Ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var e protocol.CoreError
+	if m.Type != protocol.TypeError || protocol.Unmarshal(m.Payload, &e) != nil ||
+		e.Kind != protocol.KindInvalidPayload || e.OffendingType != offending.String() {
+		t.Fatalf("got %s %+v, want core.error invalid_payload for %s", m.Name(), e, offending)
+	}
+}
+
+// FsNullPayloads: a null where bytes or a bool belong is core.error invalid_payload on that
+// id; the write stream around a null chunk goes on, and an OpenFile with a null option opens
+// nothing (issue 16, item 3).
+func FsNullPayloads(t *testing.T, a Agent) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "upload")
+	_, w := writeStream(t, a, path)
+	sendData(t, a, w.ID, "abc")
+	if err := a.Client.Send(w.ID, protocol.TypeFsData, nullData); err != nil {
+		t.Fatal(err)
+	}
+	expectInvalidPayload(t, w, protocol.TypeFsData)
+	w2, err := a.Client.OpenID(w.ID) // core.error is terminal for the client: listen again
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w2.Close()
+	sendData(t, a, w.ID, "def")
+	sendData(t, a, w.ID, "")
+	m, err := w2.Recv(Ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := fsResp(t, m); !r.OK {
+		t.Fatalf("upload after a null chunk: %+v", r)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "abcdef" {
+		t.Fatalf("file has %q", b)
+	}
+
+	created := filepath.Join(dir, "created")
+	p, _ := protocol.Marshal(map[string]any{"op": map[string]any{"OpenFile": map[string]any{"path": created,
+		"options": map[string]any{"read": false, "write": true, "append": false, "create": nil, "truncate": false, "create_new": false}}}})
+	s, _ := a.Client.Open()
+	defer s.Close()
+	if err := a.Client.Send(s.ID, protocol.TypeFsRequest, p); err != nil {
+		t.Fatal(err)
+	}
+	expectInvalidPayload(t, s, protocol.TypeFsRequest)
+	if _, err := os.Stat(created); err == nil {
+		t.Fatal("an OpenFile with a null option created the file")
 	}
 }

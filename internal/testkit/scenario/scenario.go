@@ -45,6 +45,9 @@ func Run(t *testing.T, start Start) {
 	t.Run("UnknownSession", func(t *testing.T) { UnknownSession(t, start(t, nil)) })
 	t.Run("ManySessions", func(t *testing.T) { ManySessions(t, start(t, nil), 1000) })
 	t.Run("MalformedFrames", func(t *testing.T) { MalformedFrames(t, start(t, nil)) })
+	t.Run("DataAfterHostEOF", func(t *testing.T) { DataAfterHostEOF(t, start(t, nil)) })
+	t.Run("NullData", func(t *testing.T) { NullData(t, start(t, nil)) })
+	t.Run("ConnectErrors", func(t *testing.T) { ConnectErrors(t, start(t, nil)) })
 }
 
 // Ctx is a test-bounded context.
@@ -198,9 +201,14 @@ func CloseSendsNothing(t *testing.T, a Agent) {
 	a.Idle(t)
 }
 
+// current reports whether the client's sessions run with the behaviour of hosts after 0.5.7
+// (contract section 10), rather than the reference's.
+func current(a Agent) bool { return a.Client.Generation() > protocol.ReferenceGeneration }
+
 // CloseDrains: a core.tcp.close after the host's orderly end (its data written, the write
 // side shut down) stops the stream toward the host but drains the destination, which can
-// still write its whole answer and sees an orderly close, not a reset (contract 10.4).
+// still write its whole answer and sees an orderly close, not a reset (contract 10.4). A 0.5.7
+// host's close ends the session at once, as the reference's: the answer is cut off.
 func CloseDrains(t *testing.T, a Agent) {
 	gotEOF, wrote := make(chan int, 1), make(chan error, 1)
 	srv := testutil.Serve(t, func(c *net.TCPConn) {
@@ -221,14 +229,19 @@ func CloseDrains(t *testing.T, a Agent) {
 	}
 	conn.Read(make([]byte, 1000)) // the answer is under way
 	conn.Close()
-	if err := <-wrote; err != nil {
+	err = <-wrote
+	if current(a) && err != nil {
 		t.Fatalf("the destination's answer after the close: %v (want it drained, not reset)", err)
+	}
+	if !current(a) && err == nil {
+		t.Fatal("a 0.5.7 host's close drained the destination (the reference closes at once)")
 	}
 	a.Idle(t)
 }
 
 // CloseResets: a core.tcp.close before the host's end resets the destination, so it cannot
-// take the truncated stream for a whole one (contract 10.4).
+// take the truncated stream for a whole one (contract 10.4). A 0.5.7 host's close is a plain
+// close, as the reference's: the destination sees an orderly end.
 func CloseResets(t *testing.T, a Agent) {
 	got := make(chan error, 1)
 	srv := testutil.Serve(t, func(c *net.TCPConn) {
@@ -242,8 +255,12 @@ func CloseResets(t *testing.T, a Agent) {
 	}
 	conn.Write([]byte("half a request"))
 	conn.Close()
-	if err := <-got; err == nil || !strings.Contains(err.Error(), "connection reset") {
+	err = <-got
+	if current(a) && (err == nil || !strings.Contains(err.Error(), "connection reset")) {
 		t.Fatalf("destination after a close without the host's end: %v, want a reset", err)
+	}
+	if !current(a) && err != nil {
+		t.Fatalf("destination after a 0.5.7 host's close: %v, want an orderly end", err)
 	}
 	a.Idle(t)
 }
@@ -382,4 +399,97 @@ func MalformedFrames(t *testing.T, a Agent) {
 		t.Fatalf("agent not responsive after bad frames: %q %v", buf, err)
 	}
 	conn.Close()
+}
+
+// DataAfterHostEOF: tcp.data after the host's own tcp.eof is a write to a socket whose write
+// half is shut down: the session ends with the reference's one terminal tcp.failed (issue 16,
+// item 9), and the id is then unknown.
+func DataAfterHostEOF(t *testing.T, a Agent) {
+	release := make(chan struct{})
+	defer close(release)
+	got := make(chan string, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+		<-release
+	})
+	r := openRaw(t, a.Client)
+	r.send(protocol.TypeTCPConnect, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)})
+	if m := r.recv(); m.Type != protocol.TypeTCPConnected {
+		t.Fatalf("got %s", m.Name())
+	}
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("before")})
+	r.send(protocol.TypeTCPEOF, protocol.Empty{})
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte{}}) // empty: nothing to write, no error
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("after")})
+	m := r.recv()
+	var f protocol.TCPFailed
+	protocol.Unmarshal(m.Payload, &f)
+	if m.Type != protocol.TypeTCPFailed || m.Flags != protocol.FlagTerminal || f.Error != "write TCP stream: Broken pipe (os error 32)" {
+		t.Fatalf("got %s %+v", m.Name(), f)
+	}
+	if s := <-got; s != "before" {
+		t.Fatalf("destination got %q", s)
+	}
+	s2, err := a.Client.OpenID(r.s.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("x")})
+	if m, err := s2.Recv(Ctx(t)); err != nil || m.Type != protocol.TypeTCPFailed {
+		t.Fatalf("after the failure: %s %v", m.Name(), err)
+	} else if protocol.Unmarshal(m.Payload, &f); f.Error != fmt.Sprintf("unknown TCP session: %d", r.s.ID) {
+		t.Fatalf("after the failure: %+v", f)
+	}
+	a.Idle(t)
+}
+
+// NullData: a null tcp.data is core.error invalid_payload on the session's id, and the data
+// around it still reaches the destination (issue 16, item 3).
+func NullData(t *testing.T, a Agent) {
+	got := make(chan string, 1)
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		defer c.Close()
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+	})
+	r := openRaw(t, a.Client)
+	r.send(protocol.TypeTCPConnect, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)})
+	if m := r.recv(); m.Type != protocol.TypeTCPConnected {
+		t.Fatalf("got %s", m.Name())
+	}
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("a")})
+	if err := a.Client.Send(r.s.ID, protocol.TypeTCPData, []byte{0xa1, 0x64, 'd', 'a', 't', 'a', 0xf6}); err != nil {
+		t.Fatal(err)
+	}
+	expectInvalidPayload(t, r.s, protocol.TypeTCPData)
+	r.send(protocol.TypeTCPData, protocol.Data{Data: []byte("b")})
+	r.send(protocol.TypeTCPEOF, protocol.Empty{})
+	if s := <-got; s != "ab" {
+		t.Fatalf("destination got %q", s)
+	}
+	r.send(protocol.TypeTCPClose, protocol.Empty{})
+	a.Idle(t)
+}
+
+// ConnectErrors: names that do not resolve get getaddrinfo's text, as from the reference; a
+// bracketed IPv6 literal is not an address to it either (item 8).
+func ConnectErrors(t *testing.T, a Agent) {
+	for _, name := range []string{"no such host", "[::1]", ""} {
+		_, err := a.Client.DialTCP(Ctx(t), name, 9)
+		var te *host.TCPError
+		want := fmt.Sprintf("connect %s:9: failed to lookup address information: Name or service not known", name)
+		if !errors.As(err, &te) || te.Msg != want {
+			t.Fatalf("host %q: %v, want %q", name, err, want)
+		}
+	}
+	port := testutil.ClosedPort(t)
+	_, err := a.Client.DialTCP(Ctx(t), "::1", uint16(port))
+	var te *host.TCPError
+	if want := fmt.Sprintf("connect ::1:%d: Connection refused (os error 111)", port); !errors.As(err, &te) || te.Msg != want {
+		t.Fatalf("::1: %v, want %q", err, want)
+	}
+	a.Idle(t)
 }
