@@ -572,7 +572,11 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if err := a.decode(ctx, &m, &p); err != nil {
 			return ignoreBad(err)
 		}
-		a.fs.Request(ctx, m.ID, p.Op, protocol.HasFeature(a.enabled, protocol.FeatureFlow))
+		if p.Bulk != nil && a.gen >= protocol.TypeBulkAccepted.Info().Generation {
+			a.fs.RequestBulk(ctx, m.ID, p.Op, *p.Bulk, m.V)
+		} else { // an agent of an older generation knows no bulk key
+			a.fs.Request(ctx, m.ID, p.Op, protocol.HasFeature(a.enabled, protocol.FeatureFlow))
+		}
 	case protocol.TypeFsData:
 		data, err := protocol.DecodeData(m.Payload)
 		if err != nil {
@@ -665,6 +669,9 @@ func (a *Agent) record(ctx context.Context, f protocol.Frame) error {
 	}
 	if err == nil && r.Kind == protocol.BulkFS {
 		a.act.FsBytes.Add(uint64(len(r.Payload)))
+		if a.fs.Record(r) {
+			return nil
+		}
 		msg := fmt.Sprintf("unknown write session: %d", f.ID)
 		return a.out.ControlMsg(ctx, f.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
 	}
@@ -672,8 +679,8 @@ func (a *Agent) record(ctx context.Context, f protocol.Frame) error {
 		protocol.TCPFailed{Error: fmt.Sprintf("unknown TCP session: %d", f.ID)})
 }
 
-// bulkControl routes core.bulk.credit, finish and cancel to their session; for no session
-// they are ignored, as credit is.
+// bulkControl routes core.bulk.credit, finish and cancel to their TCP session or fs stream; for
+// neither they are ignored, as credit is.
 func (a *Agent) bulkControl(ctx context.Context, m *protocol.Message) error {
 	s := a.lookupTCP(m.ID)
 	switch m.Type {
@@ -684,6 +691,8 @@ func (a *Agent) bulkControl(ctx context.Context, m *protocol.Message) error {
 		}
 		if s != nil {
 			s.BulkCredit(p)
+		} else {
+			a.fs.BulkControl(m.ID, p)
 		}
 	case protocol.TypeBulkFinish:
 		var p protocol.BulkFinish
@@ -692,6 +701,8 @@ func (a *Agent) bulkControl(ctx context.Context, m *protocol.Message) error {
 		}
 		if s != nil {
 			s.BulkFinish(p)
+		} else {
+			a.fs.BulkControl(m.ID, p)
 		}
 	case protocol.TypeBulkCancel:
 		var p protocol.BulkCancel
@@ -700,6 +711,8 @@ func (a *Agent) bulkControl(ctx context.Context, m *protocol.Message) error {
 		}
 		if s != nil {
 			s.BulkCancel(p)
+		} else {
+			a.fs.BulkControl(m.ID, p)
 		}
 	}
 	return nil
@@ -730,7 +743,7 @@ func (a *Agent) startTCP(ctx context.Context, id uint32, v uint8, p protocol.TCP
 			Error: fmt.Sprintf("connect %s:%d: too many TCP sessions (limit %d)", p.Host, p.Port, a.cfg.MaxTCPSessions)})
 	}
 	a.all.Add(1)
-	s := relay.New(id, p, v, a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
+	s := relay.New(id, p, min(v, a.gen), a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
 		a.mu.Lock()
 		if a.tcp[s.ID()] == s {
 			delete(a.tcp, s.ID())

@@ -131,11 +131,15 @@ func TestExecScenarios(t *testing.T) {
 
 // TestFsScenarios runs the shared filesystem behaviour tests against an in-process agent.
 func TestFsScenarios(t *testing.T) {
-	scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
-		testutil.Leaks(t)
-		h := start(t, features, Config{})
-		return scenario.Agent{Client: h.c, Idle: func(*testing.T) {}}
-	}, 8<<20)
+	for _, gen := range []uint8{5, protocol.Version} {
+		t.Run(fmt.Sprintf("gen%d", gen), func(t *testing.T) {
+			scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
+				testutil.Leaks(t)
+				h := startHost(t, host.Options{Features: features, Generation: gen}, Config{})
+				return scenario.Agent{Client: h.c, Idle: func(*testing.T) {}}
+			}, 8<<20)
+		})
+	}
 }
 
 // TestMain lets the test binary act as agentd's pre-exec helper, as agentd itself does.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -54,13 +55,19 @@ func (w *wire) record(flow protocol.BulkFlow, off uint64, payload []byte) {
 	}
 }
 
+// recv returns the next message on the wire's id (raw records, which this client has no
+// stream for, are skipped).
 func (w *wire) recv() protocol.Message {
 	w.t.Helper()
-	m, err := w.s.Recv(ctx(w.t))
-	if err != nil {
-		w.t.Fatalf("recv on %d: %v", w.s.ID, err)
+	for {
+		m, err := w.s.Recv(ctx(w.t))
+		if err != nil {
+			w.t.Fatalf("recv on %d: %v", w.s.ID, err)
+		}
+		if m.Type != 0 {
+			return m
+		}
 	}
-	return m
 }
 
 func (w *wire) expect(typ protocol.Type, v any) protocol.Message {
@@ -388,4 +395,107 @@ func TestTCPClosed(t *testing.T) {
 		t.Fatalf("destination ended first, then the host: %s flags %d", m.Name(), m.Flags)
 	}
 	testutil.WaitFor(t, func() bool { return h.a.Stats().TCPSessions == 0 }, "sessions to end")
+}
+
+// TestBulkFsProtocol: fs Read and Write with a bulk offer (contract 6.2, 6.5), frame by frame.
+func TestBulkFsProtocol(t *testing.T) {
+	h := start(t, nil, Config{})
+	dir := t.TempDir()
+	file := dir + "/f"
+	content := make([]byte, 300<<10) // more than one record
+	for i := range content {
+		content[i] = byte(i * 7)
+	}
+	if err := os.WriteFile(file, content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	open := func(write bool) uint64 {
+		d, err := h.c.Fs(ctx(t), &protocol.FsOpenFile{Path: file, Options: protocol.FsOpenOptions{Read: !write, Write: write}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.Handle
+	}
+	id := uint32(300)
+	next := func() *wire { id++; return openWire(t, h.c, id) }
+	response := func(w *wire, wantErr string) {
+		t.Helper()
+		var r protocol.FsResponse
+		m := w.expect(protocol.TypeFsResponse, &r)
+		if m.Flags != protocol.FlagTerminal || wantErr == "" && !r.OK || wantErr != "" && (r.OK || r.Error == nil || !strings.Contains(*r.Error, wantErr)) {
+			t.Fatalf("fs.response %+v (error %v), want %q", r, r.Error, wantErr)
+		}
+	}
+	read, write := protocol.BulkOfferFSRead, protocol.BulkOfferFSWrite
+	rh, wh := open(false), open(true)
+	// Refused offers.
+	for _, c := range []struct {
+		v     uint8
+		op    protocol.FsOp
+		offer protocol.BulkOffer
+		want  string
+	}{
+		{7, &protocol.FsRead{Handle: rh}, read, "raw bulk offer requires protocol generation 8"},
+		{9, &protocol.FsRead{Handle: rh}, write, "filesystem read bulk offer must grant guest-to-host credit"},
+		{9, &protocol.FsWrite{Handle: wh}, read, "filesystem write bulk offer must not grant guest-to-host credit"},
+		{9, &protocol.FsRead{Handle: rh}, protocol.BulkOffer{Format: 1, MaxRecordPayload: 1, GuestToHostCreditLimit: 1}, "invalid filesystem bulk offer: max_record_payload 1"},
+		{9, &protocol.FsRead{Handle: 99999}, read, "read: invalid handle: 99999"},
+	} {
+		w := next()
+		w.send(c.v, protocol.TypeFsRequest, protocol.FsRequest{Op: c.op, Bulk: &c.offer})
+		response(w, c.want)
+	}
+	// A read: accepted (kind 1, flows 2), records within the credit, the finish, then ok.
+	w := next()
+	w.send(9, protocol.TypeFsRequest, protocol.FsRequest{Op: &protocol.FsRead{Handle: rh}, Bulk: &read})
+	var a protocol.BulkAccepted
+	w.expect(protocol.TypeBulkAccepted, &a)
+	if a != (protocol.BulkAccepted{Kind: protocol.BulkFS, Flows: 2, Format: 1, MaxRecordPayload: 256 << 10, GuestToHostCreditLimit: 8 << 20}) {
+		t.Fatalf("read accepted %+v", a)
+	}
+	var f protocol.BulkFinish
+	w.expect(protocol.TypeBulkFinish, &f)
+	if f != (protocol.BulkFinish{Kind: protocol.BulkFS, Flow: protocol.BulkGuestToHost, FinalOffset: uint64(len(content))}) {
+		t.Fatalf("read finish %+v", f)
+	}
+	response(w, "")
+	// A write: accepted (flows 1, credit for the host), records, finish: the length is checked.
+	w = next()
+	nine := uint64(9)
+	w.send(9, protocol.TypeFsRequest, protocol.FsRequest{Op: &protocol.FsWrite{Handle: wh, Len: &nine}, Bulk: &write})
+	w.expect(protocol.TypeBulkAccepted, &a)
+	if a.Kind != protocol.BulkFS || a.Flows != 1 || a.HostToGuestCreditLimit == 0 || a.GuestToHostCreditLimit != 0 || a.MaxRecordPayload != 256<<10 {
+		t.Fatalf("write accepted %+v", a)
+	}
+	w.recordFs(0, []byte("short"))
+	w.send(9, protocol.TypeBulkFinish, protocol.BulkFinish{Kind: protocol.BulkFS, Flow: protocol.BulkHostToGuest, FinalOffset: 5})
+	response(w, "write length mismatch: expected 9, wrote 5")
+	// A record past the credit: core.bulk.cancel (protocol state), then the terminal error.
+	w = next()
+	w.send(9, protocol.TypeFsRequest, protocol.FsRequest{Op: &protocol.FsWrite{Handle: wh}, Bulk: &write})
+	w.expect(protocol.TypeBulkAccepted, &a)
+	w.recordFs(1, []byte("x"))
+	var c protocol.BulkCancel
+	w.expect(protocol.TypeBulkCancel, &c)
+	if c.Kind != protocol.BulkFS || c.Reason != protocol.BulkCancelProtocolState || !strings.Contains(c.Message, "at offset 1, expected 0") {
+		t.Fatalf("cancel %+v", c)
+	}
+	response(w, "invalid filesystem bulk record")
+	// The host's cancel ends a write with its message (and no cancel back).
+	w = next()
+	w.send(9, protocol.TypeFsRequest, protocol.FsRequest{Op: &protocol.FsWrite{Handle: wh}, Bulk: &write})
+	w.expect(protocol.TypeBulkAccepted, &a)
+	w.send(9, protocol.TypeBulkCancel, protocol.BulkCancel{Kind: protocol.BulkFS, Reason: protocol.BulkCancelCaller, Message: "gave up"})
+	response(w, "gave up")
+}
+
+func (w *wire) recordFs(off uint64, payload []byte) {
+	w.t.Helper()
+	f, err := protocol.AppendBulkRecord(nil, protocol.BulkRecord{ID: w.s.ID, Kind: protocol.BulkFS, Flow: protocol.BulkHostToGuest, Offset: off, Payload: payload})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if err := w.c.WriteFrame(f); err != nil {
+		w.t.Fatal(err)
+	}
 }

@@ -395,14 +395,20 @@ func TestBadProfileRefused(t *testing.T) {
 	}
 }
 
-// TestFsScenarios runs the shared filesystem tests against the real agentd binary, including a
-// 1 GiB file written and read back byte-exact (with and without flow control).
+// TestFsScenarios runs the shared filesystem tests against the real agentd binary, with a host
+// at generation 5 (core.fs.data, with and without flow control) and at the newest (bulk),
+// including a 128 MiB file written and read back byte-exact.
 func TestFsScenarios(t *testing.T) {
-	scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
-		a := startAgentd(t, "socket", host.Options{Features: features})
-		fd0 := fds(t, a.pid())
-		return scenario.Agent{Client: a.c, Idle: func(t *testing.T) { waitFD(t, a.pid(), fd0) }}
-	}, 1<<30)
+	// The 1 GiB transfer is TestAgentctlGenerations' (through agentctl, at both generations).
+	for _, gen := range []uint8{5, protocol.Version} {
+		t.Run(fmt.Sprintf("gen%d", gen), func(t *testing.T) {
+			scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
+				a := startAgentd(t, "socket", host.Options{Features: features, Generation: gen})
+				fd0 := fds(t, a.pid())
+				return scenario.Agent{Client: a.c, Idle: func(t *testing.T) { waitFD(t, a.pid(), fd0) }}
+			}, 128<<20)
+		})
+	}
 }
 
 // TestStalledStdin: a child that never reads stdin while the host pushes 256 MiB. agentd's RSS

@@ -69,12 +69,20 @@ func (h *handle) release() {
 type writeStream struct {
 	owner uint32
 	in    *sessionio.Sink
+	bulk  *sessionio.BulkIn // a bulk write's flow (bulk.go)
+	// failure (guarded by Service.mu) ends a bulk stream with this text; byHost when the host
+	// cancelled it (then no core.bulk.cancel goes back).
+	failure string
+	byHost  bool
 }
 
 type readStream struct {
-	owner  uint32
-	cancel context.CancelFunc
-	flow   *sessionio.Credit
+	owner   uint32
+	cancel  context.CancelFunc
+	flow    *sessionio.Credit
+	bulk    *sessionio.BulkOut // a bulk read's flow (bulk.go)
+	failure string             // as writeStream's
+	byHost  bool
 }
 
 // Service is the filesystem side of one agent.

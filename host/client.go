@@ -420,6 +420,8 @@ func (c *Client) Touch(ctx context.Context) (uint64, error) {
 type delivery struct {
 	m   protocol.Message
 	buf *[]byte
+	rec *protocol.BulkRecord // a raw bulk record (its payload in buf), instead of m
+	err error                // the session's flow broke (a bad record or credit), instead of m
 }
 
 // Session is every frame of one id.
@@ -436,17 +438,24 @@ type Session struct {
 	// Send credit (agentd.flow.credit), taken in by the reader so that a sender waiting for
 	// credit never depends on anyone draining ch.
 	credit *sessionio.Credit
-	// bulkIn, when set, takes the session's raw bulk records (an fs read); bulkError ends a
-	// session whose records are broken.
-	bulkIn  func(protocol.BulkRecord)
-	bulkErr func(error)
+	// An fs bulk stream's flows (guarded by Client.mu until the request is sent): records it
+	// receives are checked against bulkIn and delivered in order with its messages; the
+	// agent's credit for what it sends is applied to bulkOut by the reader.
+	bulkIn  *sessionio.BulkIn
+	bulkOut *sessionio.BulkOut
 }
 
+// bulkError ends a session whose flow broke: a TCP stream fails, an fs stream's consumer gets
+// the error in order.
 func (s *Session) bulkError(err error) {
 	if s.tcp != nil {
 		s.tcp.fail(err)
-	} else if s.bulkErr != nil {
-		s.bulkErr(err)
+		return
+	}
+	select {
+	case s.ch <- delivery{err: err}:
+	case <-s.done:
+	default: // the queue is full of what came before: the consumer ends on the flow's state
 	}
 }
 
@@ -551,7 +560,11 @@ func (s *Session) recv(ctx context.Context) (delivery, error) {
 // release returns a delivery's pooled buffer.
 func (d *delivery) release() {
 	if d.buf != nil {
-		rpool.Put(d.buf)
+		if cap(*d.buf) >= sessionio.BigChunkSize {
+			sessionio.PutBuf(d.buf)
+		} else {
+			rpool.Put(d.buf)
+		}
 		d.buf = nil
 	}
 }
@@ -651,6 +664,17 @@ func (c *Client) readLoop() {
 			}
 			continue
 		}
+		if m.Type == protocol.TypeBulkCredit && s.bulkOut != nil { // taken in here, as flow credit is
+			var p protocol.BulkCredit
+			if err := protocol.Unmarshal(m.Payload, &p); err != nil {
+				s.bulkError(fmt.Errorf("decode core.bulk.credit: %w", err))
+			} else if p.Flow != protocol.BulkHostToGuest {
+				s.bulkError(fmt.Errorf("core.bulk.credit for flow %d of a host -> guest stream", p.Flow))
+			} else if err := s.bulkOut.Credit(p.ConsumedOffset, p.CreditLimit); err != nil {
+				s.bulkError(fmt.Errorf("agent: core.bulk.credit: %w", err))
+			}
+			continue
+		}
 		d := delivery{m: m}
 		if n := len(m.Payload); n <= 64<<10+64 && m.Type.IsData() {
 			d.buf = rpool.Get().(*[]byte)
@@ -692,7 +716,23 @@ func (c *Client) record(f protocol.Frame) {
 	case s.tcp != nil:
 		s.tcp.record(r)
 	case s.bulkIn != nil:
-		s.bulkIn(r)
+		// Checked here, against the credit this side granted: so the records queued for the
+		// consumer never exceed it, and a misbehaving agent cannot make the reader wait.
+		if err := s.bulkIn.Accept(r); err != nil {
+			s.bulkError(fmt.Errorf("agent: %w", err))
+			return
+		}
+		d := delivery{buf: sessionio.GetBigBuf()}
+		if len(r.Payload) > cap(*d.buf) {
+			*d.buf = make([]byte, len(r.Payload))
+		}
+		r.Payload = (*d.buf)[:copy((*d.buf)[:cap(*d.buf)], r.Payload)]
+		d.rec = &r
+		select {
+		case s.ch <- d:
+		case <-s.done:
+			sessionio.PutBuf(d.buf)
+		}
 	default:
 		s.bulkError(errors.New("raw bulk record on a session that accepted none"))
 	}
