@@ -319,3 +319,32 @@ func sortDurations(d []time.Duration) {
 		}
 	}
 }
+
+// TestNetworkDocumentPolicy: agentd takes microsandbox's current network document (the
+// NetworkConfig a host persists, with its policy inside) as its policy file, and enforces it on
+// core.tcp; one asking for what agentd does not do is refused at start, naming the field.
+func TestNetworkDocumentPolicy(t *testing.T) {
+	allowed, other := testutil.Serve(t, testutil.Echo), testutil.Serve(t, testutil.Echo)
+	doc := filepath.Join(t.TempDir(), "network.json")
+	os.WriteFile(doc, []byte(fmt.Sprintf(`{"enabled": true, "strict": true, "max_connections": 0, "tls": {"enabled": false},
+		"dns": {"rebind_protection": true, "nameservers": []},
+		"policy": {"default_egress": "deny", "rules": [
+			{"direction": "egress", "destination": {"cidr": "127.0.0.1/32"}, "protocols": ["tcp"], "ports": [{"start": %d, "end": %d}], "action": "allow"}]}}`,
+		allowed.Addr.Port, allowed.Addr.Port)), 0o644)
+	a := startAgentd(t, "socket", host.Options{}, "--egress-policy", doc)
+	conn, err := a.c.DialTCP(ctx(t), "127.0.0.1", uint16(allowed.Addr.Port))
+	if err != nil {
+		t.Fatalf("allowed by the document's policy: %v", err)
+	}
+	conn.Close()
+	var te *host.TCPError
+	if _, err := a.c.DialTCP(ctx(t), "127.0.0.1", uint16(other.Addr.Port)); !errors.As(err, &te) || !strings.Contains(te.Msg, "denied by egress policy") {
+		t.Fatalf("not allowed by the document's policy: %v", err)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.json")
+	os.WriteFile(bad, []byte(`{"enabled": true, "rate_limiter": {"egress": {"ops": {"size": 10, "refill_time_ms": 1000}}}}`), 0o644)
+	out, err := exec.Command(filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:/nonexistent", "--egress-policy", bad).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "network: rate_limiter: agentd's netstack has no rate limiter") {
+		t.Fatalf("a document asking for a rate limit: %v %s", err, out)
+	}
+}

@@ -15,7 +15,7 @@ var DefaultFloor = []Rule{
 // WithFloor returns a policy whose floor rules are evaluated before p's own, so no user rule
 // can widen what the floor denies. Floor rule ids are kept; they must not collide with p's.
 func WithFloor(floor []Rule, p *Policy) (*Policy, error) {
-	out := &Policy{DefaultEgress: p.DefaultEgress, DefaultIngress: p.DefaultIngress}
+	out := &Policy{DefaultEgress: p.DefaultEgress, DefaultIngress: p.DefaultIngress, NAT64: p.NAT64}
 	ids := map[string]bool{}
 	for _, r := range floor {
 		ids[r.ID] = true

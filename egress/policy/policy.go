@@ -82,6 +82,9 @@ type Policy struct {
 	DefaultEgress  Action `json:"default_egress"`
 	DefaultIngress Action `json:"default_ingress"`
 	Rules          []Rule `json:"rules"`
+	// NAT64 are the NAT64 prefixes (a network document's nat64_prefixes): an address in one is
+	// classified into a group by the IPv4 address it embeds. None in a bare policy document.
+	NAT64 []netip.Prefix `json:"-"`
 }
 
 // Flow is what is being decided.
@@ -101,14 +104,19 @@ type Decision struct {
 	Reason string
 }
 
-// Context supplies the environment-dependent groups: the gateway addresses ("host").
+// Context supplies the environment-dependent groups: the gateway addresses ("host"), and the
+// NAT64 prefixes (Decide takes the policy's).
 type Context struct {
 	HostAddrs []netip.Addr
+	NAT64     []netip.Prefix
 }
 
 // Decide evaluates rules in order; the first that matches the flow decides.
 func (p *Policy) Decide(f Flow, ctx Context) Decision {
 	f.Addr = f.Addr.Unmap() // an IPv4-mapped IPv6 address is its IPv4 address
+	if ctx.NAT64 == nil {
+		ctx.NAT64 = p.NAT64
+	}
 	for i := range p.Rules {
 		r := &p.Rules[i]
 		if r.Direction != Any && r.Direction != f.Direction {
@@ -215,6 +223,13 @@ var (
 // addresses) → metadata (169.254.169.254) → loopback → private → link-local → multicast → public.
 func Classify(a netip.Addr, ctx Context) string {
 	a = a.Unmap()
+	for _, p := range ctx.NAT64 { // a NAT64 address is its embedded IPv4 address's group
+		if a.Is6() && p.Contains(a) {
+			b := a.As16()
+			a = netip.AddrFrom4([4]byte{b[12], b[13], b[14], b[15]})
+			break
+		}
+	}
 	switch {
 	case contains(ctx.HostAddrs, a):
 		return GroupHost
@@ -242,8 +257,9 @@ func inPrefixes(ps []netip.Prefix, a netip.Addr) bool {
 }
 
 // Parse reads a policy in microsandbox's shape, as JSON or YAML (anything that does not start
-// with "{" is read as YAML). Omitted defaults are deny (fail closed); unknown fields and bad
-// values are errors that name the field.
+// with "{" is read as YAML): the rule document (0.5.7's shape, unchanged since) or the whole
+// current network document that holds one under "policy" (network.go). Omitted defaults are
+// deny (fail closed); unknown fields and bad values are errors that name the field.
 func Parse(data []byte) (*Policy, error) {
 	t := bytes.TrimSpace(data)
 	if len(t) == 0 {
@@ -262,6 +278,9 @@ func Parse(data []byte) (*Policy, error) {
 			return nil, fmt.Errorf("policy: yaml: %w", err)
 		}
 		data = j
+	}
+	if isNetworkDocument(data) { // the whole current NetworkConfig/NetworkSpec (network.go)
+		return parseNetwork(data)
 	}
 	return parseJSON(data)
 }

@@ -108,12 +108,14 @@ func TestParseErrors(t *testing.T) {
 func FuzzParse(f *testing.F) {
 	f.Add([]byte(sample))
 	f.Add([]byte(`{"default_egress":"allow","rules":[{"destination":{"cidr":"::ffff:0.0.0.0/0"},"action":"deny"}]}`))
+	f.Add([]byte(current)) // the whole current network document
+	f.Add([]byte(`{"strict":false,"nat64_prefixes":["64:ff9b::/96"],"policy":{"rules":[{"destination":{"domain":"a.b"},"action":"allow"}]}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := Parse(data)
 		if err != nil {
 			return
 		}
-		for _, a := range []string{"1.2.3.4", "::ffff:10.0.0.1", "fe80::1"} {
+		for _, a := range []string{"1.2.3.4", "::ffff:10.0.0.1", "fe80::1", "64:ff9b::a00:1"} {
 			d := p.Decide(Flow{Egress, TCP, netip.MustParseAddr(a), 443, []string{"x.example.com"}}, Context{})
 			if d.Action != Allow && d.Action != Deny {
 				t.Fatalf("decision %+v", d)
