@@ -52,11 +52,6 @@ func execFsReport(t *testing.T, c, c5 *host.Client, raw float64) {
 	plainCat := plainPipe(t, func(w io.Writer) { cmd := osexec.Command("cat", file); cmd.Stdout = w; cmd.Run() })
 	cat := catThroughput(t, c, file)
 
-	plainRead := plainPipe(t, func(w io.Writer) {
-		f, _ := os.Open(file)
-		io.CopyBuffer(w, struct{ io.Reader }{f}, make([]byte, chunk2))
-		f.Close()
-	})
 	fsRead := func(c *host.Client) float64 {
 		start := time.Now()
 		if m, err := c.ReadFile(ctx, file, io.Discard); err != nil || m != *size {
@@ -64,10 +59,7 @@ func execFsReport(t *testing.T, c, c5 *host.Client, raw float64) {
 		}
 		return mbps(*size, time.Since(start))
 	}
-	read5, read := fsRead(c5), fsRead(c)
-
 	out := filepath.Join(t.TempDir(), "written")
-	plainWrite := plainPipeTo(t, out)
 	fsWrite := func(c *host.Client) float64 {
 		start := time.Now()
 		if m, err := c.WriteFile(ctx, out, 0o600, io.LimitReader(zeros{}, *size)); err != nil || m != *size {
@@ -75,9 +67,23 @@ func execFsReport(t *testing.T, c, c5 *host.Client, raw float64) {
 		}
 		return mbps(*size, time.Since(start))
 	}
-	write5, write := fsWrite(c5), fsWrite(c)
+	var m medians
+	for i := 0; i < *rounds; i++ { // alternating, medians (see TestReport)
+		m.add("plain read", plainPipe(t, func(w io.Writer) {
+			f, _ := os.Open(file)
+			io.CopyBuffer(w, struct{ io.Reader }{f}, make([]byte, chunk2))
+			f.Close()
+		}))
+		m.add("read5", fsRead(c5))
+		m.add("read", fsRead(c))
+		m.add("plain write", plainPipeTo(t, out))
+		m.add("write5", fsWrite(c5))
+		m.add("write", fsWrite(c))
+	}
+	plainRead, read5, read := m.get("plain read"), m.get("read5"), m.get("read")
+	plainWrite, write5, write := m.get("plain write"), m.get("write5"), m.get("write")
 
-	fmt.Printf("\nexec and fs (%d MiB transfers)\n", *size>>20)
+	fmt.Printf("\nexec and fs (%d MiB transfers; fs: medians of %d rounds)\n", *size>>20, *rounds)
 	fmt.Printf("%-52s %10s %10s\n", "exec of `true`", "p50", "p99")
 	fmt.Printf("%-52s %10v %10v\n", "spawned directly from Go (the limit)", testutil.Percentile(direct, 50).Round(time.Microsecond), testutil.Percentile(direct, 99).Round(time.Microsecond))
 	fmt.Printf("%-52s %10v %10v\n", "through agentd (request -> exited)", testutil.Percentile(via, 50).Round(time.Microsecond), testutil.Percentile(via, 99).Round(time.Microsecond))
