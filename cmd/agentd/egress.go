@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -31,6 +32,8 @@ type egressOptions struct {
 	queues     int
 	// initial is the policy main read to check it before any side effect (nil: not read yet).
 	initial *policy.Policy
+	// ref names a flag and its value as given (flagRef); nil: as a flag.
+	ref func(name string, value any) string
 }
 
 func (e *egressOptions) register(fs *flag.FlagSet) {
@@ -46,20 +49,31 @@ func (e *egressOptions) register(fs *flag.FlagSet) {
 	fs.IntVar(&e.queues, "egress-queues", netstack.DefaultOptions.Queues, "tun queues (IFF_MULTI_QUEUE when more than 1)")
 }
 
+// name is ref, or the flag's own name when there is none.
+func (e *egressOptions) name(flag string, value any) string {
+	if e.ref == nil {
+		return flagRef(flag, value, nil)
+	}
+	return e.ref(flag, value)
+}
+
 func (e *egressOptions) check() error {
+	ref := e.name
 	switch e.mode {
 	case "off", "netstack", "channel":
 	default:
-		return fmt.Errorf("--egress %q: want off, netstack or channel", e.mode)
+		return fmt.Errorf("%s: want off, netstack or channel", ref("egress", strconv.Quote(e.mode)))
 	}
 	if e.mtu < 1280 || e.mtu > 65520 {
-		return fmt.Errorf("--egress-mtu %d: must be between 1280 and 65520", e.mtu)
+		return fmt.Errorf("%s: must be between 1280 and 65520", ref("egress-mtu", e.mtu))
 	}
 	if e.queues < 1 || e.queues > 16 {
-		return fmt.Errorf("--egress-queues %d: must be between 1 and 16", e.queues)
+		return fmt.Errorf("%s: must be between 1 and 16", ref("egress-queues", e.queues))
 	}
-	_, err := e.upstreams()
-	return err
+	if _, err := e.upstreams(); err != nil {
+		return fmt.Errorf("%s: %w", ref("egress-dns", strconv.Quote(e.dns)), err)
+	}
+	return nil
 }
 
 // upstreams parses --egress-dns ("" means: read /etc/resolv.conf when egress starts).
@@ -74,7 +88,7 @@ func (e *egressOptions) upstreams() ([]netip.AddrPort, error) {
 		if err != nil {
 			a, aerr := netip.ParseAddr(s)
 			if aerr != nil {
-				return nil, fmt.Errorf("--egress-dns %q: not an address or address:port", s)
+				return nil, fmt.Errorf("%q is not an address or address:port", s)
 			}
 			ap = netip.AddrPortFrom(a, 53)
 		}
@@ -87,7 +101,7 @@ func (e *egressOptions) upstreams() ([]netip.AddrPort, error) {
 func (e *egressOptions) loadPolicy() (*policy.Policy, error) {
 	p, err := policy.Load(e.policyFile, e.floorFile)
 	if err != nil {
-		return nil, fmt.Errorf("egress policy: %w", err)
+		return nil, fmt.Errorf("egress policy (%s): %w", e.name("egress-policy", e.policyFile), err)
 	}
 	return p, nil
 }
@@ -124,7 +138,7 @@ func startEgress(e egressOptions, uplink string, log *slog.Logger) (*gateway.Gat
 	default:
 		f, err := os.OpenFile(e.auditPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 		if err != nil {
-			return nil, fmt.Errorf("--egress-audit: %w", err)
+			return nil, fmt.Errorf("%s: %w", e.name("egress-audit", e.auditPath), err)
 		}
 		c.Audit = f
 	}
