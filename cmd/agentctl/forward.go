@@ -21,6 +21,7 @@ ssh -L. Each SPEC is one of
   LOCAL_PORT:HOST:PORT     127.0.0.1:LOCAL_PORT here to HOST:PORT from the guest
   BIND:LOCAL_PORT:HOST:PORT  BIND:LOCAL_PORT here (* for every address; [::1] for IPv6)
 
+LOCAL_PORT 0 takes any free port; the "forwarding" line on stderr says which.
 Local ports bind to loopback unless BIND says otherwise, as with ssh. The older form
 LOCAL_ADDR GUEST_HOST:PORT (two arguments) still works. A connection into the guest itself
 (its loopback, its own address) is decided by the guest's egress policy as ingress: a
@@ -59,9 +60,10 @@ func splitSpec(s string) []string {
 	return append(parts, cur.String())
 }
 
-func parsePort(what, s string) (uint16, error) {
+// parsePort reads a port; a local one may be 0 (any free port, printed when listening).
+func parsePort(what, s string, zero bool) (uint16, error) {
 	n, err := strconv.ParseUint(s, 10, 16)
-	if err != nil || n == 0 {
+	if err != nil || (n == 0 && !zero) {
 		return 0, usageError{fmt.Errorf("%s %q: want a port number 1-65535", what, s)}
 	}
 	return uint16(n), nil
@@ -77,7 +79,7 @@ func parseForwards(args []string) ([]forwardSpec, error) {
 		if err != nil {
 			return nil, usageError{fmt.Errorf("guest address %q: %v", args[1], err)}
 		}
-		port, err := parsePort("guest port", p)
+		port, err := parsePort("guest port", p, false)
 		if err != nil {
 			return nil, err
 		}
@@ -100,10 +102,10 @@ func parseForwards(args []string) ([]forwardSpec, error) {
 		default:
 			return nil, usageError{fmt.Errorf("forward %q: want PORT, LOCAL_PORT:HOST:PORT or BIND:LOCAL_PORT:HOST:PORT", a)}
 		}
-		if _, err := parsePort("local port", lport); err != nil {
+		if _, err := parsePort("local port", lport, len(parts) > 1); err != nil {
 			return nil, err
 		}
-		port, err := parsePort("guest port", gport)
+		port, err := parsePort("guest port", gport, false)
 		if err != nil {
 			return nil, err
 		}

@@ -22,6 +22,7 @@ commands:
   shutdown  ask the agent to shut the guest down (core.shutdown)
   serve     own an agent channel and serve up to 128 clients on a relay socket
   context   show or set the relay socket the other commands use by default
+  wait      wait until a relay socket answers (for scripts that start one in the background)
   version   print the version
 
 Which agent: --connect SOCK (a relay socket, from agentctl serve or make vm), else
@@ -57,6 +58,8 @@ func run(args []string) int {
 		err = policyCmd(args)
 	case "context":
 		err = contextCmd(args)
+	case "wait":
+		err = waitCmd(args)
 	case "version", "--version", "-version":
 		fmt.Println("agentctl", version)
 	case "help", "-h", "-help", "--help":

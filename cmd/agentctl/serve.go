@@ -2,17 +2,21 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/agentd/agentd/channel"
 	egresspkg "github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/host"
 	"github.com/agentd/agentd/hostserver"
 )
 
@@ -32,6 +36,7 @@ func serve(args []string) error {
 	egress := fs.Bool("egress", false, "serve guest-initiated streams: dial out from this host for a guest that has no network of its own")
 	policyFile := fs.String("egress-policy", "", "host-side policy `FILE` (microsandbox's format) the guest's streams must also pass")
 	auditPath := fs.String("egress-audit", "", "append one JSON line per host-side decision and closed stream to `FILE` (- for stderr)")
+	wait := fs.Duration("wait", 30*time.Second, "how long to wait for a unix:PATH channel to appear (a VM's socket, an agent's unix-listen)")
 	dns := fs.String("egress-dns", "", "resolver `ADDR:PORT` for the guest's DNS (default: this host's /etc/resolv.conf)")
 	pos, err := c.parse(args, false)
 	if err != nil {
@@ -58,7 +63,7 @@ func serve(args []string) error {
 	}
 	defer os.Remove(*listen)
 	log.Info("waiting for the agent", "port", *port)
-	conn, err := channel.Open(*port)
+	conn, err := openChannel(*port, *wait)
 	if err != nil {
 		return err
 	}
@@ -107,9 +112,27 @@ func serve(args []string) error {
 	go func() { <-ctx.Done(); r.Close() }()
 	log.Info("serving clients", "listen", *listen)
 	err = r.Serve(l)
-	if ctx.Err() != nil {
+	switch {
+	case ctx.Err() != nil:
 		log.Info("stopped by signal")
+		return nil
+	case errors.Is(err, host.ErrClosed):
+		log.Info("the agent closed its channel (the guest shut down)")
 		return nil
 	}
 	return err
+}
+
+// openChannel opens the agent channel; a unix:PATH socket that does not exist yet, or has no
+// listener yet, is waited for (qemu and agentd --port unix-listen: create theirs as they start).
+func openChannel(spec string, wait time.Duration) (io.ReadWriteCloser, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		conn, err := channel.Open(spec)
+		if err == nil || !strings.HasPrefix(spec, "unix:") || time.Now().After(deadline) ||
+			!(errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED)) {
+			return conn, err
+		}
+		time.Sleep(20 * time.Millisecond) // a socket's appearance has no event to wait on
+	}
 }
