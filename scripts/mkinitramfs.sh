@@ -9,9 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-build}
 VM=$OUT/vm
-for b in agentd agentctl; do
-	[ -x "$OUT/$b" ] || { echo "mkinitramfs: build $OUT/$b first (make build)" >&2; exit 1; }
-done
+[ -x "$OUT/agentd" ] || { echo "mkinitramfs: build $OUT/agentd first (make build)" >&2; exit 1; }
+agentctl=("$OUT/agentctl")
+[ -x "$OUT/agentctl" ] || agentctl=(go run ./cmd/agentctl) # only agentd was built (make bench-vm)
 mkdir -p "$VM/debs"
 
 # download PACKAGE: apt-get download into $VM/debs, its progress shown; a failure says what to do.
@@ -60,7 +60,7 @@ printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 # The egress policy agentd starts with (AGENTD_EGRESS_POLICY points here in make vm): the
 # example examples/make-vm.yaml explains, checked and normalized to JSON by agentctl.
 mkdir -p "$root/etc/agentd"
-"$OUT/agentctl" policy check examples/make-vm.yaml >"$root/etc/agentd/egress.json"
+"${agentctl[@]}" policy check examples/make-vm.yaml >"$root/etc/agentd/egress.json"
 
 # Modules in dependency order (modules.dep of this kernel); agentd loads them as listed: first
 # what the agent channel needs (only the virtio transport the machine has: PCI on a standard
