@@ -77,6 +77,9 @@ func policyCheck(args []string) error {
 		if *quiet {
 			continue
 		}
+		if p.Rules == nil {
+			p.Rules = []policy.Rule{} // "rules": [], not null
+		}
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(p); err != nil {
