@@ -111,14 +111,8 @@ func TestREADME(t *testing.T) {
 	needVM(t)
 	// The examples use fixed names and ports (netns agentd-up, port 8080): one README run on
 	// this machine at a time.
-	lock, err := os.OpenFile("/tmp/agentd-readme-test.lock", os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
+	unlock := readmeLock(t)
+	defer unlock()
 	root := repoRoot(t)
 	text, err := os.ReadFile(filepath.Join(root, "README.md"))
 	if err != nil {
@@ -253,4 +247,50 @@ func (s *shell) run(t *testing.T, st readmeStep, limit time.Duration) {
 			t.Fatalf("README:%d did not finish within %v: %s\noutput:\n%s", st.line, limit, firstLine(st.block), tail(s.out.String(), 6000))
 		}
 	}
+}
+
+// TestFirstRun runs scripts/first-run.sh, which writes docs/first-run.md (a first session as a
+// new user sees it, every command really run), into a scratch file: the transcript's script
+// keeps working, so the committed transcript can always be made again.
+func TestFirstRun(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("make vm's set-up check installs as root")
+	}
+	needVM(t)
+	unlock := readmeLock(t) // the same ports as the README's examples
+	defer unlock()
+	out := filepath.Join(t.TempDir(), "first-run.md")
+	cmd := exec.Command("scripts/first-run.sh", out)
+	cmd.Dir = repoRoot(t)
+	cmd.Env = append(os.Environ(), "AGENTCTL_CONNECT=")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("first-run.sh: %v\n%s", err, b)
+	}
+	doc, _ := os.ReadFile(out)
+	for _, want := range []string{
+		"$ build/agentctl exec -it -- sh", "/ # stty size\n24 100\n", // a real terminal
+		"$ build/agentctl fs put -r ", "echo same\nsame\n", // a tree in and out
+		"hello from the guest",                      // the forward under deny-by-default
+		`"direction":"ingress"`, `"verdict":"deny"`, // the audit
+		"$ build/agentctl policy reload examples/make-vm.yaml", "hello from the host",
+		"run-vm: the VM powered off",
+	} {
+		if !strings.Contains(string(doc), want) {
+			t.Errorf("no %q in the transcript:\n%s", want, doc)
+		}
+	}
+}
+
+// readmeLock takes the machine-wide lock of the README's examples (fixed ports and namespace
+// names: one run at a time); the returned func releases it.
+func readmeLock(t *testing.T) func() {
+	t.Helper()
+	lock, err := os.OpenFile("/tmp/agentd-readme-test.lock", os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	return func() { lock.Close() }
 }

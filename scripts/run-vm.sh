@@ -114,16 +114,15 @@ fi
 for d in "${others[@]}"; do
 	echo "run-vm: another VM is running too, in $d (agentctl --connect $d/relay.sock talks to it)"
 done
-cat <<TEXT
-agentd is PID 1 in the VM; agentctl talks to it (its context is $RUN/relay.sock). Try:
-  $agentctl exec -it -- sh                  # a shell in the guest
-  $agentctl fs ls /etc                      # guest files; fs put/get -r copy trees
-  $agentctl forward 8080                    # 127.0.0.1:8080 here -> the guest's 127.0.0.1:8080
-  $agentctl policy reload examples/deny-by-default.yaml
-  make vm-audit                             # follow the egress audit (each decision)
-  $agentctl shutdown                        # or Ctrl-C here
-console: $RUN/console.log
-TEXT
+echo "agentd is PID 1 in the VM; agentctl talks to it (its context is $RUN/relay.sock). Try:"
+try() { printf '  %-56s # %s\n' "$1" "$2"; }
+try "$agentctl exec -it -- sh" "a shell in the guest"
+try "$agentctl fs ls /etc" "guest files; fs put -r / get -r copy trees"
+try "$agentctl forward 8080" "127.0.0.1:8080 here -> the guest's 127.0.0.1:8080"
+try "$agentctl policy reload examples/deny-by-default.yaml" "a stricter policy"
+try "make vm-audit" "follow the egress audit (each decision)"
+try "$agentctl shutdown" "power off (or Ctrl-C here)"
+echo "console: $RUN/console.log"
 wait "$qemu" || true
 qemu=
 echo "run-vm: the VM powered off" >&2
