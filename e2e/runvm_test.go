@@ -49,7 +49,8 @@ func startRunVM(t *testing.T, name string, env []string) (*bg, string) {
 //     socket to use (it used to wait 60 s, then say "use of closed network connection").
 //   - Under examples/deny-by-default.yaml, agentctl forward to a server on the guest's
 //     loopback works (decided as ingress; it used to be refused as egress), a request to the
-//     host is denied, and the audit (on the console, make vm-audit) says why.
+//     host is denied, and the audit (its own virtio port, make vm-audit) says why; the
+//     workload cannot write to that port.
 func TestRunVM(t *testing.T) {
 	needVM(t)
 	env := []string{"AGENTD_VM_RUNS=" + t.TempDir(), "XDG_CONFIG_HOME=" + t.TempDir(), "AGENTCTL_CONNECT="}
@@ -120,6 +121,16 @@ func TestRunVM(t *testing.T) {
 	audit.waitFor(t, `"direction":"ingress","via":"core.tcp","peer":"10.87.0.1","dst":"127.0.0.1:`+port+`","rule":"default","verdict":"allow"`, 20*time.Second)
 	audit.waitFor(t, `"dst":"10.0.2.2:`+hostSrv[strings.LastIndex(hostSrv, ":")+1:]+`","rule":"default","verdict":"deny","reason":"no rule matched"`, 20*time.Second)
 	audit.interrupt(t, 10*time.Second)
+	// The audit comes on a port agentd holds: a workload (root in the guest) cannot open it to
+	// forge records, and what it writes to the console does not reach the audit log.
+	r = ctl("", "exec", "sh", "-c", `echo '{"time":"forged"}' > /dev/console; for p in /sys/class/virtio-ports/*; do `+
+		`if [ "$(cat $p/name)" = agentd-audit ]; then echo '{"time":"forged"}' > /dev/${p##*/}; exit; fi; done; echo no port; exit 3`)
+	if r.code != 1 || !strings.Contains(r.stderr, "Device or resource busy") {
+		t.Errorf("a workload writing to the audit port: %+v", r)
+	}
+	if b, _ := os.ReadFile(filepath.Join(run2, "audit.log")); strings.Contains(string(b), "forged") || !strings.Contains(string(b), `"verdict":"deny"`) {
+		t.Errorf("audit.log:\n%s", b)
+	}
 
 	// Ctrl-C the first: it powers off and cleans up; the second runs on.
 	vm1.interrupt(t, 30*time.Second)

@@ -2,7 +2,8 @@
 # Boots a microVM with agentd as PID 1 (Debian's cloud kernel under qemu; TCG unless
 # AGENTD_QEMU_ACCEL=kvm) and serves its agent channel on a relay socket, so that agentctl
 # exec/fs/forward/policy work against a real kernel. The egress netstack is on, with the policy
-# of examples/make-vm.yaml and the audit log on agentd's stderr (the serial console).
+# of examples/make-vm.yaml, and the audit log comes to the host on a virtio-serial port of its
+# own (audit.log in the run's directory; agentd holds the port, so no workload can write to it).
 #
 #   make vm                 # then, in another terminal, the agentctl commands it prints
 #   MACHINE=microvm make vm # qemu's microvm: virtio-mmio, no PCI bus (as libkrun, Firecracker)
@@ -23,11 +24,10 @@ agentctl=$BUILD/agentctl
 # live DIR: is the run that made DIR still running?
 live() { local pid; pid=$(cat "$1/pid" 2>/dev/null) && grep -qs run-vm "/proc/$pid/cmdline"; }
 
-if [ "${1:-}" = audit ]; then # follow the newest VM's audit records (JSON lines on its console)
-	[ -e "$RUNS/current/console.log" ] || { echo "run-vm: no VM under $RUNS (start one with make vm)" >&2; exit 1; }
-	echo "run-vm: audit of $(readlink -f "$RUNS/current") (Ctrl-C to stop)" >&2
-	tail -n +1 -F "$RUNS/current/console.log" 2>/dev/null | sed -un 's/\r$//; /^{"time"/p'
-	exit 0
+if [ "${1:-}" = audit ]; then # follow the newest VM's audit records
+	[ -e "$RUNS/current/audit.log" ] || { echo "run-vm: no VM under $RUNS (start one with make vm)" >&2; exit 1; }
+	echo "run-vm: $(readlink -f "$RUNS/current")/audit.log (Ctrl-C to stop)" >&2
+	exec tail -n +1 -F "$RUNS/current/audit.log"
 fi
 
 mkdir -p "$RUNS"
@@ -53,9 +53,9 @@ ln -sfn "$RUN" "$RUNS/current.new" && mv -T "$RUNS/current.new" "$RUNS/current"
 [ -f "$BUILD/initramfs.cpio.gz" ] || scripts/mkinitramfs.sh "$BUILD"
 # qemu user networking: the guest is 10.0.2.15, the host 10.0.2.2 (this machine's loopback),
 # its DNS 10.0.2.3. agentd moves eth0 into a namespace of its own and gives workloads only its
-# tun, behind the egress policy; its audit records go to the console (AGENTD_EGRESS_AUDIT=-).
+# tun, behind the egress policy; its audit records go to the host on the port agentd-audit.
 NET="MSB_NET=iface=eth0,mac=52:54:00:12:34:56,mtu=1500 MSB_NET_IPV4=addr=10.0.2.15/24,gw=10.0.2.2,dns=10.0.2.3"
-EGRESS="AGENTD_EGRESS=${EGRESS_MODE:-netstack} AGENTD_EGRESS_POLICY=/etc/agentd/egress.json AGENTD_EGRESS_AUDIT=-"
+EGRESS="AGENTD_EGRESS=${EGRESS_MODE:-netstack} AGENTD_EGRESS_POLICY=/etc/agentd/egress.json AGENTD_EGRESS_AUDIT=virtio:agentd-audit"
 ACCEL=${AGENTD_QEMU_ACCEL:-tcg}
 # TCG's default CPU has no RDRAND: without it the guest's random pool is seeded ~1 s late, and
 # the first getrandom (in agentd's start-up) waits for it.
@@ -99,6 +99,7 @@ setsid qemu-system-x86_64 -M "${MACHINE:-pc}" -accel "$ACCEL" -cpu "$CPU" -m "${
 	-append "console=ttyS0 quiet panic=-1 $KARGS MSB_HOSTNAME=agentd-vm $NET $EGRESS" \
 	-device "virtio-serial-$BUS" -chardev "socket,id=agent,path=$RUN/agent.sock,server=on,wait=off" \
 	-device virtserialport,chardev=agent,name=agent \
+	-chardev "file,id=audit,path=$RUN/audit.log" -device virtserialport,chardev=audit,name=agentd-audit \
 	-netdev user,id=n0 -device "virtio-net-$BUS,netdev=n0" </dev/null >"$RUN/console.log" 2>&1 &
 qemu=$!
 echo "$qemu" >"$RUN/qemu.pid"

@@ -11,7 +11,11 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/gateway"
@@ -40,7 +44,7 @@ func (e *egressOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&e.mode, "egress", "off", "guest egress: off; netstack (the tun becomes the guest's default route, every flow passes the policy, agentd dials out); or channel (the same, but each allowed flow is a stream over the agent channel that the host dials: for a guest with no network device)")
 	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML); reloaded on SIGHUP. Without one, netstack egress allows everything but the floor")
 	fs.StringVar(&e.floorFile, "egress-floor", "", "policy `FILE` whose rules come before the policy's and cannot be widened by it (default: deny the metadata address)")
-	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr)")
+	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr; virtio:NAME for the virtio-serial port NAME, which agentd then holds so that no workload can open it)")
 	fs.StringVar(&e.guestNetns, "egress-guest-netns", "", "move the tun into the network namespace at `PATH` (/var/run/netns/NAME) and route that namespace through it")
 	fs.StringVar(&e.uplink, "egress-uplink", "", "comma-separated `INTERFACES` moved into a namespace only agentd uses, so workloads have no path around the tun")
 	fs.StringVar(&e.dns, "egress-dns", "", "comma-separated upstream resolvers `ADDR[:PORT]` (default: the nameservers of /etc/resolv.conf at start)")
@@ -131,18 +135,42 @@ func startEgress(e egressOptions, uplink string, log *slog.Logger) (*gateway.Gat
 	if e.mode == "netstack" && len(c.Uplink) == 0 && uplink != "" {
 		c.Uplink = []string{uplink}
 	}
-	switch e.auditPath {
-	case "":
-	case "-":
+	switch audit := e.auditPath; {
+	case audit == "":
+	case audit == "-":
 		c.Audit = os.Stderr
-	default:
-		f, err := os.OpenFile(e.auditPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	case strings.HasPrefix(audit, "virtio:"):
+		f, err := openAuditPort(strings.TrimPrefix(audit, "virtio:"), 10*time.Second)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", e.name("egress-audit", e.auditPath), err)
+			return nil, fmt.Errorf("%s: %w", e.name("egress-audit", audit), err)
+		}
+		c.Audit = f
+	default:
+		f, err := os.OpenFile(audit, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", e.name("egress-audit", audit), err)
 		}
 		c.Audit = f
 	}
 	return gateway.Start(c)
+}
+
+// openAuditPort opens the virtio-serial port named name for the audit records, waiting for it
+// to appear (its node comes shortly after virtio_console binds). The host keeps what it gets;
+// a virtio port has one opener at a time, so while agentd holds it no workload (root in the
+// guest or not) can write forged records into it or read it.
+func openAuditPort(name string, wait time.Duration) (*os.File, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		dev, err := channel.DiscoverNamed(channel.VirtioPortsDir, name)
+		if err == nil {
+			return os.OpenFile(dev, os.O_WRONLY|unix.O_NOCTTY, 0)
+		}
+		if time.Now().After(deadline) {
+			return nil, err
+		}
+		time.Sleep(10 * time.Millisecond) // the kernel gives no event for a port appearing
+	}
 }
 
 // watchReload reloads the policy file on SIGHUP until ctx ends. A bad file keeps the policy in
