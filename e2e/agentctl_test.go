@@ -20,6 +20,7 @@ import (
 
 	"github.com/creack/pty"
 
+	"github.com/agentd/agentd/internal/testkit/nettest"
 	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
@@ -588,4 +589,43 @@ func (w *watchBuffer) String() string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.b.String()
+}
+
+// TestAgentctlForwardDenyByDefault: agentctl forward into the guest under a deny-by-default
+// policy (examples/deny-by-default.yaml) with the egress netstack on. The connection to the
+// guest itself is decided as ingress, which the policy allows; it used to be decided as egress
+// and refused. (agentd runs standalone: the guest's "own loopback" is agentd's namespace.)
+func TestAgentctlForwardDenyByDefault(t *testing.T) {
+	tp := nettest.New(t)
+	audit := filepath.Join(t.TempDir(), "audit.jsonl")
+	sock, _, _ := relayedWith(t, "--egress", "netstack", "--egress-guest-netns", "/var/run/netns/"+tp.Name,
+		"--egress-tun", "agfw"+tp.ID, "--egress-dns", "127.0.0.1:53",
+		"--egress-policy", filepath.Join(repoRoot(t), "examples/deny-by-default.yaml"), "--egress-audit", audit)
+	srv := testutil.Serve(t, testutil.Echo)
+	// The two-argument form, which every agentctl took; the line that says where it listens
+	// was a log line before (msg=forwarding local=ADDR).
+	fwd := startBG(t, "agentctl forward", "", nil, filepath.Join(binDir, "agentctl"), "forward", "--connect", sock,
+		"127.0.0.1:0", srv.Addr.String())
+	m := fwd.waitForRE(t, regexp.MustCompile(`(?:forwarding |local=)(\d+\.\d+\.\d+\.\d+:\d+)`), 20*time.Second)
+	conn, err := net.Dial("tcp", m[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Write([]byte("into the guest"))
+	conn.(*net.TCPConn).CloseWrite()
+	got, _ := io.ReadAll(conn)
+	conn.Close()
+	if string(got) != "into the guest" {
+		t.Fatalf("forward under deny-by-default: %q\nforward: %s", got, fwd.out.String())
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; { // the audit is written in the background
+		b, _ := os.ReadFile(audit)
+		if strings.Contains(string(b), `"direction":"ingress"`) && strings.Contains(string(b), `"verdict":"allow"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("audit: %s", b)
+		}
+		time.Sleep(20 * time.Millisecond) // the audit writer has no event to wait on
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -72,6 +73,24 @@ func (b *bg) waitFor(t *testing.T, s string, limit time.Duration) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%s did not print %q within %v:\n%s", b.name, s, limit, tail(b.out.String(), 4000))
+		}
+		time.Sleep(50 * time.Millisecond) // output arrives from another process: polled
+	}
+}
+
+// waitForRE waits until the output matches re and returns the match.
+func (b *bg) waitForRE(t *testing.T, re *regexp.Regexp, limit time.Duration) []string {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for {
+		if m := re.FindStringSubmatch(b.out.String()); m != nil {
+			return m
+		}
+		if !b.running() {
+			t.Fatalf("%s ended (%v) before printing %v:\n%s", b.name, b.err, re, tail(b.out.String(), 4000))
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not print %v within %v:\n%s", b.name, re, limit, tail(b.out.String(), 4000))
 		}
 		time.Sleep(50 * time.Millisecond) // output arrives from another process: polled
 	}
