@@ -624,7 +624,7 @@ func (a *Agent) closeRange(start, end uint32) {
 		s.Abort()
 	}
 	nfs := a.fs.CloseRange(start, end)
-	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims), "closed_fs", nfs)
+	a.log.Debug("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims), "closed_fs", nfs)
 }
 
 // abortAll ends every session: TCP sessions at once, exec children with sig.
