@@ -817,7 +817,7 @@ func (a *Agent) closeRange(start, end uint32) {
 		s.Kill(syscall.SIGKILL)
 	}
 	nfs := a.fs.CloseRange(start, end)
-	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims),
+	a.log.Debug("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims),
 		"killed_exec", len(execs), "closed_fs", nfs)
 }
 

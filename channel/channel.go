@@ -23,21 +23,24 @@ const PortName = "agent"
 const VirtioPortsDir = "/sys/class/virtio-ports"
 
 // Discover finds the device of the virtio port whose sysfs name is PortName.
-func Discover(sysDir string) (string, error) {
+func Discover(sysDir string) (string, error) { return DiscoverNamed(sysDir, PortName) }
+
+// DiscoverNamed finds the device of the virtio port whose sysfs name is name.
+func DiscoverNamed(sysDir, name string) (string, error) {
 	entries, err := os.ReadDir(sysDir)
 	if err != nil {
 		return "", fmt.Errorf("serial port not found: read %s: %w", sysDir, err)
 	}
 	for _, e := range entries {
-		name, err := os.ReadFile(filepath.Join(sysDir, e.Name(), "name"))
+		n, err := os.ReadFile(filepath.Join(sysDir, e.Name(), "name"))
 		if err != nil {
 			continue
 		}
-		if strings.TrimSpace(string(name)) == PortName {
+		if strings.TrimSpace(string(n)) == name {
 			return "/dev/" + e.Name(), nil
 		}
 	}
-	return "", fmt.Errorf("serial port not found: no port named %q in %s", PortName, sysDir)
+	return "", fmt.Errorf("serial port not found: no port named %q in %s", name, sysDir)
 }
 
 // Open opens a channel spec:

@@ -401,7 +401,7 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 		go func() { defer wg.Done(); s.pump(r, t, chunk) }()
 	}
 	wg.Wait()
-	code := s.reap()
+	code, sig := s.reap()
 	s.stopping.Store(true)
 	s.in.Close() // ends feed, and drops stdin nobody will read
 	for _, c := range s.pipes {
@@ -411,7 +411,11 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 	if s.tty != nil {
 		s.tty.Close()
 	}
-	s.q.PushMsg(context.Background(), s.id, protocol.TypeExecExited, protocol.ExecExited{Code: code})
+	exited := protocol.ExecExited{Code: code}
+	if s.flow { // only a host that opted in gets the extension key
+		exited.Signal = sig
+	}
+	s.q.PushMsg(context.Background(), s.id, protocol.TypeExecExited, exited)
 	s.cancel()
 	if s.done != nil {
 		s.done(s)
@@ -419,8 +423,8 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 }
 
 // reap waits for the child and returns the reference's exit code: the status, or -1 for a
-// signal death (or a failed wait).
-func (s *Session) reap() int32 {
+// signal death (then also the signal) or a failed wait.
+func (s *Session) reap() (code, sig int32) {
 	defer func() {
 		s.sigMu.Lock()
 		s.reaped = true
@@ -429,22 +433,33 @@ func (s *Session) reap() int32 {
 	if s.wait == nil {
 		err := s.cmd.Wait()
 		if err == nil {
-			return 0
+			return 0, 0
 		}
 		var ee *osexec.ExitError
 		if errors.As(err, &ee) {
-			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Exited() {
-				return int32(ws.ExitStatus())
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok {
+				return exitCode(ws)
 			}
 		}
-		return -1
+		return -1, 0
 	}
 	ws, err := s.wait.Wait(s.cmd.Process.Pid)
 	s.cmd.Process.Release() // without os/exec's Wait, the process handle (a pidfd) is ours to free
-	if err != nil || !ws.Exited() {
-		return -1
+	if err != nil {
+		return -1, 0
 	}
-	return int32(ws.ExitStatus())
+	return exitCode(ws)
+}
+
+// exitCode is the reference's code for a wait status, and the signal of a signal death.
+func exitCode(ws syscall.WaitStatus) (code, sig int32) {
+	switch {
+	case ws.Exited():
+		return int32(ws.ExitStatus()), 0
+	case ws.Signaled():
+		return -1, int32(ws.Signal())
+	}
+	return -1, 0
 }
 
 // pump reads one output stream into frames until EOF (or EIO: a PTY whose slave side closed).

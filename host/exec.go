@@ -24,6 +24,9 @@ type ExecEvent struct {
 	StdinError     *protocol.ExecStdinError
 	Exited         bool
 	Code           int32
+	// Signal killed the program (Code -1), when the agent says which (agentd does for a session
+	// under flow control); 0 when unknown.
+	Signal int32
 }
 
 // Exec starts a program. It returns after core.exec.started; an exec.failed reply is returned
@@ -109,7 +112,7 @@ func (e *ExecSession) Next(ctx context.Context) (ExecEvent, error) {
 			if err := protocol.Unmarshal(m.Payload, &p); err != nil {
 				return ev, fmt.Errorf("decode exec.exited: %w", err)
 			}
-			ev.Exited, ev.Code = true, p.Code
+			ev.Exited, ev.Code, ev.Signal = true, p.Code, p.Signal
 		default:
 			if err := AsError(m); err != nil {
 				return ev, err

@@ -91,7 +91,8 @@ func (c *Client) FsRead(ctx context.Context, handle, offset uint64, n *uint64, w
 }
 
 // FsWrite streams r into a file handle at offset, then sends EOF and waits for the result.
-// With n set, the agent checks that exactly n bytes arrived.
+// With n set, the agent checks that exactly n bytes arrived. When r fails, what was sent so
+// far stays written (the caller removes it) and r's error is returned.
 func (c *Client) FsWrite(ctx context.Context, handle, offset uint64, n *uint64, r io.Reader) (int64, error) {
 	if c.Bulk() {
 		return c.fsWriteBulk(ctx, handle, offset, n, r)
@@ -131,6 +132,11 @@ func (c *Client) FsWrite(ctx context.Context, handle, offset uint64, n *uint64, 
 			break
 		}
 		if rerr != nil {
+			// End the agent's side too (the protocol has no abort: EOF, then the reply), or its
+			// write would wait for more data, holding the handle, and a close would hang.
+			if c.sendData(s.ID, protocol.TypeFsData, nil) == nil {
+				s.Recv(ctx)
+			}
 			return total, rerr
 		}
 		select { // an early terminal reply (a write error) ends the upload

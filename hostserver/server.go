@@ -71,6 +71,11 @@ type Server struct {
 
 	mu      sync.Mutex
 	clients [protocol.RelayMaxClients]*relayClient
+	// nextSlot is where the search for a free slot starts: slots are handed out in turn, so a
+	// slot just freed is reused last. The agent may still send frames for the sessions of a
+	// client that left (they cross core.relay.client.disconnected on the channel); a new client
+	// in the same slot would receive them as answers to its own first ids.
+	nextSlot int
 
 	dialOut *dialOut // nil unless the agent enabled guest-initiated streams
 	audit   *auditLog
@@ -291,9 +296,9 @@ func (r *Server) Serve(l net.Listener) error {
 func (r *Server) admit(conn net.Conn) {
 	r.mu.Lock()
 	slot := -1
-	for i, c := range r.clients {
-		if c == nil {
-			slot = i
+	for i := range r.clients {
+		if s := (r.nextSlot + i) % len(r.clients); r.clients[s] == nil {
+			slot = s
 			break
 		}
 	}
@@ -307,6 +312,7 @@ func (r *Server) admit(conn net.Conn) {
 	c := &relayClient{slot: slot, start: start, end: end, conn: conn,
 		out: make(chan []byte, r.opts.ClientQueue), gone: make(chan struct{}), execIDs: map[uint32]bool{}, finished: newIDSet(start)}
 	r.clients[slot] = c
+	r.nextSlot = slot + 1
 	r.mu.Unlock()
 	hello := binary.BigEndian.AppendUint32(nil, start)
 	hello = binary.BigEndian.AppendUint32(hello, end)

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -65,6 +66,47 @@ func TestRelayClientRanges(t *testing.T) {
 		}
 		if c.Ready.AgentVersion != protocol.AgentVersion || !c.HasFeature(protocol.FeatureFlow) {
 			t.Fatalf("ready %+v", c.Ready)
+		}
+	}
+}
+
+// TestRelaySlotsRotate: a slot a client just left is not the next one handed out (the agent
+// may still send frames for the old client's sessions, which a new client there would take
+// for answers to its own first ids); slots go round in turn.
+func TestRelaySlotsRotate(t *testing.T) {
+	agentEnd, hostEnd := testutil.SocketPair(t)
+	a := agent.New(agent.Config{Port: agentEnd, Log: quiet})
+	go func() {
+		if a.Handshake() == nil {
+			a.Serve(context.Background())
+		}
+		agentEnd.Close()
+	}()
+	logs := &testutil.Buffer{}
+	r, err := hostserver.New(hostEnd, hostserver.Options{Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), ClockSyncEvery: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "relay.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.Serve(l)
+	defer r.Close()
+	for i := 0; i < 3; i++ {
+		c, err := host.Connect(sock, host.Options{Log: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		start, _ := c.IDRange()
+		if want, _ := protocol.RelaySlotRange(i); start != want {
+			t.Fatalf("client %d (each after the last left) got id range from %d, want slot %d's %d", i, start, i, want)
+		}
+		c.Close()
+		// The relay has freed the slot once it says so.
+		for n := strings.Count(logs.String(), "client disconnected"); n < i+1; n = strings.Count(logs.String(), "client disconnected") {
+			time.Sleep(time.Millisecond) // the log is the only sign of the relay's bookkeeping
 		}
 	}
 }

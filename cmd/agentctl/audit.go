@@ -10,24 +10,32 @@ import (
 
 // auditCmd: agentctl audit [-f]: the guest's egress decisions, as JSON lines.
 func auditCmd(args []string) error {
-	fs, level := newFlags("audit", "[--connect SOCK] [-f]")
-	relay, port := connectFlags(fs)
-	follow := fs.Bool("f", false, "keep printing new records as they come (like tail -f)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() != 0 {
-		return usageError{fmt.Errorf("audit takes no arguments")}
-	}
-	c, _, err := connect(*level, *relay, *port)
+	c := newCommand("audit", "[options]", "Prints the guest's egress decision records (JSON lines, one per decision and per closed\n"+
+		"flow) that the relay server holds; with -f it keeps printing new ones as they come, like\n"+
+		"tail -f. agentd sends them over the agent channel, out of the workloads' reach.")
+	var to target
+	to.register(c)
+	follow := c.fs.Bool("f", false, "keep printing new records as they come")
+	pos, err := c.parse(args, false)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
+	if err := c.nargs(pos, 0, 0); err != nil {
+		return err
+	}
+	log, err := c.logger()
+	if err != nil {
+		return err
+	}
+	cl, err := to.dial(log)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	var lost uint64
-	err = c.FollowAudit(ctx, *follow, func(records [][]byte, dropped uint64) error {
+	err = cl.FollowAudit(ctx, *follow, func(records [][]byte, dropped uint64) error {
 		for _, r := range records {
 			if _, err := os.Stdout.Write(append(r, '\n')); err != nil {
 				return err

@@ -6,8 +6,13 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
+	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/gateway"
@@ -29,6 +34,8 @@ type egressOptions struct {
 	advisory   bool // workloads keep full privileges: the policy is only advisory
 	// initial is the policy main read to check it before any side effect (nil: not read yet).
 	initial *policy.Policy
+	// ref names a flag and its value as given (flagRef); nil: as a flag.
+	ref func(name string, value any) string
 }
 
 func (e *egressOptions) register(fs *flag.FlagSet) {
@@ -36,7 +43,7 @@ func (e *egressOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML), read once at start; after that only the host changes the policy (agentctl policy reload). Without one, netstack egress allows everything but the floor")
 	fs.BoolVar(&e.advisory, "egress-advisory", false, "let workloads keep full privileges while egress is on (they are confined otherwise: docs/security.md); the policy is then only advisory, since a root workload with every capability can get around it. agentd warns at start and reports egress-advisory in core.ready")
 	fs.StringVar(&e.floorFile, "egress-floor", "", "policy `FILE` whose rules come before the policy's and cannot be widened by it (default: deny the metadata address)")
-	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr)")
+	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr; virtio:NAME for the virtio-serial port NAME, which agentd then holds so that no workload can open it)")
 	fs.StringVar(&e.guestNetns, "egress-guest-netns", "", "move the tun into the network namespace at `PATH` (/var/run/netns/NAME) and route that namespace through it")
 	fs.StringVar(&e.uplink, "egress-uplink", "", "comma-separated `INTERFACES` moved into a namespace only agentd uses, so workloads have no path around the tun")
 	fs.StringVar(&e.dns, "egress-dns", "", "comma-separated upstream resolvers `ADDR[:PORT]` (default: the nameservers of /etc/resolv.conf at start)")
@@ -45,20 +52,31 @@ func (e *egressOptions) register(fs *flag.FlagSet) {
 	fs.IntVar(&e.queues, "egress-queues", netstack.DefaultOptions.Queues, "tun queues (IFF_MULTI_QUEUE when more than 1)")
 }
 
+// name is ref, or the flag's own name when there is none.
+func (e *egressOptions) name(flag string, value any) string {
+	if e.ref == nil {
+		return flagRef(flag, value, nil)
+	}
+	return e.ref(flag, value)
+}
+
 func (e *egressOptions) check() error {
+	ref := e.name
 	switch e.mode {
 	case "off", "netstack", "channel":
 	default:
-		return fmt.Errorf("--egress %q: want off, netstack or channel", e.mode)
+		return fmt.Errorf("%s: want off, netstack or channel", ref("egress", strconv.Quote(e.mode)))
 	}
 	if e.mtu < 1280 || e.mtu > 65520 {
-		return fmt.Errorf("--egress-mtu %d: must be between 1280 and 65520", e.mtu)
+		return fmt.Errorf("%s: must be between 1280 and 65520", ref("egress-mtu", e.mtu))
 	}
 	if e.queues < 1 || e.queues > 16 {
-		return fmt.Errorf("--egress-queues %d: must be between 1 and 16", e.queues)
+		return fmt.Errorf("%s: must be between 1 and 16", ref("egress-queues", e.queues))
 	}
-	_, err := e.upstreams()
-	return err
+	if _, err := e.upstreams(); err != nil {
+		return fmt.Errorf("%s: %w", ref("egress-dns", strconv.Quote(e.dns)), err)
+	}
+	return nil
 }
 
 // upstreams parses --egress-dns ("" means: read /etc/resolv.conf when egress starts).
@@ -73,7 +91,7 @@ func (e *egressOptions) upstreams() ([]netip.AddrPort, error) {
 		if err != nil {
 			a, aerr := netip.ParseAddr(s)
 			if aerr != nil {
-				return nil, fmt.Errorf("--egress-dns %q: not an address or address:port", s)
+				return nil, fmt.Errorf("%q is not an address or address:port", s)
 			}
 			ap = netip.AddrPortFrom(a, 53)
 		}
@@ -86,7 +104,7 @@ func (e *egressOptions) upstreams() ([]netip.AddrPort, error) {
 func (e *egressOptions) loadPolicy() (*policy.Policy, error) {
 	p, err := policy.Load(e.policyFile, e.floorFile)
 	if err != nil {
-		return nil, fmt.Errorf("egress policy: %w", err)
+		return nil, fmt.Errorf("egress policy (%s): %w", e.name("egress-policy", e.policyFile), err)
 	}
 	return p, nil
 }
@@ -101,7 +119,7 @@ func (e *egressOptions) confined(restricted bool) bool {
 func (e *egressOptions) privatePaths() []string {
 	var out []string
 	for _, p := range []string{e.policyFile, e.floorFile, e.auditPath} {
-		if p != "" && p != "-" {
+		if p != "" && p != "-" && !strings.HasPrefix(p, "virtio:") {
 			out = append(out, p)
 		}
 	}
@@ -158,16 +176,40 @@ func startEgress(e egressOptions, uplink, pin string, log *slog.Logger) (*gatewa
 		c.Uplink = []string{uplink}
 	}
 	c.PinUplink = pin
-	switch e.auditPath {
-	case "":
-	case "-":
+	switch audit := e.auditPath; {
+	case audit == "":
+	case audit == "-":
 		c.Audit = os.Stderr
-	default:
-		f, err := os.OpenFile(e.auditPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	case strings.HasPrefix(audit, "virtio:"):
+		f, err := openAuditPort(strings.TrimPrefix(audit, "virtio:"), 10*time.Second)
 		if err != nil {
-			return nil, fmt.Errorf("--egress-audit: %w", err)
+			return nil, fmt.Errorf("%s: %w", e.name("egress-audit", audit), err)
+		}
+		c.Audit = f
+	default:
+		f, err := os.OpenFile(audit, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", e.name("egress-audit", audit), err)
 		}
 		c.Audit = f
 	}
 	return gateway.Start(c)
+}
+
+// openAuditPort opens the virtio-serial port named name for the audit records, waiting for it
+// to appear (its node comes shortly after virtio_console binds). The host keeps what it gets;
+// a virtio port has one opener at a time, so while agentd holds it no workload (root in the
+// guest or not) can write forged records into it or read it.
+func openAuditPort(name string, wait time.Duration) (*os.File, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		dev, err := channel.DiscoverNamed(channel.VirtioPortsDir, name)
+		if err == nil {
+			return os.OpenFile(dev, os.O_WRONLY|unix.O_NOCTTY, 0)
+		}
+		if time.Now().After(deadline) {
+			return nil, err
+		}
+		time.Sleep(10 * time.Millisecond) // the kernel gives no event for a port appearing
+	}
 }

@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -95,9 +96,11 @@ func parseFlagsEnv(args []string, getenv func(string) string) (options, error) {
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
-	if err := flagsFromEnv(fs, getenv); err != nil {
+	fromEnv, err := flagsFromEnv(fs, getenv)
+	if err != nil {
 		return o, err
 	}
+	ref := func(name string, value any) string { return flagRef(name, value, fromEnv) }
 	if *showVersion {
 		fmt.Printf("agentd %s (protocol generation %d, compatible with microsandbox-agentd %s)\n", version, protocol.Version, protocol.AgentVersion)
 		os.Exit(0)
@@ -107,19 +110,19 @@ func parseFlagsEnv(args []string, getenv func(string) string) (options, error) {
 	}
 	switch {
 	case o.chunk <= 0 || o.chunk > 64<<10:
-		return o, fmt.Errorf("--tcp-chunk %d: must be between 1 and 65536", o.chunk)
+		return o, fmt.Errorf("%s: must be between 1 and 65536", ref("tcp-chunk", o.chunk))
 	case o.lowWater <= 0 || o.highWater < o.lowWater:
-		return o, fmt.Errorf("--tcp-low-water %d / --tcp-high-water %d: need 0 < low <= high", o.lowWater, o.highWater)
+		return o, fmt.Errorf("%s / %s: need 0 < low <= high", ref("tcp-low-water", o.lowWater), ref("tcp-high-water", o.highWater))
 	case o.inboundLimit < 64<<10:
-		return o, fmt.Errorf("--tcp-inbound-limit %d: must be at least 65536", o.inboundLimit)
+		return o, fmt.Errorf("%s: must be at least 65536", ref("tcp-inbound-limit", o.inboundLimit))
 	case o.maxSessions <= 0:
-		return o, fmt.Errorf("--tcp-max-sessions %d: must be positive", o.maxSessions)
+		return o, fmt.Errorf("%s: must be positive", ref("tcp-max-sessions", o.maxSessions))
 	case o.budget < int64(o.inboundLimit):
-		return o, fmt.Errorf("--tcp-buffer-budget %d: must be at least --tcp-inbound-limit (%d)", o.budget, o.inboundLimit)
+		return o, fmt.Errorf("%s: must be at least %s", ref("tcp-buffer-budget", o.budget), ref("tcp-inbound-limit", o.inboundLimit))
 	case o.initAck <= 0:
-		return o, fmt.Errorf("--init-ack-timeout %s: must be positive", o.initAck)
+		return o, fmt.Errorf("%s: must be positive", ref("init-ack-timeout", o.initAck))
 	case o.generation < 5 || o.generation > protocol.Version:
-		return o, fmt.Errorf("--protocol-generation %d: want 5 to %d", o.generation, protocol.Version)
+		return o, fmt.Errorf("%s: want 5 to %d", ref("protocol-generation", o.generation), protocol.Version)
 	}
 	switch initfs.ConfigSource(o.bootConfig) {
 	case "", initfs.SourceAuto, initfs.SourceEnv, initfs.SourceBootstrap:
@@ -137,29 +140,50 @@ func parseFlagsEnv(args []string, getenv func(string) string) (options, error) {
 	}
 	switch {
 	case o.tcpDialer != "kernel" && o.tcpDialer != "netstack":
-		return o, fmt.Errorf("--tcp-dialer %q: want kernel or netstack", o.tcpDialer)
+		return o, fmt.Errorf("%s: want kernel or netstack", ref("tcp-dialer", strconv.Quote(o.tcpDialer)))
 	case o.tcpDialer == "netstack" && o.egress.mode == "off":
-		return o, fmt.Errorf("--tcp-dialer netstack needs --egress netstack or channel")
+		return o, fmt.Errorf("%s needs --egress netstack or channel (AGENTD_EGRESS)", ref("tcp-dialer", o.tcpDialer))
 	}
+	if _, err := newLogger(o.logLevel); err != nil {
+		return o, fmt.Errorf("%s: want debug, info, warn or error", ref("log-level", strconv.Quote(o.logLevel)))
+	}
+	o.egress.ref = ref
 	return o, o.egress.check()
 }
 
 // flagsFromEnv sets each flag not given on the command line from AGENTD_<NAME> (upper case,
 // '-' as '_'), so a kernel command line or a microVM host that only passes environment
-// variables to init can configure agentd: AGENTD_EGRESS=netstack is --egress netstack.
-func flagsFromEnv(fs *flag.FlagSet, getenv func(string) string) error {
+// variables to init can configure agentd: AGENTD_EGRESS=netstack is --egress netstack. It
+// returns the flags it set and their variables, so that errors name what the user wrote.
+func flagsFromEnv(fs *flag.FlagSet, getenv func(string) string) (map[string]string, error) {
 	given := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	from := map[string]string{}
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
-		env := "AGENTD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		env := envName(f.Name)
 		if v := getenv(env); v != "" && !given[f.Name] && err == nil {
 			if serr := fs.Set(f.Name, v); serr != nil {
 				err = fmt.Errorf("%s=%q: %w", env, v, serr)
 			}
+			from[f.Name] = env
 		}
 	})
-	return err
+	return from, err
+}
+
+// envName is the environment variable of a flag.
+func envName(flag string) string {
+	return "AGENTD_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+}
+
+// flagRef names a flag and its value as the user gave them: "--tcp-chunk 0" on the command
+// line, "AGENTD_TCP_CHUNK=0" from the environment.
+func flagRef(name string, value any, fromEnv map[string]string) string {
+	if env, ok := fromEnv[name]; ok {
+		return fmt.Sprintf("%s=%v", env, value)
+	}
+	return fmt.Sprintf("--%s %v", name, value)
 }
 
 func newLogger(level string) (*slog.Logger, error) {

@@ -331,19 +331,19 @@ func parseJSON(data []byte) (*Policy, error) {
 
 func parseRule(raw json.RawMessage) (Rule, error) {
 	var w struct {
-		ID          string          `json:"id"`
-		Direction   *Direction      `json:"direction"`
-		Destination json.RawMessage `json:"destination"`
-		Protocols   []Protocol      `json:"protocols"`
-		Ports       []PortRange     `json:"ports"`
-		Action      *Action         `json:"action"`
+		ID          string            `json:"id"`
+		Direction   *Direction        `json:"direction"`
+		Destination json.RawMessage   `json:"destination"`
+		Protocols   []Protocol        `json:"protocols"`
+		Ports       []json.RawMessage `json:"ports"`
+		Action      *Action           `json:"action"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&w); err != nil {
 		return Rule{}, err
 	}
-	r := Rule{ID: w.ID, Direction: Egress, Protocols: w.Protocols, Ports: w.Ports}
+	r := Rule{ID: w.ID, Direction: Egress, Protocols: w.Protocols}
 	if w.Direction != nil {
 		if !contains([]Direction{Egress, Ingress, Any}, *w.Direction) {
 			return r, fmt.Errorf("direction: %q is not egress, ingress or any", *w.Direction)
@@ -362,14 +362,12 @@ func parseRule(raw json.RawMessage) (Rule, error) {
 			return r, fmt.Errorf("protocols[%d]: %q is not tcp, udp, icmpv4 or icmpv6", j, pr)
 		}
 	}
-	for j, pr := range w.Ports {
-		if pr.End == 0 {
-			pr.End = pr.Start
-			r.Ports[j] = pr
+	for j, raw := range w.Ports {
+		pr, err := parsePortRange(raw)
+		if err != nil {
+			return r, fmt.Errorf("ports[%d]: %w", j, err)
 		}
-		if pr.Start > pr.End {
-			return r, fmt.Errorf("ports[%d]: start %d is after end %d", j, pr.Start, pr.End)
-		}
+		r.Ports = append(r.Ports, pr)
 	}
 	d, err := parseDestination(w.Destination)
 	if err != nil {
@@ -377,6 +375,52 @@ func parseRule(raw json.RawMessage) (Rule, error) {
 	}
 	r.Destination = d
 	return r, nil
+}
+
+// parsePortRange reads {"start": N, "end": M} (end defaults to start). The format has no
+// bare numbers or "A-B" strings; for those the error shows what to write instead.
+func parsePortRange(raw json.RawMessage) (PortRange, error) {
+	var n json.Number
+	var s string
+	d := json.NewDecoder(bytes.NewReader(raw))
+	d.UseNumber()
+	if d.Decode(&n) == nil {
+		return PortRange{}, fmt.Errorf(`%s: a port is written {"start": %s, "end": %s} (a range: {"start": 8000, "end": 8100})`, n, n, n)
+	}
+	if json.Unmarshal(raw, &s) == nil {
+		a, b, ok := strings.Cut(s, "-")
+		if !ok {
+			b = a
+		}
+		return PortRange{}, fmt.Errorf(`%q: a port range is written {"start": %s, "end": %s}`, s, strings.TrimSpace(a), strings.TrimSpace(b))
+	}
+	var w struct {
+		Start *int64 `json:"start"`
+		End   *int64 `json:"end"`
+	}
+	d = json.NewDecoder(bytes.NewReader(raw))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&w); err != nil {
+		return PortRange{}, fmt.Errorf(`want {"start": N, "end": M}: %w`, err)
+	}
+	if w.Start == nil {
+		return PortRange{}, fmt.Errorf(`start: missing (want {"start": N, "end": M})`)
+	}
+	if w.End == nil || *w.End == 0 {
+		w.End = w.Start
+	}
+	for _, f := range []struct {
+		name string
+		v    int64
+	}{{"start", *w.Start}, {"end", *w.End}} {
+		if f.v < 0 || f.v > 65535 {
+			return PortRange{}, fmt.Errorf("%s: %d is not a port (0-65535)", f.name, f.v)
+		}
+	}
+	if *w.Start > *w.End {
+		return PortRange{}, fmt.Errorf("start %d is after end %d", *w.Start, *w.End)
+	}
+	return PortRange{Start: uint16(*w.Start), End: uint16(*w.End)}, nil
 }
 
 // parseDestination reads "any", {"cidr": ...}, {"domain": ...}, {"domain_suffix": ...} or

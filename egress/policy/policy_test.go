@@ -91,6 +91,13 @@ func TestParseErrors(t *testing.T) {
 		`{"rules": [{"destination": "any", "action": "allow", "colour": "red"}]}`:                                                `rules[0]: json: unknown field "colour"`,
 		`{"rules": [{"id": "a", "destination": "any", "action": "allow"}, {"id": "a", "destination": "any", "action": "deny"}]}`: `rules[1]: duplicate id "a"`,
 		`{"rules": [`: `policy: unexpected EOF`,
+		// microsandbox's format has only {start, end}: the error shows the right form.
+		`{"rules": [{"destination": "any", "action": "allow", "ports": [18601]}]}`:            `rules[0]: ports[0]: 18601: a port is written {"start": 18601, "end": 18601}`,
+		`{"rules": [{"destination": "any", "action": "allow", "ports": ["8000-8100"]}]}`:      `rules[0]: ports[0]: "8000-8100": a port range is written {"start": 8000, "end": 8100}`,
+		`{"rules": [{"destination": "any", "action": "allow", "ports": [{"start": 70000}]}]}`: `rules[0]: ports[0]: start: 70000 is not a port`,
+		`{"rules": [{"destination": "any", "action": "allow", "ports": [{"end": 80}]}]}`:      `rules[0]: ports[0]: start: missing`,
+		`{"rules": [{"destination": "any", "action": "allow", "ports": [{"from": 80}]}]}`:     `rules[0]: ports[0]: want {"start": N, "end": M}: json: unknown field "from"`,
+		"rules:\n  - destination: any\n    action: allow\n    ports: [18601]\n":               `ports[0]: 18601: a port is written {"start": 18601, "end": 18601}`,
 	}
 	for in, want := range cases {
 		_, err := Parse([]byte(in))

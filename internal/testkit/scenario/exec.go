@@ -27,6 +27,7 @@ func RunExec(t *testing.T, start Start) {
 	t.Run("NotFound", func(t *testing.T) { ExecNotFound(t, start(t, nil)) })
 	t.Run("PTYSize", func(t *testing.T) { ExecPTYSize(t, start(t, nil)) })
 	t.Run("Signal", func(t *testing.T) { ExecSignal(t, start(t, nil)) })
+	t.Run("SignalStock", func(t *testing.T) { ExecSignal(t, start(t, []string{})) })
 	t.Run("User", func(t *testing.T) { ExecUser(t, start(t, nil)) })
 	t.Run("CleanEnv", func(t *testing.T) { ExecCleanEnv(t, start(t, nil)) })
 	t.Run("Rlimits", func(t *testing.T) { ExecRlimits(t, start(t, nil)) })
@@ -143,8 +144,13 @@ func ExecPTYSize(t *testing.T, a Agent) {
 	}
 }
 
-// ExecSignal: SIGTERM ends a sleep; a signal death reports -1.
+// ExecSignal: SIGTERM ends a sleep; a signal death reports -1, and names the signal only to a
+// session under flow control (a stock host gets the reference's frame, code alone).
 func ExecSignal(t *testing.T, a Agent) {
+	wantSig := int32(0)
+	if a.Client.HasFeature(protocol.FeatureFlow) {
+		wantSig = 15
+	}
 	e, err := a.Client.Exec(Ctx(t), protocol.ExecRequest{Cmd: "sleep", Args: []string{"60"}})
 	if err != nil {
 		t.Fatal(err)
@@ -158,8 +164,8 @@ func ExecSignal(t *testing.T, a Agent) {
 			t.Fatal(err)
 		}
 		if ev.Exited {
-			if ev.Code != -1 {
-				t.Fatalf("code %d, want -1", ev.Code)
+			if ev.Code != -1 || ev.Signal != wantSig {
+				t.Fatalf("code %d signal %d, want -1 and %d", ev.Code, ev.Signal, wantSig)
 			}
 			return
 		}
