@@ -4,6 +4,8 @@ BUILD   ?= build
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 5s
+# Go's own install location, for machines where it is not on PATH (as in CI).
+export PATH := $(PATH):/usr/local/go/bin
 # Every fuzz target: package and name.
 FUZZ_TARGETS := \
 	./protocol:FuzzFrameEnvelope \
@@ -11,23 +13,36 @@ FUZZ_TARGETS := \
 	./protocol:FuzzExecPayload \
 	./protocol:FuzzFsPayload \
 	./protocol:FuzzTCPPayload \
+	./protocol:FuzzBootstrap \
+	./protocol:FuzzBulkRecord \
 	./initfs:FuzzLoadConfig \
+	./initfs:FuzzBootstrapConfig \
 	./initfs:FuzzParseModuleList \
-	./policy:FuzzParse \
-	./resolver:FuzzAnswer \
+	./egress/policy:FuzzParse \
+	./egress/resolver:FuzzAnswer \
 	./netstack:FuzzClientHelloSNI \
-	./netstack/tunlink:FuzzInbound
+	./netstack/tunlink:FuzzInbound \
+	./tlshello:FuzzParse
 
-.PHONY: all build test unit fuzz-smoke fuzz bench bench-egress bench-streams bench-vm lint run initramfs vm clean
+.PHONY: all build test unit fuzz-smoke fuzz diff-ref bench bench-egress bench-streams bench-vm lint run initramfs vm vm-audit setup-vm setup-test clean
 
 all: build
 
 build:
+	@echo "go build: $(BUILD)/agentd, $(BUILD)/agentctl"
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/agentd ./cmd/agentd
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/agentctl ./cmd/agentctl
 
-# The full suite, as CI runs it: lint, a short run of every fuzzer, then the race-enabled tests.
-test: lint fuzz-smoke unit
+# The full suite, as CI runs it: the set-up check, lint, a short run of every fuzzer, then the
+# race-enabled tests.
+test: setup-test lint fuzz-smoke unit
+
+# What make vm and make test need: checked, and installed with apt as root (scripts/setup.sh).
+setup-vm:
+	@scripts/setup.sh vm
+
+setup-test:
+	@scripts/setup.sh test
 
 unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
@@ -54,6 +69,13 @@ fuzz-smoke:
 fuzz:
 	$(GO) test ./protocol -run '^$$' -fuzz '^FuzzFrameEnvelope$$' -fuzztime $(FUZZTIME)
 
+# The differential test against the model of the reference agent (internal/testkit/refmodel), longer
+# than in make test: make diff-ref N=5000 SEED=7 (needs root: its exec cases switch users).
+N    ?= 3000
+SEED ?= $(shell date +%s)
+diff-ref:
+	$(GO) test ./internal/testkit/refmodel -run '^TestDifferential$$' -count=1 -timeout 60m -v -args -cases $(N) -seed $(SEED) | grep -v '^=== '
+
 # Two reports: over a pty (a slow channel, like virtio-serial: the channel is the limit) and over
 # a unix socket (a fast channel: agentd is also compared with a plain-copy relay).
 bench:
@@ -69,7 +91,7 @@ bench-egress:
 bench-streams:
 	$(GO) test ./bench -run TestStreamsReport -count=1 -v -args -streams
 
-# Boot the microVM 5 times: boot-to-ready, agentd's init_time_ns, artifact sizes.
+# Boot the microVM 5 times on each machine: boot-to-ready, agentd's init_time_ns, artifact sizes.
 bench-vm:
 	$(GO) test ./bench -run TestBootReport -count=1 -v -args -report -boots 5
 
@@ -79,11 +101,15 @@ lint:
 
 # build/initramfs.cpio.gz (agentd as /init, busybox, kernel modules) and build/vmlinuz.
 initramfs: build
-	scripts/mkinitramfs.sh $(BUILD)
+	@scripts/mkinitramfs.sh $(BUILD)
 
-# Boot a microVM with agentd as PID 1 and serve its channel (see README).
-vm: initramfs
-	scripts/run-vm.sh
+# Boot a microVM with agentd as PID 1 and serve its channel (see README); vm-audit follows the
+# egress audit of the newest one.
+vm: setup-vm initramfs
+	@scripts/run-vm.sh
+
+vm-audit:
+	@scripts/run-vm.sh audit
 
 # Run the agent and a relay on this machine, with a forward through them (see README).
 run: build

@@ -1,5 +1,5 @@
 // Package agent is agentd's loop: the init handshake on the channel, then one reader that
-// decodes host frames and dispatches them by type and id to sessions, and the mux writer that
+// decodes host frames and dispatches them by type and id to sessions, and the fair writer (sessionio) that
 // sends their output fairly. Bad input is answered with core.error and the loop goes on; only
 // a frame-level desync (a length prefix over the cap) ends it.
 package agent
@@ -11,20 +11,20 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/fs"
 	"github.com/agentd/agentd/heartbeat"
-	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/hostdial"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
-	"github.com/agentd/agentd/streams"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // ErrShutdown is returned by Serve when the host sent core.shutdown.
@@ -33,7 +33,20 @@ var ErrShutdown = errors.New("shutdown requested by host")
 // Config configures the agent. Zero fields take sensible defaults.
 type Config struct {
 	Port io.ReadWriteCloser
-	Log  *slog.Logger
+	// Frames reads Port, when the boot already read from it (its first frame, core.bootstrap):
+	// whatever it holds past what was read is the agent's (default: a new reader on Port).
+	Frames *protocol.FrameReader
+	Log    *slog.Logger
+
+	// Generation is the protocol generation announced in core.ready and stamped on every
+	// frame: protocol.Version by default; lower (down to 5) to behave as an agent of that
+	// generation does, which knows no later type and ignores a bulk offer.
+	Generation uint8
+	// BootError, when set, is why the boot configuration could not be used (a bad or missing
+	// core.bootstrap). The agent then comes up only far enough to say so: the handshake and
+	// core.ready, a core.error on id 0, and every session start is answered with its terminal
+	// failure carrying this text; nothing runs.
+	BootError string
 
 	// DefaultUser is reported in core.init.resolved.
 	DefaultUser protocol.UserIDs
@@ -47,6 +60,9 @@ type Config struct {
 	BootTimeNs, InitTimeNs uint64
 	// Features are the extensions this agent offers; a host gets those it asks for.
 	Features []string
+	// Announce are names core.ready's features carry whatever the host asked for: warnings a
+	// host should see even if it knows no extension (egress-advisory).
+	Announce []string
 	// HeartbeatPath is where the heartbeat file is written ("" = none), every
 	// HeartbeatInterval (default 1 s).
 	HeartbeatPath     string
@@ -57,21 +73,46 @@ type Config struct {
 	// TCPBufferBudget caps the bytes buffered by all TCP sessions together, per direction, on
 	// top of the per-session limits in Relay: many sessions cannot add up to unbounded memory.
 	TCPBufferBudget int64
+	// ExecStdinBudget caps host stdin bytes queued for all exec children together;
+	// FsWriteBudget caps host bytes queued for the disk by all fs writes together. Each is its
+	// own budget: a busy direction of one kind never starves another kind.
+	ExecStdinBudget, FsWriteBudget int64
 
 	// Streams, when set, is offered to the host as feature "streams" (guest-initiated
 	// streams) and attached to the channel if the host enables it.
-	Streams *streams.Endpoint
+	Streams *hostdial.Endpoint
+	// Policy, when set, is offered as feature "policy": the host owns the egress policy and
+	// sets it with agentd.policy.set (the only way it changes once agentd runs).
+	Policy PolicyControl
+	// Audit, when set, is offered as feature "audit": every egress decision record also goes
+	// to the host, as agentd.audit.records frames.
+	Audit AuditSource
 
 	Relay relay.Options
 	Exec  exec.Options
 	Fs    fs.Options
-	Mux   mux.Options
+	Mux   sessionio.WriterOptions
 }
 
-// Defaults for the session cap and the shared buffer budget.
+// PolicyControl is the egress policy the host owns (gateway.Gateway).
+type PolicyControl interface {
+	SetPolicy(doc []byte) protocol.PolicyState
+	PolicyState(doc bool) protocol.PolicyState
+}
+
+// AuditSource gives the audit records meant for the host (egress.Audit): JSON lines on a
+// bounded channel, closed when the audit ends, and how many records the host has lost.
+type AuditSource interface {
+	Host() <-chan []byte
+	Lost() int64
+}
+
+// Defaults for the session cap and the shared buffer budgets.
 const (
 	DefaultMaxTCPSessions  = 4096
 	DefaultTCPBufferBudget = 64 << 20
+	DefaultExecStdinBudget = 64 << 20
+	DefaultFsWriteBudget   = 64 << 20
 )
 
 // DefaultInitAckTimeout is the reference's INIT_ACK_TIMEOUT_SECS.
@@ -85,8 +126,9 @@ type Agent struct {
 	cfg     Config
 	log     *slog.Logger
 	fr      *protocol.FrameReader
-	out     *mux.Writer
+	out     *sessionio.Writer
 	fs      *fs.Service
+	gen     uint8 // announced
 	hostGen uint8
 	enabled []string // features negotiated with the host
 
@@ -109,27 +151,66 @@ func New(cfg Config) *Agent {
 	if cfg.Features == nil {
 		cfg.Features = []string{protocol.FeatureFlow}
 	}
-	if cfg.Streams != nil && !protocol.HasFeature(cfg.Features, protocol.FeatureStreams) {
-		cfg.Features = append(cfg.Features, protocol.FeatureStreams)
+	offer := func(on bool, feature string) {
+		if on && !protocol.HasFeature(cfg.Features, feature) {
+			cfg.Features = append(cfg.Features, feature)
+		}
 	}
+	offer(cfg.Streams != nil, protocol.FeatureStreams)
+	offer(cfg.Policy != nil, protocol.FeaturePolicy)
+	offer(cfg.Audit != nil, protocol.FeatureAudit)
 	if cfg.MaxTCPSessions <= 0 {
 		cfg.MaxTCPSessions = DefaultMaxTCPSessions
 	}
-	if cfg.TCPBufferBudget <= 0 {
-		cfg.TCPBufferBudget = DefaultTCPBufferBudget
+	budget := func(b **sessionio.Budget, limit *int64, def int64) {
+		if *b != nil { // the caller made its own
+			return
+		}
+		if *limit <= 0 {
+			*limit = def
+		}
+		*b = sessionio.NewBudget(*limit)
 	}
-	cfg.Relay.Inbound = budget.New(cfg.TCPBufferBudget)
-	cfg.Relay.Outbound = budget.New(cfg.TCPBufferBudget)
-	cfg.Exec.StdinBudget = budget.New(cfg.TCPBufferBudget)
-	cfg.Fs.WriteBudget = budget.New(cfg.TCPBufferBudget)
-	return &Agent{cfg: cfg, log: cfg.Log, fr: protocol.NewFrameReader(cfg.Port),
+	budget(&cfg.Relay.Inbound, &cfg.TCPBufferBudget, DefaultTCPBufferBudget)
+	budget(&cfg.Relay.Outbound, &cfg.TCPBufferBudget, DefaultTCPBufferBudget)
+	budget(&cfg.Exec.StdinBudget, &cfg.ExecStdinBudget, DefaultExecStdinBudget)
+	budget(&cfg.Fs.WriteBudget, &cfg.FsWriteBudget, DefaultFsWriteBudget)
+	if cfg.Generation == 0 || cfg.Generation > protocol.Version {
+		cfg.Generation = protocol.Version
+	}
+	cfg.Generation = max(cfg.Generation, protocol.TypeError.Info().Generation)
+	cfg.Mux.Generation = cfg.Generation
+	fr := cfg.Frames
+	if fr == nil {
+		fr = protocol.NewFrameReader(cfg.Port)
+	}
+	return &Agent{cfg: cfg, log: cfg.Log, fr: fr, gen: cfg.Generation,
 		tcp: map[uint32]*relay.Session{}, execs: map[uint32]*exec.Session{}}
+}
+
+// frame builds a frame of the announced generation (before the writer runs).
+func (a *Agent) frame(id uint32, t protocol.Type, v any) ([]byte, error) {
+	p, err := protocol.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	return protocol.AppendMessageV(nil, a.gen, id, t, p)
 }
 
 // Handshake sends core.init.resolved and waits for core.init.ack, as the reference does
 // during init. Any other first frame, a timeout or EOF is an error.
 func (a *Agent) Handshake() error {
-	frame, err := protocol.EncodeFrame(0, protocol.TypeInitResolved, protocol.InitResolved{DefaultUser: a.cfg.DefaultUser})
+	if a.cfg.BootError != "" { // in the channel's log; a relay drops it before ready
+		f, err := a.frame(0, protocol.TypeError, protocol.CoreError{Kind: protocol.KindInvalidPayload,
+			Message: a.cfg.BootError, OffendingType: protocol.TypeBootstrap.String()})
+		if err != nil {
+			return err
+		}
+		if _, err := a.cfg.Port.Write(f); err != nil {
+			return fmt.Errorf("send core.error: %w", err)
+		}
+	}
+	frame, err := a.frame(0, protocol.TypeInitResolved, protocol.InitResolved{DefaultUser: a.cfg.DefaultUser})
 	if err != nil {
 		return err
 	}
@@ -197,7 +278,7 @@ func (a *Agent) deadline(d time.Duration) func() {
 // core.shutdown (ErrShutdown) or the channel fails. Every session is ended before it returns.
 func (a *Agent) Serve(ctx context.Context) error {
 	a.cfg.Mux.Observe = a.observe
-	a.out = mux.NewWriter(a.cfg.Port, a.cfg.Mux)
+	a.out = sessionio.NewWriter(a.cfg.Port, a.cfg.Mux)
 	a.fs = fs.New(a.out, a.cfg.Fs, a.log)
 	if a.cfg.Streams != nil && protocol.HasFeature(a.enabled, protocol.FeatureStreams) {
 		a.cfg.Streams.Attach(a.out)
@@ -214,21 +295,32 @@ func (a *Agent) Serve(ctx context.Context) error {
 		InitTimeNs:   a.cfg.InitTimeNs,
 		ReadyTimeNs:  BootTimeNs(),
 		AgentVersion: protocol.AgentVersion,
-		Features:     a.enabled,
+		Features:     append(slices.Clip(a.enabled), a.cfg.Announce...),
 	}
 	if err := a.out.ControlMsg(ctx, 0, protocol.TypeReady, ready); err != nil {
 		return err
 	}
 	if a.cfg.HeartbeatPath != "" {
 		hctx, stop := context.WithCancel(ctx)
-		defer stop()
 		interval := a.cfg.HeartbeatInterval
 		if interval <= 0 {
 			interval = time.Second
 		}
-		go heartbeat.Run(hctx, a.cfg.HeartbeatPath, interval, &a.act, func() (int, int, int) {
-			return a.ExecSessions(), a.fs.Streams(), a.Sessions()
-		})
+		beat := make(chan struct{})
+		go func() {
+			defer close(beat)
+			heartbeat.Run(hctx, a.cfg.HeartbeatPath, interval, &a.act, func() (int, int, int) {
+				st := a.Stats()
+				return st.ExecSessions, st.FsStreams, st.TCPSessions
+			})
+		}()
+		defer func() { stop(); <-beat }() // joined: no write after Serve returns
+	}
+	if a.cfg.Audit != nil && protocol.HasFeature(a.enabled, protocol.FeatureAudit) {
+		actx, stop := context.WithCancel(ctx)
+		pumped := make(chan struct{})
+		go func() { defer close(pumped); a.pumpAudit(actx) }()
+		defer func() { stop(); <-pumped }()
 	}
 	readErr := make(chan error, 1)
 	go func() { readErr <- a.readLoop(ctx) }()
@@ -256,6 +348,10 @@ func (a *Agent) Serve(ctx context.Context) error {
 	}
 }
 
+// Buffered returns what the agent's frame reader read past the last frame it returned (for
+// handing the channel to another process, see Adopt).
+func (a *Agent) Buffered() []byte { return a.fr.Buffered() }
+
 func (a *Agent) readLoop(ctx context.Context) error {
 	for {
 		f, err := a.fr.Next()
@@ -277,16 +373,18 @@ func (a *Agent) readLoop(ctx context.Context) error {
 	}
 }
 
-// observe counts every frame the writer sends (core.ready excepted, as in the reference).
+// observe counts every frame the writer sends, but maintenance traffic (core.ready, as in the
+// reference), and the data bytes per family.
 func (a *Agent) observe(t protocol.Type, n int) {
-	switch t {
-	case protocol.TypeReady:
+	if !t.CountsAsActivity() {
 		return
-	case protocol.TypeExecStdout, protocol.TypeExecStderr:
+	}
+	switch {
+	case t.IsData() && t.Info().Family == protocol.FamilyExec:
 		a.act.ExecOutputBytes.Add(uint64(n))
-	case protocol.TypeFsData:
+	case t.IsData() && t.Info().Family == protocol.FamilyFs:
 		a.act.FsBytes.Add(uint64(n))
-	case protocol.TypeTCPData:
+	case t.IsData() && t.Info().Family == protocol.FamilyTCP:
 		a.act.TCPBytes.Add(uint64(n))
 	}
 	a.act.GuestMessage()
@@ -301,6 +399,9 @@ func hungUp(err error) bool {
 // handle processes one frame. It returns an error only to end the loop (shutdown, or the
 // writer is gone); everything the host got wrong is answered on the frame's id.
 func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
+	if f.Flags == protocol.FlagBulk && a.gen >= protocol.TypeBulkAccepted.Info().Generation {
+		return a.record(ctx, f)
+	}
 	m, err := protocol.DecodeMessage(f)
 	if err != nil {
 		var ee *protocol.EnvelopeError
@@ -315,10 +416,55 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		return a.reject(ctx, m.ID, m.V, protocol.KindInvalidFlags,
 			fmt.Sprintf("invalid flags for %s: got %d, expected %d", m.Type, m.Flags, want), m.Type.String())
 	}
-	if m.Type != protocol.TypeClockSync {
-		a.act.HostMessage()
+	// A type of a later generation than the one announced, or a later generation's guest ->
+	// host type, is answered as an unknown type is. (Generation-5 guest -> host types are
+	// ignored below, as by the reference.)
+	if info := m.Type.Info(); info.Generation > a.gen || !info.Extension && !info.Dir.From(true) && info.Generation > 5 {
+		return a.reject(ctx, m.ID, m.V, protocol.KindUnsupportedMessageType,
+			fmt.Sprintf("unsupported message type %s from the host", m.Type), m.Type.String())
+	}
+	var seq uint64
+	if m.Type.CountsAsActivity() {
+		seq = a.act.HostMessage()
+	}
+	if a.cfg.BootError != "" && m.Flags&protocol.FlagSessionStart != 0 {
+		return a.refuseSession(ctx, m)
 	}
 	switch m.Type {
+	case protocol.TypePing:
+		var p protocol.Empty
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypePong, protocol.Empty{})
+	case protocol.TypeTouch:
+		var p protocol.Empty
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeTouched, protocol.Touched{ActivitySeq: seq})
+	case protocol.TypeRootDiskPrepare, protocol.TypeRootDiskGrow:
+		var p protocol.RootDiskSize
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		return a.reject(ctx, m.ID, m.V, protocol.KindCapabilityUnavailable,
+			"this guest cannot resize its root disk online", m.Type.String())
+	case protocol.TypeWorkloadFreeze, protocol.TypeWorkloadThaw:
+		var p struct {
+			AttemptID string `cbor:"attempt_id" req:"1"`
+		}
+		if err := a.decode(ctx, &m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeError, protocol.CoreError{Kind: protocol.KindCapabilityUnavailable,
+			Message: "this guest has no workload freezer", OffendingType: m.Type.String(),
+			WorkloadFailure: &protocol.WorkloadFailure{AttemptID: p.AttemptID, Disposition: protocol.WorkloadUnavailable}})
+	case protocol.TypeBootstrap:
+		return a.reject(ctx, m.ID, m.V, protocol.KindUnsupportedMessageType,
+			"core.bootstrap is only taken as the first console frame, before init", m.Type.String())
+	case protocol.TypeBulkCredit, protocol.TypeBulkFinish, protocol.TypeBulkCancel:
+		return a.bulkControl(ctx, &m)
 	case protocol.TypeShutdown:
 		a.log.Info("shutdown requested by host")
 		return ErrShutdown
@@ -344,7 +490,10 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if !protocol.HasFeature(a.enabled, protocol.FeatureFlow) {
 			p.Window = 0 // flow control only for a host that negotiated it
 		}
-		return a.startTCP(ctx, m.ID, p)
+		if a.gen < protocol.TypeBulkAccepted.Info().Generation {
+			p.Bulk = nil // an agent of an older generation knows no such key
+		}
+		return a.startTCP(ctx, m.ID, m.V, p)
 	case protocol.TypeTCPData:
 		data, err := protocol.DecodeData(m.Payload)
 		if err != nil {
@@ -367,8 +516,9 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		}
 		if s := a.lookupTCP(m.ID); s != nil {
 			if m.Type == protocol.TypeTCPClose {
-				s.Abort()
+				s.Close()
 			} else if err := s.CloseWrite(); err != nil {
+				s.Abort()
 				return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed, protocol.TCPFailed{Error: err.Error()})
 			}
 		}
@@ -392,7 +542,7 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if !protocol.HasFeature(a.enabled, protocol.FeatureFlow) {
 			req.Window = 0
 		}
-		return a.startExec(ctx, m.ID, req)
+		return a.startExec(ctx, m.ID, m.V, req)
 	case protocol.TypeExecStdin:
 		data, err := protocol.DecodeData(m.Payload)
 		if err != nil {
@@ -422,7 +572,11 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 		if err := a.decode(ctx, &m, &p); err != nil {
 			return ignoreBad(err)
 		}
-		a.fs.Request(ctx, m.ID, p.Op, protocol.HasFeature(a.enabled, protocol.FeatureFlow))
+		if p.Bulk != nil && a.gen >= protocol.TypeBulkAccepted.Info().Generation {
+			a.fs.RequestBulk(ctx, m.ID, p.Op, *p.Bulk, m.V)
+		} else { // an agent of an older generation knows no bulk key
+			a.fs.Request(ctx, m.ID, p.Op, protocol.HasFeature(a.enabled, protocol.FeatureFlow))
+		}
 	case protocol.TypeFsData:
 		data, err := protocol.DecodeData(m.Payload)
 		if err != nil {
@@ -433,6 +587,22 @@ func (a *Agent) handle(ctx context.Context, f protocol.Frame) error {
 			msg := fmt.Sprintf("unknown write session: %d", m.ID)
 			return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
 		}
+	case protocol.TypePolicySet, protocol.TypePolicyGet:
+		if a.cfg.Policy == nil || !protocol.HasFeature(a.enabled, protocol.FeaturePolicy) {
+			return a.reject(ctx, m.ID, m.V, protocol.KindUnsupportedMessageType,
+				fmt.Sprintf("%s: the host did not negotiate feature %q", m.Type, protocol.FeaturePolicy), m.Type.String())
+		}
+		var st protocol.PolicyState
+		if m.Type == protocol.TypePolicySet {
+			var p protocol.PolicySet
+			if err := a.decode(ctx, &m, &p); err != nil {
+				return ignoreBad(err)
+			}
+			st = a.cfg.Policy.SetPolicy(p.Document)
+		} else {
+			st = a.cfg.Policy.PolicyState(true)
+		}
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypePolicyState, st)
 	case protocol.TypeStreamOpened, protocol.TypeStreamData, protocol.TypeStreamEOF, protocol.TypeStreamClose, protocol.TypeStreamCredit:
 		if a.cfg.Streams == nil || !protocol.HasFeature(a.enabled, protocol.FeatureStreams) {
 			return nil // never opened any: nothing to route to
@@ -482,7 +652,87 @@ func (a *Agent) reject(ctx context.Context, id uint32, v uint8, kind, msg, offen
 	return a.out.ControlMsg(ctx, id, protocol.TypeError, protocol.CoreError{Kind: kind, Message: msg, OffendingType: offending})
 }
 
-func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) error {
+// record routes a raw bulk record to its session. A record that is not well formed, or that
+// its session's flow does not allow, fails that session; one for no session is answered as
+// data for no session is (core.tcp.data, core.fs.data).
+func (a *Agent) record(ctx context.Context, f protocol.Frame) error {
+	a.act.HostMessage()
+	r, err := protocol.ParseBulkRecord(f)
+	if s := a.lookupTCP(f.ID); s != nil {
+		a.act.TCPBytes.Add(uint64(len(r.Payload)))
+		if err != nil {
+			s.Fail("invalid TCP bulk record: " + err.Error())
+		} else {
+			s.Record(r)
+		}
+		return nil
+	}
+	if err == nil && r.Kind == protocol.BulkFS {
+		a.act.FsBytes.Add(uint64(len(r.Payload)))
+		if a.fs.Record(r) {
+			return nil
+		}
+		msg := fmt.Sprintf("unknown write session: %d", f.ID)
+		return a.out.ControlMsg(ctx, f.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+	}
+	return a.out.ControlMsg(ctx, f.ID, protocol.TypeTCPFailed,
+		protocol.TCPFailed{Error: fmt.Sprintf("unknown TCP session: %d", f.ID)})
+}
+
+// bulkControl routes core.bulk.credit, finish and cancel to their TCP session or fs stream; for
+// neither they are ignored, as credit is.
+func (a *Agent) bulkControl(ctx context.Context, m *protocol.Message) error {
+	s := a.lookupTCP(m.ID)
+	switch m.Type {
+	case protocol.TypeBulkCredit:
+		var p protocol.BulkCredit
+		if err := a.decode(ctx, m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s != nil {
+			s.BulkCredit(p)
+		} else {
+			a.fs.BulkControl(m.ID, p)
+		}
+	case protocol.TypeBulkFinish:
+		var p protocol.BulkFinish
+		if err := a.decode(ctx, m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s != nil {
+			s.BulkFinish(p)
+		} else {
+			a.fs.BulkControl(m.ID, p)
+		}
+	case protocol.TypeBulkCancel:
+		var p protocol.BulkCancel
+		if err := a.decode(ctx, m, &p); err != nil {
+			return ignoreBad(err)
+		}
+		if s != nil {
+			s.BulkCancel(p)
+		} else {
+			a.fs.BulkControl(m.ID, p)
+		}
+	}
+	return nil
+}
+
+// refuseSession answers a session start after a failed boot with its terminal failure.
+func (a *Agent) refuseSession(ctx context.Context, m protocol.Message) error {
+	msg := "agent not configured: " + a.cfg.BootError
+	switch m.Type {
+	case protocol.TypeExecRequest:
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeExecFailed, protocol.ExecFailed{Kind: protocol.ExecOther, Message: msg})
+	case protocol.TypeFsRequest:
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeFsResponse, protocol.FsResponse{Error: &msg})
+	case protocol.TypeTCPConnect:
+		return a.out.ControlMsg(ctx, m.ID, protocol.TypeTCPFailed, protocol.TCPFailed{Error: msg})
+	}
+	return a.reject(ctx, m.ID, m.V, protocol.KindInvalidSession, msg, m.Type.String())
+}
+
+func (a *Agent) startTCP(ctx context.Context, id uint32, v uint8, p protocol.TCPConnect) error {
 	a.mu.Lock()
 	old, n := a.tcp[id], len(a.tcp)
 	a.mu.Unlock()
@@ -493,7 +743,7 @@ func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) 
 			Error: fmt.Sprintf("connect %s:%d: too many TCP sessions (limit %d)", p.Host, p.Port, a.cfg.MaxTCPSessions)})
 	}
 	a.all.Add(1)
-	s := relay.New(id, p, a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
+	s := relay.New(id, p, min(v, a.gen), a.out, a.cfg.Relay, a.log, func(s *relay.Session) {
 		a.mu.Lock()
 		if a.tcp[s.ID()] == s {
 			delete(a.tcp, s.ID())
@@ -508,9 +758,11 @@ func (a *Agent) startTCP(ctx context.Context, id uint32, p protocol.TCPConnect) 
 	return nil
 }
 
-func (a *Agent) startExec(ctx context.Context, id uint32, req protocol.ExecRequest) error {
+func (a *Agent) startExec(ctx context.Context, id uint32, v uint8, req protocol.ExecRequest) error {
 	a.all.Add(1)
-	s, failed := exec.Start(id, req, a.out, a.cfg.Exec, a.log, func(s *exec.Session) {
+	opts := a.cfg.Exec
+	opts.Groups = min(v, a.gen) > protocol.ReferenceGeneration
+	s, failed := exec.Start(id, req, a.out, opts, a.log, func(s *exec.Session) {
 		a.mu.Lock()
 		if a.execs[s.ID()] == s {
 			delete(a.execs, s.ID())
@@ -551,12 +803,22 @@ func (a *Agent) closeRange(start, end uint32) {
 			victims = append(victims, s)
 		}
 	}
+	var execs []*exec.Session
+	for id, s := range a.execs {
+		if id >= start && id < end && s.Groups() { // a 0.5.7 host's relay sends exec.signal 9 itself
+			execs = append(execs, s)
+		}
+	}
 	a.mu.Unlock()
 	for _, s := range victims {
 		s.Abort()
 	}
+	for _, s := range execs { // their process groups (the relay may also send exec.signal 9)
+		s.Kill(syscall.SIGKILL)
+	}
 	nfs := a.fs.CloseRange(start, end)
-	a.log.Info("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims), "closed_fs", nfs)
+	a.log.Debug("relay client disconnected", "id_start", start, "id_end_exclusive", end, "closed_tcp", len(victims),
+		"killed_exec", len(execs), "closed_fs", nfs)
 }
 
 // abortAll ends every session: TCP sessions at once, exec children with sig.
@@ -582,26 +844,21 @@ func (a *Agent) abortAll(sig syscall.Signal) {
 	}
 }
 
-// FsHandles returns the open filesystem handles and streams.
-func (a *Agent) FsHandles() int {
-	if a.fs == nil {
-		return 0
+// Stats are the agent's live sessions.
+type Stats struct {
+	ExecSessions, TCPSessions int
+	FsHandles, FsStreams      int // open handles; read and write streams
+}
+
+// Stats counts the live sessions (the heartbeat's gauges; leak checks in tests).
+func (a *Agent) Stats() Stats {
+	a.mu.Lock()
+	st := Stats{ExecSessions: len(a.execs), TCPSessions: len(a.tcp)}
+	a.mu.Unlock()
+	if a.fs != nil {
+		st.FsHandles, st.FsStreams = a.fs.Counts()
 	}
-	return a.fs.Handles() + a.fs.Streams()
-}
-
-// ExecSessions returns the number of live exec sessions.
-func (a *Agent) ExecSessions() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return len(a.execs)
-}
-
-// Sessions returns the number of live TCP sessions (for tests and the heartbeat).
-func (a *Agent) Sessions() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return len(a.tcp)
+	return st
 }
 
 // BootTimeNs reads CLOCK_BOOTTIME in nanoseconds.
@@ -638,3 +895,48 @@ func ClockDriftExceeds(guestNs, hostNs int64) bool {
 
 // SetInitTime records the init duration reported in core.ready (known only after Handshake).
 func (a *Agent) SetInitTime(ns uint64) { a.cfg.InitTimeNs = ns }
+
+// Audit batches: at most this many records, or bytes of them, per agentd.audit.records frame.
+const (
+	auditBatchRecords = 256
+	auditBatchBytes   = 48 << 10
+)
+
+// pumpAudit sends the audit's host records to the host in batches, on a queue of its own
+// (a fair share of the channel, behind no session's data and ahead of none). When the host
+// reads slowly this waits, and the audit drops and counts what it cannot hand over: the data
+// path never waits for it.
+func (a *Agent) pumpAudit(ctx context.Context) {
+	lines := a.cfg.Audit.Host()
+	q := a.out.NewQueue(auditBatchBytes*2, auditBatchBytes)
+	defer q.Close()
+	for {
+		var batch protocol.AuditRecords
+		size := 0
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				return
+			}
+			batch.Records, size = append(batch.Records, l), len(l)
+		case <-ctx.Done():
+			return
+		}
+	more:
+		for len(batch.Records) < auditBatchRecords && size < auditBatchBytes {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					break more
+				}
+				batch.Records, size = append(batch.Records, l), size+len(l)
+			default:
+				break more
+			}
+		}
+		batch.Dropped = uint64(a.cfg.Audit.Lost())
+		if q.PushMsg(ctx, 0, protocol.TypeAuditRecords, batch) != nil {
+			return
+		}
+	}
+}

@@ -4,9 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,8 +17,8 @@ import (
 
 	"github.com/agentd/agentd/exec"
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/scenario"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/scenario"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
 	"github.com/agentd/agentd/relay"
 )
@@ -29,6 +31,12 @@ type harness struct {
 
 // start runs an agent in-process on one end of a socket pair and a host client on the other.
 func start(t *testing.T, features []string, cfg Config) *harness {
+	t.Helper()
+	return startHost(t, host.Options{Features: features}, cfg)
+}
+
+// startHost is start with the host client's options (its generation, say).
+func startHost(t *testing.T, opts host.Options, cfg Config) *harness {
 	t.Helper()
 	agentEnd, hostEnd := testutil.SocketPair(t)
 	cfg.Port = agentEnd
@@ -48,7 +56,7 @@ func start(t *testing.T, features []string, cfg Config) *harness {
 		h.served <- a.Serve(context.Background())
 		agentEnd.Close()
 	}()
-	c, err := host.Direct(hostEnd, host.Options{Features: features})
+	c, err := host.Direct(hostEnd, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,17 +94,24 @@ func TestConnectTimeout(t *testing.T) {
 }
 
 // TestScenarios runs the shared core.tcp behaviour tests against an in-process agent, with
-// goroutine and fd leak checks around each.
+// goroutine and fd leak checks around each: with a host at generation 5 (CBOR core.tcp.data,
+// agentd's flow extension or none) and at the newest (raw bulk records).
 func TestScenarios(t *testing.T) {
-	scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
-		testutil.Leaks(t)
-		h := start(t, features, Config{})
-		return scenario.Agent{
-			Client:   h.c,
-			Sessions: h.a.Sessions,
-			Idle:     func(t *testing.T) { testutil.WaitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end") },
-		}
-	})
+	for _, gen := range []uint8{5, protocol.Version} {
+		t.Run(fmt.Sprintf("gen%d", gen), func(t *testing.T) {
+			scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
+				testutil.Leaks(t)
+				h := startHost(t, host.Options{Features: features, Generation: gen}, Config{})
+				return scenario.Agent{
+					Client:   h.c,
+					Sessions: func() int { return h.a.Stats().TCPSessions },
+					Idle: func(t *testing.T) {
+						testutil.WaitFor(t, func() bool { return h.a.Stats().TCPSessions == 0 }, "sessions to end")
+					},
+				}
+			})
+		})
+	}
 }
 
 // TestExecScenarios runs the shared exec behaviour tests against an in-process agent.
@@ -108,7 +123,7 @@ func TestExecScenarios(t *testing.T) {
 		return scenario.Agent{
 			Client: h.c,
 			Idle: func(t *testing.T) {
-				testutil.WaitFor(t, func() bool { return h.a.ExecSessions() == 0 }, "exec sessions to end")
+				testutil.WaitFor(t, func() bool { return h.a.Stats().ExecSessions == 0 }, "exec sessions to end")
 			},
 		}
 	})
@@ -116,11 +131,15 @@ func TestExecScenarios(t *testing.T) {
 
 // TestFsScenarios runs the shared filesystem behaviour tests against an in-process agent.
 func TestFsScenarios(t *testing.T) {
-	scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
-		testutil.Leaks(t)
-		h := start(t, features, Config{})
-		return scenario.Agent{Client: h.c, Idle: func(*testing.T) {}}
-	}, 8<<20)
+	for _, gen := range []uint8{5, protocol.Version} {
+		t.Run(fmt.Sprintf("gen%d", gen), func(t *testing.T) {
+			scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
+				testutil.Leaks(t)
+				h := startHost(t, host.Options{Features: features, Generation: gen}, Config{})
+				return scenario.Agent{Client: h.c, Idle: func(*testing.T) {}}
+			}, 8<<20)
+		})
+	}
 }
 
 // TestMain lets the test binary act as agentd's pre-exec helper, as agentd itself does.
@@ -162,7 +181,7 @@ func TestShutdown(t *testing.T) {
 		t.Fatalf("served returned %v", err)
 	}
 	h.served <- err
-	if n := h.a.Sessions(); n != 0 {
+	if n := h.a.Stats().TCPSessions; n != 0 {
 		t.Fatalf("%d sessions left after shutdown", n)
 	}
 }
@@ -226,7 +245,7 @@ func relayOpts(f func(*relay.Options)) relay.Options {
 // hangingDialer never connects: it models a destination that drops SYNs.
 type hangingDialer struct{}
 
-func (hangingDialer) DialContext(ctx context.Context, _, _ string) (net.Conn, error) {
+func (hangingDialer) Dial(ctx context.Context, _ string, _ []netip.AddrPort) (net.Conn, error) {
 	<-ctx.Done()
 	return nil, ctx.Err()
 }
@@ -251,7 +270,7 @@ func TestSessionCap(t *testing.T) {
 	for _, c := range open {
 		c.Close()
 	}
-	testutil.WaitFor(t, func() bool { return h.a.Sessions() == 0 }, "sessions to end")
+	testutil.WaitFor(t, func() bool { return h.a.Stats().TCPSessions == 0 }, "sessions to end")
 	c, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
 	if err != nil {
 		t.Fatalf("connect after the others closed: %v", err)
@@ -265,7 +284,8 @@ func TestBufferBudget(t *testing.T) {
 	const budget = 512 << 10
 	stalled := make(chan *net.TCPConn, 8)
 	srv := testutil.Serve(t, func(c *net.TCPConn) { c.SetReadBuffer(4096); stalled <- c })
-	h := start(t, []string{}, Config{TCPBufferBudget: budget}) // stock host: the reader waits
+	// A stock generation-5 host: the reader waits (TestBulkBudget has the bulk path).
+	h := startHost(t, host.Options{Features: []string{}, Generation: 5}, Config{TCPBufferBudget: budget})
 	var conns []*host.TCPConn
 	for i := 0; i < 4; i++ {
 		c, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
@@ -305,7 +325,8 @@ func TestBufferBudget(t *testing.T) {
 func TestHeartbeat(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "heartbeat.json")
 	srv := testutil.Serve(t, testutil.Echo)
-	h := start(t, []string{}, Config{HeartbeatPath: path, HeartbeatInterval: 5 * time.Millisecond}) // no credit frames
+	// A generation-5 host without credit frames: every frame is counted here.
+	h := startHost(t, host.Options{Features: []string{}, Generation: 5}, Config{HeartbeatPath: path, HeartbeatInterval: 5 * time.Millisecond})
 	conn, err := h.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
 	if err != nil {
 		t.Fatal(err)

@@ -7,7 +7,7 @@ import (
 	"strconv"
 	"testing"
 
-	"github.com/agentd/agentd/internal/nettest"
+	"github.com/agentd/agentd/internal/testkit/nettest"
 )
 
 var streamsReport = flag.Bool("streams", false, "run the guest-initiated streams benchmark and print its report")

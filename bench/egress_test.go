@@ -18,8 +18,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 var (
@@ -419,7 +419,7 @@ func startNetstack(t *testing.T, bin, link string, mtu int, profileName string) 
 	if *egressProfile != "" && profileName != "" {
 		args = append(args, "--cpu-profile", filepath.Join(*egressProfile, profileName+".pprof"))
 	}
-	_, cmd := startBinaryCmd(t, bin, args...)
+	_, cmd := startBinaryCmd(t, bin, 0, args...)
 	return tp, cmd.Process.Pid
 }
 

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/vm"
+	"github.com/agentd/agentd/internal/testkit/vm"
 )
 
 var (

@@ -3,12 +3,15 @@
 package channel
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -20,21 +23,24 @@ const PortName = "agent"
 const VirtioPortsDir = "/sys/class/virtio-ports"
 
 // Discover finds the device of the virtio port whose sysfs name is PortName.
-func Discover(sysDir string) (string, error) {
+func Discover(sysDir string) (string, error) { return DiscoverNamed(sysDir, PortName) }
+
+// DiscoverNamed finds the device of the virtio port whose sysfs name is name.
+func DiscoverNamed(sysDir, name string) (string, error) {
 	entries, err := os.ReadDir(sysDir)
 	if err != nil {
 		return "", fmt.Errorf("serial port not found: read %s: %w", sysDir, err)
 	}
 	for _, e := range entries {
-		name, err := os.ReadFile(filepath.Join(sysDir, e.Name(), "name"))
+		n, err := os.ReadFile(filepath.Join(sysDir, e.Name(), "name"))
 		if err != nil {
 			continue
 		}
-		if strings.TrimSpace(string(name)) == PortName {
+		if strings.TrimSpace(string(n)) == name {
 			return "/dev/" + e.Name(), nil
 		}
 	}
-	return "", fmt.Errorf("serial port not found: no port named %q in %s", PortName, sysDir)
+	return "", fmt.Errorf("serial port not found: no port named %q in %s", name, sysDir)
 }
 
 // Open opens a channel spec:
@@ -118,4 +124,41 @@ func Pollable(f *os.File) (*os.File, error) {
 		return nil, fmt.Errorf("set %s non-blocking: %w", f.Name(), err)
 	}
 	return os.NewFile(uintptr(fd), f.Name()), nil
+}
+
+// WaitReadable waits up to d for port to hold a byte to read (or to hang up) without reading
+// it; d = 0 asks whether one is there now. The port must have a file descriptor (an *os.File
+// or a net.Conn) and, for d > 0, read deadlines.
+func WaitReadable(port any, d time.Duration) (bool, error) {
+	sc, ok := port.(syscall.Conn)
+	if !ok {
+		return false, fmt.Errorf("wait for input: %T has no file descriptor", port)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false, fmt.Errorf("wait for input: %w", err)
+	}
+	var ready bool
+	check := func(fd uintptr) bool {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, _ := unix.Poll(fds, 0) // EINTR: not ready yet, asked again
+		ready = n > 0
+		return ready
+	}
+	if d <= 0 {
+		if err := rc.Control(func(fd uintptr) { check(fd) }); err != nil {
+			return false, fmt.Errorf("wait for input: %w", err)
+		}
+		return ready, nil
+	}
+	dl, ok := port.(interface{ SetReadDeadline(time.Time) error })
+	if !ok || dl.SetReadDeadline(time.Now().Add(d)) != nil {
+		return false, fmt.Errorf("wait for input: %T has no read deadline", port)
+	}
+	defer dl.SetReadDeadline(time.Time{})
+	// Read calls check until it reports true, waiting for the poller between calls.
+	if err := rc.Read(check); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		return false, fmt.Errorf("wait for input: %w", err)
+	}
+	return ready, nil
 }

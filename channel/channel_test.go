@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/creack/pty"
 )
@@ -44,13 +45,13 @@ func TestOpenUnix(t *testing.T) {
 	}()
 	var c io.ReadWriteCloser
 	var err error
-	for i := 0; ; i++ { // the listener appears asynchronously
-		if c, err = Open("unix:" + sock); err == nil || i > 500 {
+	// The listener appears asynchronously and announces nothing: retry until a deadline (a
+	// count of tries ran out before the listener on a loaded machine).
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c, err = Open("unix:" + sock); err == nil || time.Now().After(deadline) {
 			break
 		}
-		if _, serr := os.Stat(sock); serr != nil {
-			continue
-		}
+		time.Sleep(time.Millisecond)
 	}
 	if err != nil {
 		t.Fatal(err)
@@ -107,4 +108,69 @@ func TestOpenErrors(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 	var _ net.Conn // unix channels are net.Conns
+}
+
+// TestWaitReadable: on a socket and on a pty, WaitReadable reports a byte only once one is
+// there, ends at its deadline otherwise, and never consumes the byte.
+func TestWaitReadable(t *testing.T) {
+	a, b := net.Pipe() // no descriptor: refused with a clear error
+	defer a.Close()
+	defer b.Close()
+	if _, err := WaitReadable(a, 0); err == nil || !strings.Contains(err.Error(), "no file descriptor") {
+		t.Fatalf("net.Pipe: %v", err)
+	}
+	sock := filepath.Join(t.TempDir(), "s")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	client, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	master, slave, err := pty.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer master.Close()
+	ptyReader, err := Open(slave.Name())
+	slave.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ptyReader.Close()
+	for _, tc := range []struct {
+		name string
+		r    io.Reader
+		w    io.Writer
+	}{{"socket", server, client}, {"pty", ptyReader, master}} {
+		if ok, err := WaitReadable(tc.r, 0); ok || err != nil {
+			t.Fatalf("%s: nothing sent, yet readable=%v %v", tc.name, ok, err)
+		}
+		start := time.Now()
+		if ok, err := WaitReadable(tc.r, 50*time.Millisecond); ok || err != nil || time.Since(start) < 50*time.Millisecond {
+			t.Fatalf("%s: wait with nothing sent: %v %v after %v", tc.name, ok, err, time.Since(start))
+		}
+		go func() {
+			time.Sleep(20 * time.Millisecond) // a byte that arrives during the wait
+			tc.w.Write([]byte("x"))
+		}()
+		if ok, err := WaitReadable(tc.r, 5*time.Second); !ok || err != nil {
+			t.Fatalf("%s: byte sent during the wait: %v %v", tc.name, ok, err)
+		}
+		if ok, _ := WaitReadable(tc.r, 0); !ok {
+			t.Fatalf("%s: the byte was consumed by the wait", tc.name)
+		}
+		buf := make([]byte, 1)
+		if n, err := tc.r.Read(buf); n != 1 || buf[0] != 'x' || err != nil {
+			t.Fatalf("%s: read after the wait: %d %q %v", tc.name, n, buf, err)
+		}
+	}
 }

@@ -11,8 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/netstack"
+	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 // TestChannelEgress: a guest namespace with no interface but agentd's tun. Each allowed flow
@@ -37,14 +38,14 @@ func TestChannelEgress(t *testing.T) {
 		{"id": "no-named", "destination": {"cidr": "198.18.0.12/32"}, "action": "deny"}]}`), 0o644)
 
 	chanSock, relaySock := filepath.Join(dir, "chan.sock"), filepath.Join(dir, "relay.sock")
-	serveLog := &logBuffer{}
+	serveLog := &testutil.Buffer{}
 	serve := exec.Command(filepath.Join(binDir, "agentctl"), "serve", "--port", "unix-listen:"+chanSock, "--listen", relaySock,
 		"--egress", "--egress-policy", hostPol, "--egress-dns", dns.String())
 	serve.Stderr = serveLog
 	startProc(t, serve, serveLog)
 	waitPath(t, chanSock)
-	tp.UseResolver(t, netstack.DefaultGuestNet.ResolvConf())
-	agentLog := &logBuffer{}
+	tp.UseResolver(t, egress.DefaultGuestNet.ResolvConf())
+	agentLog := &testutil.Buffer{}
 	agentd := exec.Command("ip", "netns", "exec", tp.Name, filepath.Join(binDir, "agentd"), "--standalone", "--port", "unix:"+chanSock,
 		"--egress", "channel", "--egress-policy", guestPol, "--egress-tun", "agtun"+tp.ID, "--egress-audit", filepath.Join(dir, "audit.jsonl"))
 	agentd.Stderr = agentLog

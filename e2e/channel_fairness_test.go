@@ -10,21 +10,49 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 // TestChannelFairness: over a pty channel (as slow as a virtio port), 8 bulk downloads
 // (iperf3 -R -P 8) and an interactive echo share the channel as guest-initiated streams. The
-// echo's p99 round trip stays under 50 ms and every bulk stream gets at least half its fair
-// share.
+// echo's p99 round trip stays under 50 ms more than its p99 on the idle channel, measured first
+// in the same run (the shared machine's own scheduling noise shows in both), and every bulk
+// stream gets at least half its fair share.
 func TestChannelFairness(t *testing.T) {
 	tp := nettest.New(t)
 	nettest.Hosts(t)
-	agentLog := &logBuffer{}
+	agentLog := &testutil.Buffer{}
 	tp.ChannelAgent(t, filepath.Join(binDir, "agentd"), agentLog)
 	echo := testutil.ServeOn(t, nettest.Good.String(), testutil.Echo).Addr.String()
 	nettest.Iperf3Server(t, nettest.Good, 5212, true)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := tp.Guest.DialContext(ctx, "tcp", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg, buf := make([]byte, 100), make([]byte, 100)
+	roundTrip := func() time.Duration {
+		start := time.Now()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatal(err)
+		}
+		return time.Since(start)
+	}
+	var idle []time.Duration
+	for i := 0; i < 100; i++ {
+		idle = append(idle, roundTrip())
+		time.Sleep(5 * time.Millisecond)
+	}
+	sort.Slice(idle, func(i, j int) bool { return idle[i] < idle[j] })
+	idleP99 := testutil.Percentile(idle, 99)
 
 	bulk := tp.Cmd("iperf3", "-c", nettest.Good.String(), "-p", "5212", "-R", "-P", "8", "-t", "4", "-J")
 	var bulkOut strings.Builder
@@ -35,16 +63,8 @@ func TestChannelFairness(t *testing.T) {
 	bulkDone := make(chan error, 1)
 	go func() { bulkDone <- bulk.Wait() }()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	c, err := tp.Guest.DialContext(ctx, "tcp", echo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	time.Sleep(500 * time.Millisecond) // let the bulk streams ramp up first (no event marks it)
 	var rtts []time.Duration
-	msg, buf := make([]byte, 100), make([]byte, 100)
 	for {
 		select {
 		case err := <-bulkDone:
@@ -54,15 +74,7 @@ func TestChannelFairness(t *testing.T) {
 			goto measured
 		default:
 		}
-		start := time.Now()
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := c.Write(msg); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			t.Fatal(err)
-		}
-		rtts = append(rtts, time.Since(start))
+		rtts = append(rtts, roundTrip())
 		time.Sleep(5 * time.Millisecond)
 	}
 measured:
@@ -91,12 +103,13 @@ measured:
 		worst = min(worst, float64(s.Receiver.Bytes)/fair)
 	}
 	t.Logf("8 bulk downloads over the pty channel: %.0f MB in all; the smallest stream got %.2f of its fair share", float64(total)/1e6, worst)
-	t.Logf("echo during the downloads: %d round trips, p50 %v, p99 %v", len(rtts), p50.Round(time.Microsecond), p99.Round(time.Microsecond))
+	t.Logf("echo during the downloads: %d round trips, p50 %v, p99 %v (idle p99 %v)", len(rtts), p50.Round(time.Microsecond),
+		p99.Round(time.Microsecond), idleP99.Round(time.Microsecond))
 	if len(rtts) < 20 {
 		t.Fatalf("only %d echo round trips", len(rtts))
 	}
-	if p99 > 50*time.Millisecond {
-		t.Errorf("echo p99 %v, want < 50 ms", p99)
+	if p99 > idleP99+50*time.Millisecond {
+		t.Errorf("echo p99 %v, want < 50 ms above the idle channel's %v", p99, idleP99)
 	}
 	if worst < 0.5 {
 		t.Errorf("a bulk stream got %.2f of its fair share, want >= 0.5", worst)

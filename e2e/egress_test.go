@@ -15,8 +15,7 @@ import (
 
 	"github.com/agentd/agentd/egress"
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/netstack"
+	"github.com/agentd/agentd/internal/testkit/nettest"
 	"github.com/agentd/agentd/protocol"
 )
 
@@ -54,7 +53,7 @@ rules:
     action: allow
 `), 0o644)
 	audit := filepath.Join(dir, "audit.jsonl")
-	tp.UseResolver(t, netstack.DefaultGuestNet.ResolvConf())
+	tp.UseResolver(t, egress.DefaultGuestNet.ResolvConf())
 	t.Setenv("MSB_SECURITY_PROFILE", "restricted")
 	t.Setenv("MSB_USER", "0:0")
 	a := startAgentdWrapped(t, []string{"ip", "netns", "exec", tp.Name}, "socket", host.Options{},

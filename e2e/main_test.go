@@ -19,6 +19,7 @@ import (
 
 	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/host"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 var binDir string
@@ -49,8 +50,10 @@ var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 type agentd struct {
 	cmd  *exec.Cmd
 	c    *host.Client
-	log  *logBuffer
+	log  *testutil.Buffer
 	wait func() error // cmd.Wait, once
+	// killed says the test had agentd killed: its exit is expected, not a failure.
+	killed bool
 }
 
 func (a *agentd) pid() int { return a.cmd.Process.Pid }
@@ -100,7 +103,7 @@ func startAgentdWrapped(t *testing.T, wrap []string, kind string, opts host.Opti
 	default:
 		t.Fatalf("unknown channel kind %q", kind)
 	}
-	a := &agentd{log: &logBuffer{}}
+	a := &agentd{log: &testutil.Buffer{}}
 	a.wait = sync.OnceValue(func() error { return a.cmd.Wait() })
 	argv := append(append(wrap, filepath.Join(binDir, "agentd"), "--standalone", "--port", port), args...)
 	a.cmd = exec.Command(argv[0], argv[1:]...)
@@ -128,7 +131,7 @@ func startAgentdWrapped(t *testing.T, wrap []string, kind string, opts host.Opti
 		go func() { done <- a.wait() }()
 		select {
 		case err := <-done:
-			if err != nil {
+			if err != nil && !a.killed {
 				t.Errorf("agentd exited with %v\n%s", err, a.log)
 			}
 		case <-time.After(10 * time.Second):

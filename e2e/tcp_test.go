@@ -19,8 +19,8 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/host"
-	"github.com/agentd/agentd/internal/scenario"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/internal/testkit/scenario"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
 )
 
@@ -30,14 +30,25 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
-// TestEchoChannels relays through the real binary on both kinds of channel, in both flow
-// modes, and checks that agentd's fd count returns to where it was.
+// hostModes are the ways a host may run core.tcp: raw bulk records (generation 9), CBOR with
+// agentd's flow extension, and CBOR as a stock generation-5 host does.
+var hostModes = []struct {
+	name string
+	opts host.Options
+}{
+	{"bulk", host.Options{}},
+	{"gen5-flow", host.Options{Generation: 5, Features: []string{protocol.FeatureFlow}}},
+	{"gen5-stock", host.Options{Generation: 5, Features: []string{}}},
+}
+
+// TestEchoChannels relays through the real binary on both kinds of channel, in every host
+// mode, and checks that agentd's fd count returns to where it was.
 func TestEchoChannels(t *testing.T) {
 	srv := testutil.Serve(t, testutil.Echo)
 	for _, kind := range []string{"socket", "pty"} {
-		for _, features := range [][]string{{protocol.FeatureFlow}, {}} {
-			t.Run(fmt.Sprintf("%s/features=%v", kind, features), func(t *testing.T) {
-				a := startAgentd(t, kind, host.Options{Features: features})
+		for _, mode := range hostModes {
+			t.Run(kind+"/"+mode.name, func(t *testing.T) {
+				a := startAgentd(t, kind, mode.opts)
 				fd0 := fds(t, a.pid())
 				for i := 0; i < 20; i++ {
 					conn, err := a.c.DialTCP(ctx(t), "127.0.0.1", uint16(srv.Addr.Port))
@@ -111,20 +122,18 @@ const (
 )
 
 // TestStalledDestination: a destination that never reads while the host pushes 512 MiB.
-// With flow control agentd's RSS stays within budget and another session keeps echoing fast;
-// a stock host (no flow control) gets the reference's backpressure with the same memory bound.
+// With bulk credit or flow control agentd's RSS stays within budget and another session keeps
+// echoing fast; a stock host (no flow control) gets the reference's backpressure with the same
+// memory bound.
 func TestStalledDestination(t *testing.T) {
 	stalled := make(chan *net.TCPConn, 1)
 	sink := testutil.Serve(t, func(c *net.TCPConn) { stalled <- c }) // accepts, never reads
 	echo := testutil.Serve(t, testutil.Echo)
-	for _, mode := range []struct {
-		name     string
-		features []string
-	}{{"flow", []string{protocol.FeatureFlow}}, {"stock-host", []string{}}} {
+	for _, mode := range hostModes {
 		t.Run(mode.name, func(t *testing.T) {
-			a := startAgentd(t, "socket", host.Options{Features: mode.features})
+			a := startAgentd(t, "socket", mode.opts)
 			var p *pinger
-			if mode.name == "flow" {
+			if mode.name != "gen5-stock" {
 				p = newPinger(t, a.c, echo.Addr.Port)
 				p.run(t, 20) // warm up
 			}
@@ -226,7 +235,7 @@ func TestStalledHost(t *testing.T) {
 // agentd and checks half-close in both directions through the forward.
 func TestForwardHalfClose(t *testing.T) {
 	relaySock := relayed(t)
-	fwdLog := &logBuffer{}
+	fwdLog := &testutil.Buffer{}
 	got := make(chan string, 1)
 	srv := testutil.Serve(t, func(c *net.TCPConn) {
 		defer c.Close()
@@ -257,7 +266,7 @@ func TestForwardHalfClose(t *testing.T) {
 	}
 }
 
-func startProc(t *testing.T, cmd *exec.Cmd, log *logBuffer) {
+func startProc(t *testing.T, cmd *exec.Cmd, log *testutil.Buffer) {
 	t.Helper()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -293,7 +302,7 @@ func waitPath(t *testing.T, path string) {
 	}
 }
 
-func waitLog(t *testing.T, log *logBuffer, s string) {
+func waitLog(t *testing.T, log *testutil.Buffer, s string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for !bytes.Contains([]byte(log.String()), []byte(s)) {
@@ -305,16 +314,21 @@ func waitLog(t *testing.T, log *logBuffer, s string) {
 }
 
 // TestScenarios runs the shared core.tcp behaviour tests against the real agentd binary on a
-// unix socket; after each, the process must be back to its starting fd count.
+// unix socket, with a host at generation 5 and at the newest (bulk); after each, the process
+// must be back to its starting fd count.
 func TestScenarios(t *testing.T) {
-	scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
-		a := startAgentd(t, "socket", host.Options{Features: features})
-		fd0 := fds(t, a.pid())
-		return scenario.Agent{
-			Client: a.c,
-			Idle:   func(t *testing.T) { waitFD(t, a.pid(), fd0) },
-		}
-	})
+	for _, gen := range []uint8{5, protocol.Version} {
+		t.Run(fmt.Sprintf("gen%d", gen), func(t *testing.T) {
+			scenario.Run(t, func(t *testing.T, features []string) scenario.Agent {
+				a := startAgentd(t, "socket", host.Options{Features: features, Generation: gen})
+				fd0 := fds(t, a.pid())
+				return scenario.Agent{
+					Client: a.c,
+					Idle:   func(t *testing.T) { waitFD(t, a.pid(), fd0) },
+				}
+			})
+		})
+	}
 }
 
 // TestExecScenarios runs the shared exec behaviour tests against the real agentd binary,
@@ -381,14 +395,20 @@ func TestBadProfileRefused(t *testing.T) {
 	}
 }
 
-// TestFsScenarios runs the shared filesystem tests against the real agentd binary, including a
-// 1 GiB file written and read back byte-exact (with and without flow control).
+// TestFsScenarios runs the shared filesystem tests against the real agentd binary, with a host
+// at generation 5 (core.fs.data, with and without flow control) and at the newest (bulk),
+// including a 128 MiB file written and read back byte-exact.
 func TestFsScenarios(t *testing.T) {
-	scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
-		a := startAgentd(t, "socket", host.Options{Features: features})
-		fd0 := fds(t, a.pid())
-		return scenario.Agent{Client: a.c, Idle: func(t *testing.T) { waitFD(t, a.pid(), fd0) }}
-	}, 1<<30)
+	// The 1 GiB transfer is TestAgentctlGenerations' (through agentctl, at both generations).
+	for _, gen := range []uint8{5, protocol.Version} {
+		t.Run(fmt.Sprintf("gen%d", gen), func(t *testing.T) {
+			scenario.RunFs(t, func(t *testing.T, features []string) scenario.Agent {
+				a := startAgentd(t, "socket", host.Options{Features: features, Generation: gen})
+				fd0 := fds(t, a.pid())
+				return scenario.Agent{Client: a.c, Idle: func(t *testing.T) { waitFD(t, a.pid(), fd0) }}
+			}, 128<<20)
+		})
+	}
 }
 
 // TestStalledStdin: a child that never reads stdin while the host pushes 256 MiB. agentd's RSS

@@ -1,6 +1,7 @@
 package egress
 
 import (
+	"bytes"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -15,6 +16,9 @@ type Record struct {
 	Time       time.Time `json:"time"`
 	Event      string    `json:"event"` // decision, sni, dns, revoked, close
 	Protocol   string    `json:"proto"`
+	Direction  string    `json:"direction,omitempty"` // ingress (a host connection into the guest); omitted for egress
+	Via        string    `json:"via,omitempty"`       // core.tcp or host: a flow agentd (or the host) opened, not the guest
+	Peer       string    `json:"peer,omitempty"`      // ingress: the address the connection comes from
 	Src        string    `json:"src,omitempty"`
 	Dst        string    `json:"dst,omitempty"`
 	Name       string    `json:"name,omitempty"`
@@ -33,39 +37,70 @@ type Record struct {
 const AuditQueue = 4096
 
 // Audit writes records as JSON lines from one goroutine, so the data path never waits on the
-// sink. A nil *Audit records nothing.
+// sinks: a file (optional) and the host (once attached, see Host). A nil *Audit records
+// nothing.
 type Audit struct {
-	ch      chan Record
-	done    chan struct{}
-	w       io.Writer
-	log     *slog.Logger
-	mu      sync.RWMutex // held shared while sending, so Close never closes under a sender
-	closed  bool
-	Dropped atomic.Int64
-	Written atomic.Int64
+	ch     chan Record
+	done   chan struct{}
+	w      io.Writer
+	log    *slog.Logger
+	mu     sync.RWMutex // held shared while sending, so Close never closes under a sender
+	closed bool
+	host   atomic.Pointer[chan []byte]
+	// Dropped counts records lost before any sink (the queue was full, or closed); Written
+	// those the file got; HostDropped those the host did not take in time.
+	Dropped, Written, HostDropped atomic.Int64
 }
 
-// NewAudit starts writing to w.
+// NewAudit starts writing to w (nil: no file; records then go only to the host).
 func NewAudit(w io.Writer, log *slog.Logger) *Audit {
 	a := &Audit{ch: make(chan Record, AuditQueue), done: make(chan struct{}), w: w, log: log}
 	go a.run()
 	return a
 }
 
+// Host starts sending every later record to the host too, as JSON lines on the returned
+// channel (bounded: AuditQueue lines). Whoever drains it sends them on; when it falls behind,
+// lines are dropped and counted in HostDropped, never waited for. Calling Host again returns
+// the same channel.
+func (a *Audit) Host() <-chan []byte {
+	ch := make(chan []byte, AuditQueue)
+	if a.host.CompareAndSwap(nil, &ch) {
+		return ch
+	}
+	return *a.host.Load()
+}
+
 func (a *Audit) run() {
 	defer close(a.done)
-	enc := json.NewEncoder(a.w)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
 	failed := false
 	for r := range a.ch {
-		if err := enc.Encode(r); err != nil {
-			if !failed {
-				a.log.Error("audit log write failed; records are being lost", "error", err)
-				failed = true
+		buf.Reset()
+		enc.Encode(r) // a Record always encodes
+		if a.w != nil {
+			if _, err := a.w.Write(buf.Bytes()); err != nil {
+				if !failed {
+					a.log.Error("audit log write failed; records are being lost", "error", err)
+					failed = true
+				}
+				a.Dropped.Add(1)
+			} else {
+				a.Written.Add(1)
 			}
-			a.Dropped.Add(1)
-			continue
 		}
-		a.Written.Add(1)
+		if h := a.host.Load(); h != nil {
+			line := bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
+			select {
+			case *h <- append([]byte(nil), line...):
+			default:
+				a.HostDropped.Add(1)
+			}
+		}
+	}
+	if h := a.host.Load(); h != nil {
+		close(*h)
 	}
 }
 
@@ -86,6 +121,10 @@ func (a *Audit) record(r Record) {
 		a.Dropped.Add(1)
 	}
 }
+
+// Lost is how many records did not reach the host: dropped before any sink, or not taken by
+// the host in time.
+func (a *Audit) Lost() int64 { return a.Dropped.Load() + a.HostDropped.Load() }
 
 // Close writes out the queued records and stops; later records are counted as dropped.
 func (a *Audit) Close() {

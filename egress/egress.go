@@ -11,7 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 )
 
 // Options configure a Service.
@@ -31,9 +31,30 @@ type Options struct {
 // DefaultOptions are the limits used when a field is zero.
 var DefaultOptions = Options{MaxPins: 65536, MaxDestinations: 4096}
 
-// Counters are totals over the service's life.
+// Counters are the decisions over the service's life (the netstack and the resolver count
+// what happens on the data path; these count what was decided).
 type Counters struct {
-	Allowed, Denied, Revoked, SNIDenied, Queries, QueriesDenied atomic.Int64
+	TCPAllowed, TCPDenied, UDPAllowed, UDPDenied atomic.Int64
+	Revoked, SNIDenied, Queries, QueriesDenied   atomic.Int64
+}
+
+// Allowed is the flows admitted, all protocols.
+func (c *Counters) Allowed() int64 { return c.TCPAllowed.Load() + c.UDPAllowed.Load() }
+
+// Denied is the flows refused, all protocols.
+func (c *Counters) Denied() int64 { return c.TCPDenied.Load() + c.UDPDenied.Load() }
+
+func (c *Counters) count(p policy.Protocol, allowed bool) {
+	switch {
+	case p == policy.UDP && allowed:
+		c.UDPAllowed.Add(1)
+	case p == policy.UDP:
+		c.UDPDenied.Add(1)
+	case allowed:
+		c.TCPAllowed.Add(1)
+	default:
+		c.TCPDenied.Add(1)
+	}
 }
 
 // DestStats are one destination's counters.
@@ -76,41 +97,24 @@ func (s *Service) Pins() *Pins { return s.pins }
 // Context is the environment the policy's groups are resolved in.
 func (s *Service) Context() policy.Context { return policy.Context{HostAddrs: s.opts.HostAddrs} }
 
-// Decide rules on a flow without opening it (for explain and for the relay's name lookups).
+// Decide rules on a flow without opening it or recording anything (agentctl policy explain).
 func (s *Service) Decide(f policy.Flow) policy.Decision { return s.pol.Load().Decide(f, s.Context()) }
-
-// Check decides a flow that agentd itself opens (a core.tcp destination) and records the
-// decision; the flow is not tracked.
-func (s *Service) Check(pf policy.Flow) policy.Decision {
-	pf.Names = append(slices.Clip(pf.Names), s.pins.Names(pf.Addr)...)
-	d := s.Decide(pf)
-	if d.Action == policy.Allow {
-		s.Counters.Allowed.Add(1)
-	} else {
-		s.Counters.Denied.Add(1)
-	}
-	r := Record{Event: "decision", Protocol: string(pf.Protocol), Dst: netip.AddrPortFrom(pf.Addr, pf.Port).String(),
-		Rule: d.RuleID, Verdict: string(d.Action), Reason: d.Reason}
-	if len(pf.Names) > 0 {
-		r.Name = pf.Names[0]
-	}
-	s.audit.record(r)
-	return d
-}
 
 // Flow is an admitted connection or UDP association.
 type Flow struct {
-	svc      *Service
-	Protocol policy.Protocol
-	Src, Dst netip.AddrPort
-	Names    []string // what the destination is known as: requested name, DNS pins
-	start    time.Time
+	svc       *Service
+	Direction policy.Direction
+	Protocol  policy.Protocol
+	Src, Dst  netip.AddrPort
+	Names     []string // what the destination is known as: requested name, DNS pins
+	Via       string   // who opened it (audit): "" for a guest flow, "core.tcp", "host"
+	peer      netip.Addr
+	start     time.Time
 
-	mu        sync.Mutex // guards sni and decision, which reloads and the relay both touch
-	sni       string
-	decision  policy.Decision
-	onRevoke  func()
-	isRevoked bool
+	mu       sync.Mutex // guards sni and decision, which reloads and the relay both touch
+	sni      string
+	decision policy.Decision
+	onRevoke func()
 
 	up, down atomic.Int64
 	revoked  chan struct{}
@@ -118,16 +122,60 @@ type Flow struct {
 	closed   atomic.Bool
 }
 
-// Admit decides a new flow to dst (names: names it was asked for by, if any, besides its DNS
-// pins), records the decision, and for an allowed flow returns the Flow to close when done.
+// Request is a flow asking to be admitted: every flow agentd carries (netstack TCP and UDP,
+// core.tcp, the host end of guest streams) is decided through one.
+type Request struct {
+	// Direction is Egress unless set. A connection from the host to the guest itself (a
+	// core.tcp forward to a guest service) is Ingress: Dsts is then the guest's listening
+	// address and Peer the address the connection comes from.
+	Direction policy.Direction
+	Protocol  policy.Protocol
+	Src       netip.AddrPort
+	// Dsts are the candidate destinations, best first (one for a guest flow; the resolved
+	// addresses of a name for core.tcp): the first the policy allows is the flow's destination.
+	Dsts []netip.AddrPort
+	// Names are what the destination was asked for by (core.tcp's host name), besides its pins.
+	Names []string
+	// Peer is the address an ingress decision matches (rules match the peer, as microsandbox's
+	// published ports do); the ports matched are the guest's.
+	Peer netip.Addr
+	Via  string
+}
+
+// Admit decides a new flow from src to dst (names: names it was asked for by, if any, besides
+// its DNS pins): AdmitRequest with one candidate.
 func (s *Service) Admit(proto policy.Protocol, src, dst netip.AddrPort, names ...string) (*Flow, policy.Decision) {
-	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
-	names = append(slices.Clip(names), s.pins.Names(dst.Addr())...)
-	f := &Flow{svc: s, Protocol: proto, Src: src, Dst: dst, Names: names, start: time.Now(), revoked: make(chan struct{})}
-	f.decision = s.Decide(f.policyFlow())
+	return s.AdmitRequest(Request{Protocol: proto, Src: src, Dsts: []netip.AddrPort{dst}, Names: names})
+}
+
+// AdmitRequest decides a flow once, over its candidate destinations, and records that one
+// decision. An allowed flow is returned tracked (a reload re-decides it and may revoke it);
+// the caller closes it when done. A denied one returns nil and the decision for the first
+// candidate.
+func (s *Service) AdmitRequest(r Request) (*Flow, policy.Decision) {
+	if r.Direction == "" {
+		r.Direction = policy.Egress
+	}
+	var f *Flow
+	for i, dst := range r.Dsts {
+		dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+		names := append(slices.Clip(r.Names), s.pins.Names(dst.Addr())...)
+		cand := &Flow{svc: s, Direction: r.Direction, Protocol: r.Protocol, Src: r.Src, Dst: dst, Names: names, Via: r.Via,
+			peer: r.Peer, start: time.Now(), revoked: make(chan struct{})}
+		cand.decision = s.Decide(cand.policyFlow())
+		if i == 0 || cand.decision.Action == policy.Allow {
+			f = cand
+		}
+		if cand.decision.Action == policy.Allow {
+			break
+		}
+	}
+	if f == nil {
+		return nil, policy.Decision{Action: policy.Deny, RuleID: "none", Reason: "no destination"}
+	}
 	allowed := f.decision.Action == policy.Allow
 	s.mu.Lock()
-	ds := s.destLocked(dst.Addr())
+	ds := s.destLocked(f.Dst.Addr())
 	if allowed {
 		ds.Allowed++
 		s.flows[f] = struct{}{}
@@ -135,11 +183,7 @@ func (s *Service) Admit(proto policy.Protocol, src, dst netip.AddrPort, names ..
 		ds.Denied++
 	}
 	s.mu.Unlock()
-	if allowed {
-		s.Counters.Allowed.Add(1)
-	} else {
-		s.Counters.Denied.Add(1)
-	}
+	s.Counters.count(f.Protocol, allowed)
 	s.audit.record(f.record("decision"))
 	if !allowed {
 		return nil, f.decision
@@ -234,6 +278,9 @@ func (s *Service) Reload(p *policy.Policy) int {
 }
 
 func (f *Flow) policyFlow() policy.Flow {
+	if f.Direction == policy.Ingress {
+		return policy.Flow{Direction: policy.Ingress, Protocol: f.Protocol, Addr: f.peer, Port: f.Dst.Port()}
+	}
 	return policy.Flow{Direction: policy.Egress, Protocol: f.Protocol, Addr: f.Dst.Addr(), Port: f.Dst.Port(), Names: f.Names}
 }
 
@@ -274,9 +321,8 @@ func (f *Flow) revoke(why string) {
 	f.once.Do(func() {
 		f.svc.Counters.Revoked.Add(1)
 		f.svc.audit.record(f.record(why))
+		f.mu.Lock() // with OnRevoke's check: the callback runs exactly once, here or there
 		close(f.revoked)
-		f.mu.Lock()
-		f.isRevoked = true
 		fn := f.onRevoke
 		f.mu.Unlock()
 		if fn != nil {
@@ -290,7 +336,12 @@ func (f *Flow) revoke(why string) {
 func (f *Flow) OnRevoke(fn func()) {
 	f.mu.Lock()
 	f.onRevoke = fn
-	done := f.isRevoked
+	var done bool
+	select {
+	case <-f.revoked:
+		done = true
+	default:
+	}
 	f.mu.Unlock()
 	if done {
 		fn()
@@ -300,8 +351,12 @@ func (f *Flow) OnRevoke(fn func()) {
 // Revoked is closed when a reload no longer allows the flow.
 func (f *Flow) Revoked() <-chan struct{} { return f.revoked }
 
-// Count adds bytes relayed: up is guest->destination, down the reverse.
+// Count adds bytes relayed: up is guest->destination, down the reverse. A nil flow counts
+// nothing.
 func (f *Flow) Count(up, down int64) {
+	if f == nil {
+		return
+	}
 	f.up.Add(up)
 	f.down.Add(down)
 }
@@ -326,7 +381,10 @@ func (f *Flow) record(event string) Record {
 	d, sni := f.decision, f.sni
 	f.mu.Unlock()
 	r := Record{Event: event, Protocol: string(f.Protocol), Src: f.Src.String(), Dst: f.Dst.String(), SNI: sni,
-		Rule: d.RuleID, Verdict: string(d.Action), Reason: d.Reason}
+		Rule: d.RuleID, Verdict: string(d.Action), Reason: d.Reason, Via: f.Via}
+	if f.Direction == policy.Ingress {
+		r.Direction, r.Peer = string(policy.Ingress), f.peer.String()
+	}
 	if !f.Src.IsValid() {
 		r.Src = ""
 	}

@@ -10,7 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 )
 
 func mustParse(t *testing.T, s string) *policy.Policy {
@@ -162,3 +163,120 @@ func TestAuditNeverBlocks(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// TestSNIGate: whatever the split, an allowed SNI passes (whole, in order) and a forbidden one
+// never does; a hello that is malformed or still incomplete at the deadline is refused and
+// audited; a flow that is not TLS passes untouched.
+func TestSNIGate(t *testing.T) {
+	var out bytes.Buffer
+	a := NewAudit(&out, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	s := New(mustParse(t, pol), Options{Audit: a})
+	shop := netip.MustParseAddrPort("198.51.100.7:443")
+	s.Pins().Add("shop.example", time.Minute, shop.Addr())
+	src := netip.MustParseAddrPort("10.87.0.2:40000")
+	good, bad := testutil.ClientHello(t, "shop.example"), testutil.ClientHello(t, "evil.example")
+	feed := func(g *SNIGate, stream []byte, chunk int) (passed []byte, ok bool) {
+		for len(stream) > 0 {
+			n := min(chunk, len(stream))
+			p, ok := g.Feed(stream[:n])
+			passed = append(passed, p...)
+			if !ok {
+				return passed, false
+			}
+			stream = stream[n:]
+		}
+		return passed, true
+	}
+	for _, split := range []struct {
+		name    string
+		records int // handshake bytes per record (0: one record)
+		chunk   int // bytes per Feed (a TCP segment)
+	}{{"one record, one segment", 0, 1 << 20}, {"two records", 700, 1 << 20}, {"1-byte segments", 0, 1}, {"1-byte records and segments", 1, 1}} {
+		framed := func(h []byte) []byte {
+			if split.records == 0 {
+				return h
+			}
+			return testutil.SplitRecords(h, split.records)
+		}
+		f, _ := s.Admit(policy.TCP, src, shop)
+		stream := append(framed(good), "GET /"...)
+		if passed, ok := feed(f.NewSNIGate(), stream, split.chunk); !ok || !bytes.Equal(passed, stream) {
+			t.Errorf("%s: allowed SNI: ok %v, passed %d of %d bytes", split.name, ok, len(passed), len(stream))
+		}
+		f.Close()
+		f, _ = s.Admit(policy.TCP, src, shop)
+		if passed, ok := feed(f.NewSNIGate(), framed(bad), split.chunk); ok || len(passed) != 0 {
+			t.Errorf("%s: forbidden SNI: ok %v, %d bytes passed", split.name, ok, len(passed))
+		}
+		f.Close()
+	}
+	f, _ := s.Admit(policy.TCP, src, shop)
+	g := f.NewSNIGate()
+	if p, ok := g.Feed(good[:100]); !ok || p != nil || !g.Holding() {
+		t.Fatalf("a partial hello: %v %d %v", ok, len(p), g.Holding())
+	}
+	g.Expire()
+	if !g.Done() || f.Decision().Action != policy.Deny {
+		t.Fatalf("an expired hello was not refused: %+v", f.Decision())
+	}
+	f.Close()
+	f, _ = s.Admit(policy.TCP, src, shop)
+	if _, ok := f.NewSNIGate().Feed([]byte{0x16, 3, 1, 0, 4, 2, 0, 0, 0}); ok {
+		t.Fatal("a handshake that is not a ClientHello passed")
+	}
+	f.Close()
+	f, _ = s.Admit(policy.TCP, src, shop)
+	if p, ok := f.NewSNIGate().Feed([]byte("GET / HTTP/1.1\r\n")); !ok || string(p) != "GET / HTTP/1.1\r\n" {
+		t.Fatal("a flow that is not TLS was held")
+	}
+	f.Close()
+	a.Close()
+	var refused int
+	for _, l := range strings.Split(out.String(), "\n") {
+		if strings.Contains(l, `"event":"sni"`) {
+			refused++
+		}
+	}
+	if want := 4 + 2; refused != want { // four forbidden SNIs, the expired and the bogus hello
+		t.Fatalf("%d sni records, want %d:\n%s", refused, want, out.String())
+	}
+}
+
+// TestAuditHostBounded: a host that never reads its audit records costs nothing on the data
+// path: records for it beyond the queue are dropped and counted, the file still gets every
+// record, and nothing waits.
+func TestAuditHostBounded(t *testing.T) {
+	var file bytes.Buffer
+	a := NewAudit(&file, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	host := a.Host()
+	s := New(mustParse(t, pol), Options{Audit: a})
+	src := netip.MustParseAddrPort("10.87.0.2:40000")
+	n := 3 * AuditQueue
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < n; i++ {
+			s.Admit(policy.TCP, src, netip.MustParseAddrPort("192.0.2.1:80")) // denied: one record each
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("decisions waited for a host that does not read")
+	}
+	a.Close()
+	got := 0
+	for range host {
+		got++
+	}
+	if got > AuditQueue || got == 0 {
+		t.Fatalf("the host queue held %d records, want 1..%d", got, AuditQueue)
+	}
+	lines := strings.Count(file.String(), "\n")
+	if int64(lines)+a.Dropped.Load() != int64(n) || int64(got)+a.Lost() < int64(n) {
+		t.Fatalf("%d records: file %d, dropped %d, host %d, lost %d", n, lines, a.Dropped.Load(), got, a.Lost())
+	}
+	if a.HostDropped.Load() == 0 {
+		t.Fatal("no host drop counted")
+	}
+}

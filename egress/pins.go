@@ -1,6 +1,8 @@
 package egress
 
 import (
+	"github.com/agentd/agentd/egress/policy"
+
 	"net/netip"
 	"sync"
 	"time"
@@ -29,7 +31,7 @@ func NewPins(max int) *Pins {
 
 // Add pins name to each address for ttl (at least MinPinTTL).
 func (p *Pins) Add(name string, ttl time.Duration, addrs ...netip.Addr) {
-	name = canonicalName(name)
+	name = policy.CanonicalName(name)
 	exp := p.now().Add(max(ttl, MinPinTTL))
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -89,7 +91,7 @@ func (p *Pins) Names(a netip.Addr) []string {
 func (p *Pins) Has(a netip.Addr, name string) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	exp, ok := p.byIP[a.Unmap()][canonicalName(name)]
+	exp, ok := p.byIP[a.Unmap()][policy.CanonicalName(name)]
 	return ok && !p.now().After(exp)
 }
 
@@ -98,17 +100,4 @@ func (p *Pins) Len() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.n
-}
-
-func canonicalName(n string) string {
-	b := []byte(n)
-	for i, c := range b {
-		if 'A' <= c && c <= 'Z' {
-			b[i] = c + 'a' - 'A'
-		}
-	}
-	if len(b) > 0 && b[len(b)-1] == '.' {
-		b = b[:len(b)-1]
-	}
-	return string(b)
 }

@@ -12,19 +12,20 @@ import (
 	"log/slog"
 	"os"
 	osexec "os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 
-	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/channel"
-	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/confine"
 	"github.com/agentd/agentd/protocol"
-	"github.com/agentd/agentd/sink"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // Options configure exec sessions. Zero fields take DefaultOptions' values.
@@ -37,11 +38,20 @@ type Options struct {
 	// StdinLimit bounds stdin bytes queued for the child (the window under flow control).
 	StdinLimit int
 	// StdinBudget is shared by all sessions' stdin queues (nil: none).
-	StdinBudget *budget.Budget
+	StdinBudget *sessionio.Budget
 	// DefaultUser is MSB_USER: the user of requests that name none ("" = agentd's own).
 	DefaultUser string
-	// Restricted applies the restricted security profile to every child.
-	Restricted bool
+	// Confine, when set, confines every child (confine.Confined: while egress is on, and under
+	// MSB_SECURITY_PROFILE=restricted).
+	Confine *confine.Profile
+	// DefaultCwd is the working directory of requests that name none (core.bootstrap's
+	// default_cwd; "" = agentd's).
+	DefaultCwd string
+	// Groups makes every child lead a process group of its own (a PTY child always does) and
+	// sends signals and kills to the whole group, as hosts after generation 5 rely on
+	// (contract 10.1); without it a pipe child shares agentd's group and signals go to its pid
+	// alone, as in the reference 0.5.7.
+	Groups bool
 	// BaseEnv is the environment every child starts from. agentd's own environment is never
 	// passed on (it holds boot configuration); only this and the request's entries are.
 	BaseEnv []string
@@ -64,16 +74,16 @@ type Waiter interface {
 
 // DefaultOptions: 64 KiB reads, 256/64 KiB output watermarks, 1 MiB of stdin.
 var DefaultOptions = Options{
-	ChunkSize:  64 << 10,
-	HighWater:  256 << 10,
-	LowWater:   64 << 10,
+	ChunkSize:  sessionio.ChunkSize,
+	HighWater:  sessionio.DefaultHighWater,
+	LowWater:   sessionio.DefaultLowWater,
 	StdinLimit: 1 << 20,
 	ScriptsDir: "/.msb/scripts",
 }
 
 func (o Options) withDefaults() Options {
 	d := DefaultOptions
-	if o.ChunkSize <= 0 || o.ChunkSize > mux.ChunkSize {
+	if o.ChunkSize <= 0 || o.ChunkSize > sessionio.ChunkSize {
 		o.ChunkSize = d.ChunkSize
 	}
 	if o.HighWater <= 0 {
@@ -104,9 +114,9 @@ type Session struct {
 	cmd   *osexec.Cmd
 	pid   int
 	tty   *os.File // PTY master (PTY mode)
-	in    *sink.Sink
-	q     *mux.Queue
-	out   *mux.Writer
+	in    *sessionio.Sink
+	q     *sessionio.Queue
+	out   *sessionio.Writer
 	log   *slog.Logger
 	done  func(*Session)
 	flow  bool
@@ -116,7 +126,13 @@ type Session struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	credit *budget.Credit // flow: output bytes the host can still take
+	credit *sessionio.Credit // flow: output bytes the host can still take
+
+	stopping atomic.Bool // the child is reaped: stdin write errors are no longer reported
+
+	sigMu  sync.Mutex
+	reaped bool // the child's pid is no longer its own: no signal may go to its group
+	groups bool // signals go to the child's process group (Options.Groups or a PTY)
 
 	mu       sync.Mutex
 	lastByte byte          // last stdin byte written (PTY EOF needs a line start)
@@ -125,6 +141,9 @@ type Session struct {
 	goRun    func()
 	finished chan struct{}
 }
+
+// Groups reports whether the session's signals go to the child's process group.
+func (s *Session) Groups() bool { return s.groups }
 
 // ID returns the session id; PID the child's pid.
 func (s *Session) ID() uint32 { return s.id }
@@ -135,8 +154,14 @@ func (s *Session) Finished() <-chan struct{} { return s.finished }
 
 // Start spawns the program of req; Go then announces and streams it. If the program never
 // ran, the returned ExecFailed says why.
-func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, log *slog.Logger, done func(*Session)) (*Session, *protocol.ExecFailed) {
+func Start(id uint32, req protocol.ExecRequest, out *sessionio.Writer, opts Options, log *slog.Logger, done func(*Session)) (*Session, *protocol.ExecFailed) {
 	opts = opts.withDefaults()
+	// The reference's order of checks: a PTY request's strings are checked for NUL bytes
+	// before the user is resolved, a pipe request's after (when Command spawns).
+	what, at, nul := findNUL(req)
+	if nul && req.TTY {
+		return nil, nulFailure(req.Cmd, true, what, at)
+	}
 	ident := Identity{}
 	spec := strings.TrimSpace(ptrStr(req.User))
 	if spec == "" {
@@ -148,17 +173,25 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 		if ident, err = ResolveUser(spec); err != nil {
 			return nil, otherFailure(err)
 		}
-		if ident.Home != "" {
-			home = ident.Home
-		}
+		home = ident.Home // none for a uid without a passwd entry: HOME stays as inherited
 	}
-	env := BuildEnv(opts.BaseEnv, req.Env, opts.ScriptsDir, opts.AgentPath, home)
+	if nul {
+		return nil, nulFailure(req.Cmd, false, what, at)
+	}
+	reqEnv := req.Env
+	if req.TTY { // the reference's PTY child skips entries with a NUL byte
+		reqEnv = slices.DeleteFunc(slices.Clone(reqEnv), func(kv string) bool { return strings.IndexByte(kv, 0) >= 0 })
+	}
+	env := BuildEnv(opts.BaseEnv, reqEnv, opts.ScriptsDir, opts.AgentPath, home)
 	if req.TTY && !hasKey(env, "TERM") {
 		env = append(env, "TERM=xterm-256color")
 	}
 	stage := "Command::spawn"
 	if req.TTY {
 		stage = "execvp"
+	}
+	if req.Cwd != nil && *req.Cwd == "" { // chdir("") fails before the program is looked for
+		return nil, spawnFailure(req.Cmd, stage, syscall.ENOENT)
 	}
 	path, err := LookPath(req.Cmd, env)
 	if err != nil {
@@ -167,10 +200,12 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 	cmd := &osexec.Cmd{Path: path, Args: append([]string{req.Cmd}, req.Args...), Env: env, SysProcAttr: &syscall.SysProcAttr{}}
 	if req.Cwd != nil {
 		cmd.Dir = *req.Cwd
+	} else {
+		cmd.Dir = opts.DefaultCwd
 	}
 	var errPipe *os.File
-	if len(req.Rlimits) > 0 || opts.Restricted {
-		hs := helperSpec{Path: path, Argv: cmd.Args, Identity: ident, Restricted: opts.Restricted}
+	if len(req.Rlimits) > 0 || opts.Confine != nil {
+		hs := helperSpec{Path: path, Argv: cmd.Args, Identity: ident, Confine: opts.Confine}
 		for _, rl := range req.Rlimits {
 			if n, ok := protocol.RlimitResources[strings.ToLower(rl.Resource)]; ok { // unknown names are skipped
 				hs.Rlimits = append(hs.Rlimits, [3]int64{int64(n), int64(rl.Soft), int64(rl.Hard)})
@@ -192,17 +227,17 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Session{id: id, cmd: cmd, out: out, log: log, done: done, ctx: ctx, cancel: cancel,
-		flow: req.Window > 0, credit: budget.NewCredit(int64(req.Window)),
+	s := &Session{id: id, cmd: cmd, out: out, log: log, done: done, ctx: ctx, cancel: cancel, groups: opts.Groups,
+		flow: req.Window > 0, credit: sessionio.NewCredit(int64(req.Window)),
 		q: out.NewQueue(opts.HighWater, opts.LowWater), finished: make(chan struct{}), fed: make(chan struct{}),
 		wait: opts.Waiter}
-	cfg := sink.Config{Limit: opts.StdinLimit, Budget: opts.StdinBudget}
+	cfg := sessionio.SinkConfig{Limit: opts.StdinLimit, Budget: opts.StdinBudget}
 	if s.flow {
 		cfg.Grant = func(n int) {
 			out.ControlMsg(ctx, id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(n)})
 		}
 	}
-	s.in = sink.New(ctx, cfg)
+	s.in = sessionio.NewSink(ctx, cfg)
 
 	var outputs []io.ReadCloser
 	var stdin io.WriteCloser
@@ -223,7 +258,8 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 		setWinsize(master, req.Rows, req.Cols)
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
 		cmd.SysProcAttr.Setsid, cmd.SysProcAttr.Setctty = true, true
-		err = cmd.Start()
+		cmd, err = startCmd(cmd)
+		s.cmd = cmd
 		slave.Close()
 		if err != nil {
 			master.Close()
@@ -233,21 +269,36 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 		s.tty = master
 		outputs, stdin = []io.ReadCloser{master}, master
 	} else {
-		var pw io.WriteCloser
-		var po, pe io.ReadCloser
+		// Each child leads a process group of its own (its own session, as a PTY child's),
+		// so that signals reach every process it started (contract 10.1).
+		cmd.SysProcAttr.Setsid = opts.Groups
+		// Our own pipes (not os/exec's), so that a start refused with ENOEXEC can be retried
+		// with the same ones; they are closed after the child is reaped.
+		var ends [6]*os.File // stdin r, w; stdout r, w; stderr r, w
 		var err error
-		if pw, err = cmd.StdinPipe(); err == nil {
-			if po, err = cmd.StdoutPipe(); err == nil {
-				pe, err = cmd.StderrPipe()
-			}
+		for i := 0; i < 6 && err == nil; i += 2 {
+			ends[i], ends[i+1], err = os.Pipe()
 		}
 		if err == nil {
-			err = cmd.Start()
+			cmd.Stdin, cmd.Stdout, cmd.Stderr = ends[0], ends[3], ends[5]
+			cmd, err = startCmd(cmd)
+			s.cmd = cmd
+		}
+		for _, f := range []*os.File{ends[0], ends[3], ends[5]} { // the child's ends
+			if f != nil {
+				f.Close()
+			}
 		}
 		if err != nil {
+			for _, f := range []*os.File{ends[1], ends[2], ends[4]} {
+				if f != nil {
+					f.Close()
+				}
+			}
 			cancel()
 			return nil, spawnFailure(req.Cmd, stage, err)
 		}
+		po, pe, pw := ends[2], ends[4], ends[1]
 		outputs, stdin = []io.ReadCloser{po, pe}, pw
 		s.pipes = []io.Closer{po, pe, pw}
 		for _, r := range outputs { // a bigger pipe means fewer wake-ups of child and agent
@@ -282,10 +333,26 @@ func Start(id uint32, req protocol.ExecRequest, out *mux.Writer, opts Options, l
 	return s, nil
 }
 
-// Go queues exec.started and starts streaming. The caller registers the session first, so
-// the host can never act on a session the agent does not know yet.
+// startCmd starts cmd. A program the kernel refuses with ENOEXEC (an executable text file
+// without "#!") is run by /bin/sh instead, as execvp does for the reference: argv becomes
+// /bin/sh, the program's path, its arguments. It returns the command that runs.
+func startCmd(cmd *osexec.Cmd) (*osexec.Cmd, error) {
+	err := cmd.Start()
+	if !errors.Is(err, syscall.ENOEXEC) {
+		return cmd, err
+	}
+	sh := &osexec.Cmd{Path: "/bin/sh", Args: append([]string{"/bin/sh", cmd.Path}, cmd.Args[1:]...),
+		Env: cmd.Env, Dir: cmd.Dir, Stdin: cmd.Stdin, Stdout: cmd.Stdout, Stderr: cmd.Stderr,
+		ExtraFiles: cmd.ExtraFiles, SysProcAttr: cmd.SysProcAttr}
+	return sh, sh.Start()
+}
+
+// Go sends exec.started and starts streaming. The caller registers the session first, so
+// the host can never act on a session the agent does not know yet. exec.started goes ahead of
+// session output, as a reply of the agent loop: like the reference's, it precedes anything
+// else on the id, output and replies to the host's later frames alike.
 func (s *Session) Go() {
-	s.q.PushMsg(s.ctx, s.id, protocol.TypeExecStarted, s.started)
+	s.out.ControlMsg(s.ctx, s.id, protocol.TypeExecStarted, s.started)
 	s.goRun()
 }
 
@@ -334,13 +401,21 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 		go func() { defer wg.Done(); s.pump(r, t, chunk) }()
 	}
 	wg.Wait()
-	code := s.reap()
+	code, sig := s.reap()
+	s.stopping.Store(true)
 	s.in.Close() // ends feed, and drops stdin nobody will read
+	for _, c := range s.pipes {
+		c.Close() // ends a stdin write blocked on a pipe a grandchild still holds open
+	}
 	<-s.fed
 	if s.tty != nil {
 		s.tty.Close()
 	}
-	s.q.PushMsg(context.Background(), s.id, protocol.TypeExecExited, protocol.ExecExited{Code: code})
+	exited := protocol.ExecExited{Code: code}
+	if s.flow { // only a host that opted in gets the extension key
+		exited.Signal = sig
+	}
+	s.q.PushMsg(context.Background(), s.id, protocol.TypeExecExited, exited)
 	s.cancel()
 	if s.done != nil {
 		s.done(s)
@@ -348,30 +423,43 @@ func (s *Session) run(outputs []io.ReadCloser, stdin io.WriteCloser, chunk int) 
 }
 
 // reap waits for the child and returns the reference's exit code: the status, or -1 for a
-// signal death (or a failed wait).
-func (s *Session) reap() int32 {
+// signal death (then also the signal) or a failed wait.
+func (s *Session) reap() (code, sig int32) {
+	defer func() {
+		s.sigMu.Lock()
+		s.reaped = true
+		s.sigMu.Unlock()
+	}()
 	if s.wait == nil {
 		err := s.cmd.Wait()
 		if err == nil {
-			return 0
+			return 0, 0
 		}
 		var ee *osexec.ExitError
 		if errors.As(err, &ee) {
-			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Exited() {
-				return int32(ws.ExitStatus())
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok {
+				return exitCode(ws)
 			}
 		}
-		return -1
+		return -1, 0
 	}
 	ws, err := s.wait.Wait(s.cmd.Process.Pid)
 	s.cmd.Process.Release() // without os/exec's Wait, the process handle (a pidfd) is ours to free
-	for _, c := range s.pipes {
-		c.Close()
+	if err != nil {
+		return -1, 0
 	}
-	if err != nil || !ws.Exited() {
-		return -1
+	return exitCode(ws)
+}
+
+// exitCode is the reference's code for a wait status, and the signal of a signal death.
+func exitCode(ws syscall.WaitStatus) (code, sig int32) {
+	switch {
+	case ws.Exited():
+		return int32(ws.ExitStatus()), 0
+	case ws.Signaled():
+		return -1, int32(ws.Signal())
 	}
-	return int32(ws.ExitStatus())
+	return -1, 0
 }
 
 // pump reads one output stream into frames until EOF (or EIO: a PTY whose slave side closed).
@@ -384,7 +472,7 @@ func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
 				return
 			}
 		}
-		buf := mux.GetBuf()
+		buf := sessionio.GetBuf()
 		m, err := r.Read((*buf)[:n])
 		if s.flow && m < n {
 			s.credit.Add(int64(n - m)) // the unread part of the grant goes back
@@ -394,7 +482,7 @@ func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
 				return
 			}
 		} else {
-			mux.PutBuf(buf)
+			sessionio.PutBuf(buf)
 		}
 		if err != nil {
 			return
@@ -404,7 +492,9 @@ func (s *Session) pump(r io.Reader, t protocol.Type, chunk int) {
 
 // feed writes queued stdin to the child. An empty stdin chunk from the host is EOF: the pipe
 // is closed, or, on a PTY, the terminal's EOF character is sent (twice if the line is not
-// empty: once to end the line, once for EOF).
+// empty: once to end the line, once for EOF). Every chunk whose write fails (a child that
+// closed its stdin) gets its own exec.stdin.error, as the reference reports each failed write;
+// a chunk is at most mux.ChunkSize bytes (larger host chunks are written in pieces).
 func (s *Session) feed(stdin io.WriteCloser) {
 	defer close(s.fed)
 	w := io.Writer(stdin)
@@ -412,6 +502,10 @@ func (s *Session) feed(stdin io.WriteCloser) {
 		w = &lastByteWriter{s: s, w: stdin}
 	}
 	err := s.in.Run(w)
+	for err != nil && err != io.EOF && !s.stopping.Load() {
+		s.q.PushMsg(context.Background(), s.id, protocol.TypeExecStdinError, stdinError(err))
+		err = s.in.Run(w)
+	}
 	switch {
 	case err == io.EOF:
 		if s.tty == nil {
@@ -426,12 +520,6 @@ func (s *Session) feed(stdin io.WriteCloser) {
 			s.tty.Write(eof)
 		}
 		s.tty.Write(eof)
-	case err != nil:
-		s.q.PushMsg(context.Background(), s.id, protocol.TypeExecStdinError, stdinError(err))
-		s.in.Close() // later stdin is dropped, as by the reference
-		if s.tty == nil {
-			stdin.Close()
-		}
 	}
 }
 
@@ -489,20 +577,28 @@ func veof(f *os.File) byte {
 	return c
 }
 
-// Signal sends a standard signal (1..31) to the child; anything else is ignored, as by the
+// Signal sends a standard signal (1..31) as Kill does; anything else is ignored, as by the
 // reference.
 func (s *Session) Signal(sig int32) {
 	if sig >= 1 && sig <= 31 {
-		syscall.Kill(s.pid, syscall.Signal(sig))
+		s.Kill(syscall.Signal(sig))
 	}
 }
 
 // Credit adds flow-control credit for output.
 func (s *Session) Credit(n uint32) { s.credit.Add(int64(n)) }
 
-// Kill ends the child with sig; the session then ends as usual (exited is still sent).
+// Kill sends sig to the child's process group (the child and everything it started) or, without
+// Options.Groups, to the child; the session then ends as usual (exited is still sent). A group
+// that is gone (ESRCH) is no error.
 func (s *Session) Kill(sig syscall.Signal) {
-	if s.pid > 0 {
-		syscall.Kill(s.pid, sig)
+	s.sigMu.Lock()
+	defer s.sigMu.Unlock()
+	if s.pid > 0 && !s.reaped {
+		if s.groups {
+			syscall.Kill(-s.pid, sig)
+		} else {
+			syscall.Kill(s.pid, sig)
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -54,13 +55,6 @@ func ResolveUser(spec string) (Identity, error) {
 		n, _ := strconv.ParseUint(pw.Gid, 10, 32)
 		id.GID = uint32(n)
 		id.Home = pw.HomeDir
-		if gids, err := pw.GroupIds(); err == nil {
-			for _, s := range gids {
-				if n, err := strconv.ParseUint(s, 10, 32); err == nil {
-					id.Groups = append(id.Groups, uint32(n))
-				}
-			}
-		}
 	}
 	if hasGroup {
 		switch n, err := strconv.ParseUint(g, 10, 32); {
@@ -77,10 +71,44 @@ func ResolveUser(spec string) (Identity, error) {
 			id.GID = uint32(n)
 		}
 	}
+	if pw != nil {
+		id.Groups = initGroups(pw.Username, id.GID)
+	}
 	return id, nil
 }
 
-// homeOf returns the passwd home of uid 0 (the default when no user is switched to).
+// GroupFile is the group database initGroups reads.
+var GroupFile = "/etc/group"
+
+// initGroups is what initgroups(name, gid) sets, as the reference applies it: gid, then every
+// group of GroupFile that lists name as a member (the user's passwd group only if it is one
+// of those, or gid itself).
+func initGroups(name string, gid uint32) []uint32 {
+	groups := []uint32{gid}
+	b, err := os.ReadFile(GroupFile)
+	if err != nil {
+		return groups
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Split(line, ":")
+		if len(f) != 4 {
+			continue
+		}
+		n, err := strconv.ParseUint(f[2], 10, 32)
+		if err != nil || slices.Contains(groups, uint32(n)) {
+			continue
+		}
+		for _, m := range strings.Split(f[3], ",") {
+			if strings.TrimSpace(m) == name {
+				groups = append(groups, uint32(n))
+				break
+			}
+		}
+	}
+	return groups
+}
+
+// rootHome returns the passwd home of uid 0 (the default when no user is switched to).
 func rootHome() string {
 	if u, err := user.LookupId("0"); err == nil {
 		return u.HomeDir
@@ -88,9 +116,16 @@ func rootHome() string {
 	return ""
 }
 
-// BuildEnv makes a child's environment: base (agentd's clean set for children, never its own
-// environment), overlaid with the request's KEY=VALUE entries, PATH prefixed with scripts, and
-// HOME defaulted to the target user's home.
+// InheritedHome is the HOME a child keeps when neither the request nor the target user's
+// passwd entry gives one: the kernel's HOME for init, which the reference's children inherit.
+const InheritedHome = "/"
+
+// BuildEnv makes a child's environment as the reference does, from base (agentd's clean set
+// for children, never its own environment): the first PATH entry of the request gets the
+// scripts prefix (or, without one, PATH is the prefix and agentd's PATH); then the request's
+// KEY=VALUE entries apply in order, so a later entry overrides an earlier one (the SDK sends
+// the sandbox env, then the exec env); entries without '=' are ignored. Unless the request
+// sets HOME, it is home (the target user's), else what base has, else InheritedHome.
 func BuildEnv(base, request []string, scripts, agentPath, home string) []string {
 	env := map[string]string{}
 	var order []string
@@ -105,29 +140,30 @@ func BuildEnv(base, request []string, scripts, agentPath, home string) []string 
 			set(k, v)
 		}
 	}
-	requestPath := false
-	for _, kv := range request {
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok {
-			continue // entries without '=' are ignored, as by the reference
-		}
-		if k == "PATH" && !requestPath {
-			requestPath = true
-			v = scripts + ":" + v
-		} else if k == "PATH" {
-			continue // only the first PATH counts
-		}
-		set(k, v)
-	}
-	if !requestPath {
+	request = slices.Clone(request)
+	if i := slices.IndexFunc(request, func(kv string) bool { return strings.HasPrefix(kv, "PATH=") }); i >= 0 {
+		request[i] = "PATH=" + scripts + ":" + request[i][len("PATH="):]
+	} else {
 		p := agentPath
 		if p == "" {
 			p = DefaultPath
 		}
-		set("PATH", scripts+":"+p)
+		request = append(request, "PATH="+scripts+":"+p)
 	}
-	if _, ok := env["HOME"]; !ok && home != "" {
+	requestHome := false
+	for _, kv := range request {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			continue
+		}
+		requestHome = requestHome || k == "HOME"
+		set(k, v)
+	}
+	if !requestHome && home != "" {
 		set("HOME", home)
+	}
+	if _, ok := env["HOME"]; !ok {
+		set("HOME", InheritedHome)
 	}
 	out := make([]string, 0, len(order))
 	for _, k := range order {
@@ -211,13 +247,85 @@ func spawnFailure(cmd, stage string, err error) *protocol.ExecFailed {
 	f := &protocol.ExecFailed{
 		Kind:    Classify(errno),
 		Errno:   &code,
-		Message: fmt.Sprintf("spawn %s: %s", strconv.Quote(cmd), oserr.Errno(errno)),
+		Message: fmt.Sprintf("spawn %s: %s", RustQuote(cmd), oserr.Errno(errno)),
 		Stage:   &stage,
 	}
 	if name, ok := failedErrnoNames[errno]; ok {
 		f.ErrnoName = &name
 	}
 	return f
+}
+
+// RustQuote quotes s as Rust's Debug formatting of a str does (the reference's spawn
+// messages): \0 \t \r \n \\ \" escaped, other unprintable characters as \u{hex}.
+func RustQuote(s string) string {
+	var b strings.Builder
+	b.WriteByte('"')
+	for _, r := range s {
+		switch r {
+		case 0:
+			b.WriteString(`\0`)
+		case '\t':
+			b.WriteString(`\t`)
+		case '\r':
+			b.WriteString(`\r`)
+		case '\n':
+			b.WriteString(`\n`)
+		case '\\', '"':
+			b.WriteByte('\\')
+			b.WriteRune(r)
+		default:
+			if strconv.IsPrint(r) {
+				b.WriteRune(r)
+			} else {
+				fmt.Fprintf(&b, `\u{%x}`, r)
+			}
+		}
+	}
+	b.WriteByte('"')
+	return b.String()
+}
+
+// nulFailure is exec.failed for a NUL byte in the request's strings, in the reference's words:
+// pipe mode is Rust's Command refusing to spawn; PTY mode is its CString check of the named
+// string (position is the NUL's byte offset).
+func nulFailure(cmd string, tty bool, what string, position int) *protocol.ExecFailed {
+	if tty {
+		return otherFailure(fmt.Errorf("invalid %s: nul byte found in provided data at position: %d", what, position))
+	}
+	stage := "Command::spawn"
+	return &protocol.ExecFailed{Kind: protocol.ExecOther, Message: fmt.Sprintf("spawn %s: nul byte found in provided data", RustQuote(cmd)), Stage: &stage}
+}
+
+// findNUL returns the first request string with a NUL byte, in the order the reference checks
+// them: PTY mode checks the command, the arguments and the cwd (env entries with a NUL are
+// skipped there); pipe mode any of them, env included.
+func findNUL(req protocol.ExecRequest) (what string, position int, found bool) {
+	check := func(w, s string) bool {
+		if i := strings.IndexByte(s, 0); i >= 0 {
+			what, position, found = w, i, true
+		}
+		return found
+	}
+	if check("command", req.Cmd) {
+		return
+	}
+	for _, a := range req.Args {
+		if check("arg", a) {
+			return
+		}
+	}
+	if !req.TTY {
+		for _, e := range req.Env {
+			if check("env", e) {
+				return
+			}
+		}
+	}
+	if req.Cwd != nil {
+		check("cwd", *req.Cwd)
+	}
+	return
 }
 
 // otherFailure is exec.failed for a failure that is not an OS error of the spawn.

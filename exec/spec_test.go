@@ -19,11 +19,15 @@ func TestBuildEnv(t *testing.T) {
 		want  []string
 	}{
 		{"defaults", nil, nil, "", "/root", []string{"PATH=/s:" + DefaultPath, "HOME=/root"}},
-		{"agent PATH", nil, nil, "/a:/b", "", []string{"PATH=/s:/a:/b"}},
-		{"request PATH, first wins", nil, []string{"PATH=/x", "PATH=/y"}, "/a", "/h", []string{"PATH=/s:/x", "HOME=/h"}},
+		{"agent PATH, no home: inherited", nil, nil, "/a:/b", "", []string{"PATH=/s:/a:/b", "HOME=/"}},
+		{"base HOME is the inherited one", []string{"HOME=/base"}, nil, "", "", []string{"HOME=/base", "PATH=/s:" + DefaultPath}},
+		{"user home beats base HOME", []string{"HOME=/base"}, nil, "", "/u", []string{"HOME=/u", "PATH=/s:" + DefaultPath}},
+		{"first request PATH prefixed, a later one overrides", nil, []string{"PATH=/x", "PATH=/y"}, "/a", "/h", []string{"PATH=/y", "HOME=/h"}},
+		{"one request PATH prefixed", nil, []string{"PATH=/x"}, "/a", "/h", []string{"PATH=/s:/x", "HOME=/h"}},
+		{"later entries override", nil, []string{"A=1", "B=2", "A=3"}, "", "/h", []string{"A=3", "B=2", "PATH=/s:" + DefaultPath, "HOME=/h"}},
 		{"request HOME wins", nil, []string{"HOME=/mine"}, "", "/root", []string{"HOME=/mine", "PATH=/s:" + DefaultPath}},
-		{"no '=' ignored, '=' in value kept", nil, []string{"JUNK", "A=b=c"}, "", "", []string{"A=b=c", "PATH=/s:" + DefaultPath}},
-		{"request overrides base", []string{"LANG=C", "TZ=UTC"}, []string{"LANG=de"}, "", "", []string{"LANG=de", "TZ=UTC", "PATH=/s:" + DefaultPath}},
+		{"no '=' ignored, '=' in value kept", nil, []string{"JUNK", "A=b=c"}, "", "/h", []string{"A=b=c", "PATH=/s:" + DefaultPath, "HOME=/h"}},
+		{"request overrides base", []string{"LANG=C", "TZ=UTC"}, []string{"LANG=de"}, "", "/h", []string{"LANG=de", "TZ=UTC", "PATH=/s:" + DefaultPath, "HOME=/h"}},
 	}
 	for _, c := range cases {
 		if got := BuildEnv(c.base, c.req, "/s", c.agent, c.home); !reflect.DeepEqual(got, c.want) {
@@ -112,6 +116,41 @@ func TestLookPath(t *testing.T) {
 		got, err := LookPath(c.cmd, env)
 		if got != c.want || err != c.err {
 			t.Errorf("%s: %q %v, want %q %v", c.cmd, got, err, c.want, c.err)
+		}
+	}
+}
+
+// TestInitGroups: initgroups(name, gid) semantics: gid first, then the groups listing name.
+func TestInitGroups(t *testing.T) {
+	f := t.TempDir() + "/group"
+	os.WriteFile(f, []byte("root:x:0:\nstaff:x:50:alice,bob\nusers:x:100:bob\nalice:x:1000:\nbad line\n"), 0o644)
+	old := GroupFile
+	GroupFile = f
+	defer func() { GroupFile = old }()
+	cases := []struct {
+		name string
+		gid  uint32
+		want []uint32
+	}{
+		{"alice", 1000, []uint32{1000, 50}},
+		{"alice", 0, []uint32{0, 50}}, // alice:root: not alice's passwd group 1000
+		{"bob", 100, []uint32{100, 50}},
+		{"carol", 7, []uint32{7}},
+	}
+	for _, c := range cases {
+		if got := initGroups(c.name, c.gid); !reflect.DeepEqual(got, c.want) {
+			t.Errorf("initGroups(%s, %d) = %v, want %v", c.name, c.gid, got, c.want)
+		}
+	}
+}
+
+func TestRustQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		"echo": `"echo"`, "a\x00b": `"a\0b"`, "t\tn\nr\r": `"t\tn\nr\r"`, `q"b\`: `"q\"b\\"`,
+		"it's": `"it's"`, "\x01\x7f": `"\u{1}\u{7f}"`, "ü": `"ü"`,
+	} {
+		if got := RustQuote(in); got != want {
+			t.Errorf("RustQuote(%q) = %s, want %s", in, got, want)
 		}
 	}
 }

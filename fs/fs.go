@@ -10,19 +10,18 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/agentd/agentd/budget"
 	"github.com/agentd/agentd/internal/oserr"
-	"github.com/agentd/agentd/mux"
 	"github.com/agentd/agentd/protocol"
-	"github.com/agentd/agentd/sink"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // Options bound the filesystem service.
 type Options struct {
-	// ChunkSize is the largest fs.data chunk sent (at most mux.ChunkSize; the reference's 3 MiB
+	// ChunkSize is the largest fs.data chunk sent (at most sessionio.ChunkSize; the reference's 3 MiB
 	// is the protocol's ceiling, not a requirement).
 	ChunkSize int
 	// HighWater and LowWater bound read-stream bytes queued toward the host, per stream.
@@ -30,7 +29,7 @@ type Options struct {
 	// WriteLimit bounds write-stream bytes queued for the disk, per stream; WriteBudget is
 	// shared by all write streams.
 	WriteLimit  int
-	WriteBudget *budget.Budget
+	WriteBudget *sessionio.Budget
 	// MaxHandlesPerClient is the reference's 1024 open handles per relay client.
 	MaxHandlesPerClient int
 	// Parallel bounds operations in flight; beyond it the agent loop waits.
@@ -38,37 +37,58 @@ type Options struct {
 }
 
 // DefaultOptions for the filesystem service.
-var DefaultOptions = Options{ChunkSize: 64 << 10, HighWater: 1 << 20, LowWater: 256 << 10,
+var DefaultOptions = Options{ChunkSize: sessionio.ChunkSize, HighWater: 1 << 20, LowWater: 256 << 10,
 	WriteLimit: 1 << 20, MaxHandlesPerClient: 1024, Parallel: 64}
 
 // DefaultReadDirLimit is ReadDir's page size when the request gives none.
 const DefaultReadDirLimit = 128
 
+// handle is an open file or directory. Its lock is held for one operation at a time (a
+// stream takes it per chunk, never across a wait for the host or the channel), so a request
+// on a handle is never held up by another session's stream. The file is closed when the last
+// user lets go: the table (until CloseHandle), and every operation and stream in flight, as
+// the reference's shared file does.
 type handle struct {
 	owner                uint32
 	path                 string
 	file                 *os.File
 	dir                  bool
 	read, write, append_ bool
-	mu                   sync.Mutex // one operation (or stream) at a time
+	mu                   sync.Mutex
+	refs                 atomic.Int32
+}
+
+// release drops one reference; the last one closes the file.
+func (h *handle) release() {
+	if h.refs.Add(-1) == 0 {
+		h.file.Close()
+	}
 }
 
 // writeStream is an open core.fs Write: host chunks queue in a sink drained to the file.
 type writeStream struct {
 	owner uint32
-	in    *sink.Sink
+	in    *sessionio.Sink
+	bulk  *sessionio.BulkIn // a bulk write's flow (bulk.go)
+	// failure (guarded by Service.mu) ends a bulk stream with this text; byHost when the host
+	// cancelled it (then no core.bulk.cancel goes back).
+	failure string
+	byHost  bool
 }
 
 type readStream struct {
-	owner  uint32
-	cancel context.CancelFunc
-	flow   *budget.Credit
+	owner   uint32
+	cancel  context.CancelFunc
+	flow    *sessionio.Credit
+	bulk    *sessionio.BulkOut // a bulk read's flow (bulk.go)
+	failure string             // as writeStream's
+	byHost  bool
 }
 
 // Service is the filesystem side of one agent.
 type Service struct {
 	opts Options
-	out  *mux.Writer
+	out  *sessionio.Writer
 	log  *slog.Logger
 	sem  chan struct{}
 	wg   sync.WaitGroup
@@ -81,9 +101,9 @@ type Service struct {
 }
 
 // New makes a service writing its replies to out.
-func New(out *mux.Writer, opts Options, log *slog.Logger) *Service {
+func New(out *sessionio.Writer, opts Options, log *slog.Logger) *Service {
 	d := DefaultOptions
-	if opts.ChunkSize <= 0 || opts.ChunkSize > mux.ChunkSize {
+	if opts.ChunkSize <= 0 || opts.ChunkSize > sessionio.ChunkSize {
 		opts.ChunkSize = d.ChunkSize
 	}
 	if opts.HighWater <= 0 {
@@ -164,19 +184,30 @@ func (s *Service) run(ctx context.Context, id uint32, op protocol.FsOp, flow boo
 		}
 	case *protocol.FsReadLink:
 		var p string
-		if p, err = os.Readlink(o.Path); err != nil {
+		if err = checkNUL(o.Path); err == nil {
+			p, err = os.Readlink(o.Path)
+		}
+		if err != nil {
 			err = opError("readlink", err)
 		} else {
 			data = pathData(p)
 		}
 	case *protocol.FsSymlink:
-		if err = os.Symlink(o.Target, o.LinkPath); err != nil {
+		if err = checkNUL(o.Target); err == nil {
+			if err = checkNUL(o.LinkPath); err == nil {
+				err = unix.Symlink(o.Target, o.LinkPath)
+			}
+		}
+		if err != nil {
 			err = opError("symlink", err)
 		}
 	case *protocol.FsMkdir:
 		err = mkdir(o.Path, o.Mode)
 	case *protocol.FsRemove:
-		if err = unix.Unlink(o.Path); err != nil {
+		if err = checkNUL(o.Path); err == nil {
+			err = unix.Unlink(o.Path)
+		}
+		if err != nil {
 			err = opError("remove", err)
 		}
 	case *protocol.FsRemoveDir:
@@ -184,9 +215,7 @@ func (s *Service) run(ctx context.Context, id uint32, op protocol.FsOp, flow boo
 	case *protocol.FsCopy:
 		err = copyFile(o.Src, o.Dst)
 	case *protocol.FsRename:
-		if err = os.Rename(o.Src, o.Dst); err != nil {
-			err = opError("rename", err)
-		}
+		err = rename(o.Src, o.Dst)
 	case *protocol.FsOpenFile:
 		var h uint64
 		if h, err = s.openFile(id, o); err == nil {
@@ -222,7 +251,7 @@ func (s *Service) run(ctx context.Context, id uint32, op protocol.FsOp, flow boo
 }
 
 func listDir(path string) ([]protocol.FsEntryInfo, error) {
-	f, err := os.Open(path)
+	f, err := openDirectory(path)
 	if err != nil {
 		return nil, fmt.Errorf("readdir: %w", opError("opendir", err))
 	}
@@ -261,21 +290,46 @@ func (s *Service) addHandle(h *handle) (uint64, error) {
 	return n, nil
 }
 
-// lookup finds a handle the caller (by relay slot) may use.
-func (s *Service) lookup(caller uint32, n uint64, prefix string) (*handle, error) {
+// Which kind of handle an operation needs; the checks run in the reference's order: the
+// handle exists, is of the right kind, belongs to the caller's relay client, allows the access.
+type need int
+
+const (
+	anyHandle need = iota
+	fileHandle
+	readHandle
+	writeHandle
+	dirHandle
+)
+
+// acquire finds a handle the caller may use for an operation and takes a reference to it;
+// the caller releases it when done.
+func (s *Service) acquire(caller uint32, n uint64, prefix string, want need) (*handle, error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	h := s.handles[n]
-	s.mu.Unlock()
-	if h == nil {
+	switch {
+	case h == nil:
 		return nil, fmt.Errorf("%s: invalid handle: %d", prefix, n)
-	}
-	if !protocol.SameRelayClient(caller, h.owner) {
+	case want == dirHandle && !h.dir:
+		return nil, fmt.Errorf("%s: handle %d is a file", prefix, n)
+	case want != dirHandle && want != anyHandle && h.dir:
+		return nil, fmt.Errorf("%s: handle %d is a directory", prefix, n)
+	case !protocol.SameRelayClient(caller, h.owner):
 		return nil, fmt.Errorf("%s: handle %d is owned by a different relay client", prefix, n)
+	case want == readHandle && !h.read:
+		return nil, fmt.Errorf("%s: handle %d is not open for reading", prefix, n)
+	case want == writeHandle && !h.write:
+		return nil, fmt.Errorf("%s: handle %d is not open for writing", prefix, n)
 	}
+	h.refs.Add(1)
 	return h, nil
 }
 
 func (s *Service) openFile(id uint32, o *protocol.FsOpenFile) (uint64, error) {
+	if err := checkNUL(o.Path); err != nil {
+		return 0, opError("open", err)
+	}
 	flags, err := openFlags(o.Options)
 	if err != nil {
 		return 0, opError("open", err)
@@ -288,8 +342,10 @@ func (s *Service) openFile(id uint32, o *protocol.FsOpenFile) (uint64, error) {
 	if err != nil {
 		return 0, opError("open", err)
 	}
-	n, err := s.addHandle(&handle{owner: id, path: o.Path, file: f, read: o.Options.Read,
-		write: o.Options.Write || o.Options.Append, append_: o.Options.Append})
+	h := &handle{owner: id, path: o.Path, file: f, read: o.Options.Read,
+		write: o.Options.Write || o.Options.Append, append_: o.Options.Append}
+	h.refs.Store(1) // the table's
+	n, err := s.addHandle(h)
 	if err != nil {
 		f.Close()
 	}
@@ -311,47 +367,53 @@ func modeBits(m uint32) os.FileMode {
 	return fm
 }
 
+// openDirectory is opendir(3): O_DIRECTORY, so a file is ENOTDIR and a FIFO never blocks.
+func openDirectory(path string) (*os.File, error) {
+	if err := checkNUL(path); err != nil {
+		return nil, err
+	}
+	return os.OpenFile(path, os.O_RDONLY|unix.O_DIRECTORY, 0)
+}
+
 func (s *Service) openDir(id uint32, path string) (uint64, error) {
-	f, err := os.Open(path)
+	f, err := openDirectory(path)
 	if err != nil {
 		return 0, opError("opendir", err)
 	}
-	if st, err := f.Stat(); err != nil || !st.IsDir() {
-		f.Close()
-		if err == nil {
-			err = unix.ENOTDIR
-		}
-		return 0, opError("opendir", err)
-	}
-	n, err := s.addHandle(&handle{owner: id, path: path, file: f, dir: true})
+	h := &handle{owner: id, path: path, file: f, dir: true}
+	h.refs.Store(1) // the table's
+	n, err := s.addHandle(h)
 	if err != nil {
 		f.Close()
 	}
 	return n, err
 }
 
+// closeHandle removes the handle from the table at once; operations and streams still using
+// it finish with it (the last one closes the file).
 func (s *Service) closeHandle(id uint32, n uint64) error {
-	h, err := s.lookup(id, n, "close")
-	if err != nil {
-		return err
-	}
 	s.mu.Lock()
+	h := s.handles[n]
+	switch {
+	case h == nil:
+		s.mu.Unlock()
+		return fmt.Errorf("close: invalid handle: %d", n)
+	case !protocol.SameRelayClient(id, h.owner):
+		s.mu.Unlock()
+		return fmt.Errorf("close: handle %d is owned by a different relay client", n)
+	}
 	delete(s.handles, n)
 	s.mu.Unlock()
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.file.Close()
+	h.release()
 	return nil
 }
 
 func (s *Service) readDir(id uint32, o *protocol.FsReadDir) ([]protocol.FsEntryInfo, error) {
-	h, err := s.lookup(id, o.Handle, "readdir")
+	h, err := s.acquire(id, o.Handle, "readdir", dirHandle)
 	if err != nil {
 		return nil, err
 	}
-	if !h.dir {
-		return nil, fmt.Errorf("readdir: handle %d is not a directory", o.Handle)
-	}
+	defer h.release()
 	limit := DefaultReadDirLimit
 	if o.Limit != nil {
 		limit = max(int(*o.Limit), 1)
@@ -370,10 +432,11 @@ func (s *Service) readDir(id uint32, o *protocol.FsReadDir) ([]protocol.FsEntryI
 }
 
 func (s *Service) fstat(id uint32, n uint64) (protocol.FsEntryInfo, error) {
-	h, err := s.lookup(id, n, "fstat")
+	h, err := s.acquire(id, n, "fstat", anyHandle)
 	if err != nil {
 		return protocol.FsEntryInfo{}, err
 	}
+	defer h.release()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	var st unix.Stat_t
@@ -389,35 +452,27 @@ func (s *Service) fstat(id uint32, n uint64) (protocol.FsEntryInfo, error) {
 }
 
 func (s *Service) fsetStat(id uint32, o *protocol.FsFSetStat) error {
-	h, err := s.lookup(id, o.Handle, "fsetstat")
+	h, err := s.acquire(id, o.Handle, "fsetstat", fileHandle)
 	if err != nil {
 		return err
 	}
-	if h.dir {
-		return fmt.Errorf("fsetstat: handle %d is a directory", o.Handle)
-	}
+	defer h.release()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return fsetStat(h.file, o.Attrs)
+	return fsetStat(h.file, h.path, o.Attrs)
 }
 
 // --- streams ---
 
 func (s *Service) startRead(ctx context.Context, id uint32, o *protocol.FsRead, flow bool) error {
-	h, err := s.lookup(id, o.Handle, "read")
+	h, err := s.acquire(id, o.Handle, "read", readHandle)
 	if err != nil {
 		return err
-	}
-	if h.dir {
-		return fmt.Errorf("read: handle %d is a directory", o.Handle)
-	}
-	if !h.read {
-		return fmt.Errorf("read: handle %d is not open for reading", o.Handle)
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	rs := &readStream{owner: id, cancel: cancel}
 	if flow && o.Window > 0 {
-		rs.flow = budget.NewCredit(int64(o.Window))
+		rs.flow = sessionio.NewCredit(int64(o.Window))
 	}
 	s.mu.Lock()
 	s.reads[id] = rs
@@ -428,6 +483,7 @@ func (s *Service) startRead(ctx context.Context, id uint32, o *protocol.FsRead, 
 		defer cancel()
 		q := s.out.NewQueue(s.opts.HighWater, s.opts.LowWater)
 		err := s.stream(rctx, id, h, o, q, rs.flow)
+		h.release()
 		s.mu.Lock()
 		live := s.reads[id] == rs
 		if live {
@@ -448,12 +504,11 @@ func (s *Service) startRead(ctx context.Context, id uint32, o *protocol.FsRead, 
 	return nil
 }
 
-// stream reads the file from offset in chunks onto q (which applies backpressure), holding the
-// handle for the whole stream as the reference does.
-func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.FsRead, q *mux.Queue, flow *budget.Credit) error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	off := int64(o.Offset)
+// stream reads the file from offset in chunks onto q (which applies backpressure). Each chunk
+// is one operation on the handle (seek, read), so waiting for the channel or for credit never
+// holds the handle.
+func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.FsRead, q *sessionio.Queue, flow *sessionio.Credit) error {
+	off := int64(o.Offset) // 2^63 and above are negative: lseek refuses them, as the reference's
 	remaining := int64(-1)
 	if o.Len != nil {
 		remaining = int64(*o.Len)
@@ -469,8 +524,8 @@ func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.
 				return ctx.Err()
 			}
 		}
-		buf := mux.GetBuf()
-		m, err := h.file.ReadAt((*buf)[:n], off)
+		buf := sessionio.GetBuf()
+		m, err := h.readAt((*buf)[:n], off)
 		if flow != nil && m < n {
 			flow.Add(int64(n - m)) // the unread part of the grant goes back
 		}
@@ -483,34 +538,49 @@ func (s *Service) stream(ctx context.Context, id uint32, h *handle, o *protocol.
 				return perr
 			}
 		} else {
-			mux.PutBuf(buf)
+			sessionio.PutBuf(buf)
 		}
 		if err == io.EOF {
 			return nil
 		}
 		if err != nil {
-			return opError("read", err)
+			return err
 		}
 	}
 	return nil
 }
 
+// readAt is one read of the handle's file at off, as the reference's seek then read: lseek's
+// error is "seek: ...", read's "read: ...", and io.EOF when nothing is left.
+func (h *handle) readAt(p []byte, off int64) (int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if _, err := h.file.Seek(off, io.SeekStart); err != nil {
+		return 0, opError("seek", err)
+	}
+	n, err := h.file.Read(p)
+	if err != nil && err != io.EOF {
+		return n, opError("read", err)
+	}
+	if n == 0 {
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
 func (s *Service) startWrite(ctx context.Context, id uint32, o *protocol.FsWrite, flow bool) error {
-	h, err := s.lookup(id, o.Handle, "write")
+	h, err := s.acquire(id, o.Handle, "write", writeHandle)
 	if err != nil {
 		return err
 	}
-	if h.dir || !h.write {
-		return fmt.Errorf("write: handle %d is not open for writing", o.Handle)
-	}
-	cfg := sink.Config{Limit: s.opts.WriteLimit, Budget: s.opts.WriteBudget}
+	cfg := sessionio.SinkConfig{Limit: s.opts.WriteLimit, Budget: s.opts.WriteBudget}
 	flow = flow && o.Window > 0
 	if flow {
 		cfg.Grant = func(n int) {
 			s.out.ControlMsg(ctx, id, protocol.TypeFlowCredit, protocol.FlowCredit{Bytes: uint32(n)})
 		}
 	}
-	ws := &writeStream{owner: id, in: sink.New(ctx, cfg)}
+	ws := &writeStream{owner: id, in: sessionio.NewSink(ctx, cfg)}
 	s.mu.Lock()
 	s.writes[id] = ws
 	s.mu.Unlock()
@@ -521,9 +591,8 @@ func (s *Service) startWrite(ctx context.Context, id uint32, o *protocol.FsWrite
 	go func() {
 		defer s.wg.Done()
 		w := &fileWriter{h: h, off: int64(o.Offset)}
-		h.mu.Lock()
 		err := ws.in.Run(w)
-		h.mu.Unlock()
+		h.release()
 		s.mu.Lock()
 		live := s.writes[id] == ws
 		if live {
@@ -545,26 +614,29 @@ func (s *Service) startWrite(ctx context.Context, id uint32, o *protocol.FsWrite
 	return nil
 }
 
-// fileWriter writes at a running offset (or appends, for append handles).
+// fileWriter writes each chunk at a running offset (or appends, for append handles) as the
+// reference does: one operation on the handle, seek then write; a chunk whose write failed
+// does not count as written.
 type fileWriter struct {
 	h   *handle
-	off int64
+	off int64 // 2^63 and above are negative: lseek refuses them
 	n   int64
 }
 
 func (w *fileWriter) Write(p []byte) (int, error) {
-	var n int
-	var err error
-	if w.h.append_ {
-		n, err = w.h.file.Write(p)
-	} else {
-		n, err = w.h.file.WriteAt(p, w.off)
+	w.h.mu.Lock()
+	defer w.h.mu.Unlock()
+	if !w.h.append_ {
+		if _, err := w.h.file.Seek(w.off, io.SeekStart); err != nil {
+			return 0, opError("seek", err)
+		}
 	}
-	w.off += int64(n)
-	w.n += int64(n)
+	n, err := w.h.file.Write(p)
 	if err != nil {
 		return n, opError("write", err)
 	}
+	w.off += int64(n)
+	w.n += int64(n)
 	return n, nil
 }
 
@@ -614,7 +686,7 @@ func (s *Service) closeWhere(in func(id uint32) bool) int {
 			delete(s.handles, n)
 		}
 	}
-	var sinks []*sink.Sink
+	var sinks []*sessionio.Sink
 	for id, ws := range s.writes {
 		if in(id) {
 			sinks = append(sinks, ws.in)
@@ -636,21 +708,15 @@ func (s *Service) closeWhere(in func(id uint32) bool) int {
 		w.Close()
 	}
 	for _, h := range files {
-		go func() { h.mu.Lock(); h.file.Close(); h.mu.Unlock() }() // after any stream using it
+		h.release() // the table's reference: the file closes once no stream uses it
 	}
 	return len(files) + len(sinks) + len(cancels)
 }
 
-// Streams returns the open read and write streams (the heartbeat's active_fs_streams).
-func (s *Service) Streams() int {
+// Counts returns the open handles, and the open read and write streams (the heartbeat's
+// active_fs_streams).
+func (s *Service) Counts() (handles, streams int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.reads) + len(s.writes)
-}
-
-// Handles returns the open handles.
-func (s *Service) Handles() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.handles)
+	return len(s.handles), len(s.reads) + len(s.writes)
 }

@@ -25,10 +25,11 @@ type Counters struct {
 	TCPBytes        atomic.Uint64
 }
 
-// HostMessage counts one dispatched host frame.
-func (c *Counters) HostMessage() {
+// HostMessage counts one dispatched host frame and returns the activity sequence number after
+// it (the number core.touched reports and the next heartbeat shows).
+func (c *Counters) HostMessage() uint64 {
 	c.HostMessages.Add(1)
-	c.ActivitySeq.Add(1)
+	return c.ActivitySeq.Add(1)
 }
 
 // GuestMessage counts one frame sent to the host.

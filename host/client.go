@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sessionio"
 )
 
 // ErrClosed is returned once the client's connection is gone.
@@ -44,22 +45,30 @@ type Options struct {
 	// Features are the extensions requested in core.init.ack (direct mode only; behind a relay
 	// the relay negotiates). Default: flow control.
 	Features []string
-	// StreamQueue bounds frames queued per stream that has no flow control (exec output, fs
-	// data). A full queue stalls the reader for every stream, as in microsandbox's client.
-	StreamQueue int
+	// SessionQueue bounds frames queued per session that has no flow control (exec output, fs
+	// data). A full queue stalls the reader for every session, as in microsandbox's client.
+	SessionQueue int
 	// Window is the receive window granted per flow-controlled TCP stream.
 	Window int
+	// Generation is the protocol generation this host speaks (default protocol.Version): it
+	// stamps it on every frame and runs each connection at the lower of it and the agent's
+	// (Client.Generation). A lower one makes the host behave as a host of that generation.
+	Generation uint8
+	// BulkWindow is the receive credit a bulk stream grants ahead of what was read (default
+	// protocol.BulkDefaultWindow, the reference's 8 MiB).
+	BulkWindow int
 	// HandshakeTimeout bounds the wait for init.resolved/ready (direct) or the relay greeting.
 	HandshakeTimeout time.Duration
-	Log              *slog.Logger
-
-	handshakeOnly bool // the relay takes over the channel after the handshake
+	// Bootstrap, when set, is written as the channel's first frame (direct mode only), as a
+	// current host configures its guest: core.bootstrap, id 0, before anything else.
+	Bootstrap *protocol.Bootstrap
+	Log       *slog.Logger
 }
 
 // DefaultOptions for a client.
 var DefaultOptions = Options{
-	Features:         []string{protocol.FeatureFlow},
-	StreamQueue:      1024,
+	Features:         []string{protocol.FeatureFlow, protocol.FeaturePolicy},
+	SessionQueue:     1024,
 	Window:           1 << 20,
 	HandshakeTimeout: 60 * time.Second,
 }
@@ -69,14 +78,20 @@ func (o Options) withDefaults() Options {
 	if o.Features == nil {
 		o.Features = d.Features
 	}
-	if o.StreamQueue <= 0 {
-		o.StreamQueue = d.StreamQueue
+	if o.SessionQueue <= 0 {
+		o.SessionQueue = d.SessionQueue
 	}
 	if o.Window <= 0 {
 		o.Window = d.Window
 	}
 	if o.HandshakeTimeout <= 0 {
 		o.HandshakeTimeout = d.HandshakeTimeout
+	}
+	if o.Generation == 0 || o.Generation > protocol.Version {
+		o.Generation = protocol.Version
+	}
+	if o.BulkWindow <= 0 || o.BulkWindow > protocol.BulkMaxWindow {
+		o.BulkWindow = protocol.BulkDefaultWindow
 	}
 	if o.Log == nil {
 		o.Log = slog.Default()
@@ -86,59 +101,95 @@ func (o Options) withDefaults() Options {
 
 // Client is one connection to an agent.
 type Client struct {
+	Greeting // what the handshake told
+
 	conn io.ReadWriteCloser
 	opts Options
 	fr   *protocol.FrameReader
 
 	idMin, idEnd uint32 // ids this client may use: [idMin, idEnd)
-	Ready        protocol.Ready
-	ReadyV       uint8
-	ReadyFrame   []byte // the raw core.ready frame (a relay hands it to its clients)
-	Resolved     protocol.InitResolved
+	relayed      bool   // behind a relay server (FromRelay), not on the channel itself
 
-	wmu     sync.Mutex // serializes writes of whole frames
-	mu      sync.Mutex
-	next    uint32
-	streams map[uint32]*Stream
-	closed  bool
-	err     error
-	done    chan struct{}
+	// ctx ends when the connection does (done is closed first).
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	wmu      sync.Mutex // serializes writes of whole frames
+	mu       sync.Mutex
+	next     uint32
+	sessions map[uint32]*Session
+	closed   bool
+	err      error
+	done     chan struct{}
 }
 
-// Direct performs the host side of the init handshake on a raw agent channel: it waits for
-// core.init.resolved (dropping anything else), acknowledges it with the requested features
-// and waits for core.ready. The client then owns the whole id space.
-func Direct(conn io.ReadWriteCloser, opts Options) (*Client, error) {
+// Greeting is what the host learns from the agent in the handshake.
+type Greeting struct {
+	Resolved   protocol.InitResolved // direct mode only
+	Ready      protocol.Ready
+	ReadyV     uint8
+	ReadyFrame []byte // the raw core.ready frame (a relay server hands it to its clients)
+}
+
+// Handshake performs the host side of the init handshake on a raw agent channel: it waits for
+// core.init.resolved (dropping anything else), acknowledges it with features and waits for
+// core.ready. It returns the frame reader to go on with, which may hold bytes read past
+// core.ready. Direct uses it; so does a relay server, which then owns the channel.
+func Handshake(conn io.ReadWriteCloser, opts Options) (Greeting, *protocol.FrameReader, error) {
 	opts = opts.withDefaults()
-	c := newClient(conn, opts, 1, 1<<32-1)
+	var g Greeting
+	if opts.Bootstrap != nil {
+		p, err := protocol.Marshal(opts.Bootstrap)
+		if err != nil {
+			return g, nil, fmt.Errorf("handshake: encode core.bootstrap: %w", err)
+		}
+		// A host that sends it speaks at least the generation that introduced it.
+		f, _ := protocol.AppendMessageV(nil, max(opts.Generation, protocol.BootstrapGeneration), 0, protocol.TypeBootstrap, p)
+		if _, err := conn.Write(f); err != nil {
+			return g, nil, fmt.Errorf("handshake: send core.bootstrap: %w", err)
+		}
+	}
+	fr := protocol.NewFrameReader(conn)
 	stop := watchdog(conn, opts.HandshakeTimeout)
 	defer stop()
 	for {
-		m, raw, err := c.readMessage()
+		m, raw, err := readMessage(fr)
 		if err != nil {
-			return nil, fmt.Errorf("handshake: %w", err)
+			return g, nil, fmt.Errorf("handshake: %w", err)
 		}
 		switch m.Type {
 		case protocol.TypeInitResolved:
-			if err := protocol.Unmarshal(m.Payload, &c.Resolved); err != nil {
-				return nil, fmt.Errorf("handshake: decode core.init.resolved: %w", err)
+			if err := protocol.Unmarshal(m.Payload, &g.Resolved); err != nil {
+				return g, nil, fmt.Errorf("handshake: decode core.init.resolved: %w", err)
 			}
-			ack, _ := protocol.EncodeFrame(0, protocol.TypeInitAck, protocol.InitAck{Features: opts.Features})
+			p, _ := protocol.Marshal(protocol.InitAck{Features: opts.Features})
+			ack, _ := protocol.AppendMessageV(nil, opts.Generation, 0, protocol.TypeInitAck, p)
 			if _, err := conn.Write(ack); err != nil {
-				return nil, fmt.Errorf("handshake: send core.init.ack: %w", err)
+				return g, nil, fmt.Errorf("handshake: send core.init.ack: %w", err)
 			}
 		case protocol.TypeReady:
-			if err := c.setReady(m, raw); err != nil {
-				return nil, err
+			if err := g.setReady(m, raw); err != nil {
+				return g, nil, err
 			}
-			if !opts.handshakeOnly {
-				go c.readLoop()
-			}
-			return c, nil
+			return g, fr, nil
 		default:
 			opts.Log.Debug("dropped pre-ready frame", "type", m.Name())
 		}
 	}
+}
+
+// Direct performs the init handshake on a raw agent channel (see Handshake). The client then
+// owns the whole id space.
+func Direct(conn io.ReadWriteCloser, opts Options) (*Client, error) {
+	opts = opts.withDefaults()
+	g, fr, err := Handshake(conn, opts)
+	if err != nil {
+		return nil, err
+	}
+	c := newClient(conn, fr, opts, 1, 1<<32-1)
+	c.Greeting = g
+	go c.readLoop()
+	return c, nil
 }
 
 // Connect dials a relay's unix socket and performs microsandbox's client handshake:
@@ -169,8 +220,9 @@ func FromRelay(conn io.ReadWriteCloser, opts Options) (*Client, error) {
 	if start == 0 || end <= start {
 		return nil, fmt.Errorf("relay handshake: bad id range [%d, %d)", start, end)
 	}
-	c := newClient(conn, opts, start, end)
-	m, raw, err := c.readMessage()
+	c := newClient(conn, protocol.NewFrameReader(conn), opts, start, end)
+	c.relayed = true
+	m, raw, err := readMessage(c.fr)
 	if err != nil {
 		return nil, fmt.Errorf("relay handshake: read core.ready: %w", err)
 	}
@@ -190,13 +242,14 @@ func watchdog(conn io.Closer, d time.Duration) func() {
 	return func() { t.Stop() }
 }
 
-func newClient(conn io.ReadWriteCloser, opts Options, start, end uint32) *Client {
-	return &Client{conn: conn, opts: opts, fr: protocol.NewFrameReader(conn), idMin: start, idEnd: end,
-		next: start, streams: map[uint32]*Stream{}, done: make(chan struct{})}
+func newClient(conn io.ReadWriteCloser, fr *protocol.FrameReader, opts Options, start, end uint32) *Client {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Client{conn: conn, opts: opts, fr: fr, idMin: start, idEnd: end, ctx: ctx, cancel: cancel,
+		next: start, sessions: map[uint32]*Session{}, done: make(chan struct{})}
 }
 
-func (c *Client) readMessage() (protocol.Message, []byte, error) {
-	f, err := c.fr.Next()
+func readMessage(fr *protocol.FrameReader) (protocol.Message, []byte, error) {
+	f, err := fr.Next()
 	if err != nil {
 		return protocol.Message{}, nil, err
 	}
@@ -209,16 +262,20 @@ func (c *Client) readMessage() (protocol.Message, []byte, error) {
 	return m, raw, nil
 }
 
-func (c *Client) setReady(m protocol.Message, raw []byte) error {
-	if err := protocol.Unmarshal(m.Payload, &c.Ready); err != nil {
+func (g *Greeting) setReady(m protocol.Message, raw []byte) error {
+	if err := protocol.Unmarshal(m.Payload, &g.Ready); err != nil {
 		return fmt.Errorf("handshake: decode core.ready: %w", err)
 	}
-	c.ReadyV, c.ReadyFrame = m.V, raw
+	g.ReadyV, g.ReadyFrame = m.V, raw
 	return nil
 }
 
-// Generation is the negotiated generation: min(ours, the agent's).
-func (c *Client) Generation() uint8 { return min(protocol.Version, c.ReadyV) }
+// Generation is the negotiated generation: min(ours, the agent's core.ready v).
+func (c *Client) Generation() uint8 { return protocol.Negotiated(c.opts.Generation, c.ReadyV) }
+
+// Bulk reports whether sessions use generation-8 raw bulk transfer (the negotiated generation
+// has it).
+func (c *Client) Bulk() bool { return protocol.TypeBulkAccepted.AvailableAt(c.Generation()) }
 
 // HasFeature reports whether the agent enabled an extension for this host.
 func (c *Client) HasFeature(name string) bool { return protocol.HasFeature(c.Ready.Features, name) }
@@ -236,7 +293,7 @@ func (c *Client) Err() error {
 	return c.err
 }
 
-// Close closes the connection; every stream sees ErrClosed.
+// Close closes the connection; every session sees ErrClosed.
 func (c *Client) Close() error {
 	err := c.conn.Close()
 	<-c.done
@@ -248,7 +305,7 @@ func (c *Client) Send(id uint32, t protocol.Type, payload []byte) error {
 	if !t.Info().Extension && !t.AvailableAt(c.Generation()) {
 		return &UnsupportedError{t, t.Info().Generation, c.Generation()}
 	}
-	frame, err := protocol.AppendMessage(nil, id, t, payload)
+	frame, err := protocol.AppendMessageV(nil, c.opts.Generation, id, t, payload)
 	if err != nil {
 		return err
 	}
@@ -283,10 +340,26 @@ func (c *Client) WriteFrame(frame []byte) error {
 // built in a small array and both go out in one writev on sockets (no copy, no allocation).
 func (c *Client) sendData(id uint32, t protocol.Type, data []byte) error {
 	var hdr [64]byte
-	h, err := protocol.AppendDataHeader(hdr[:0], id, t, len(data))
+	h, err := protocol.AppendDataHeaderV(hdr[:0], c.opts.Generation, id, t, len(data))
 	if err != nil {
 		return err
 	}
+	return c.writeParts(h, data)
+}
+
+// sendRecord writes a raw bulk record straight from the caller's buffer, as sendData does.
+func (c *Client) sendRecord(id uint32, kind protocol.BulkKind, flow protocol.BulkFlow, offset uint64, data []byte) error {
+	var hdr [32]byte
+	h, err := protocol.AppendBulkHeader(hdr[:0], id, kind, flow, offset, len(data))
+	if err != nil {
+		return err
+	}
+	return c.writeParts(h, data)
+}
+
+// writeParts writes a frame's header and body as one frame.
+func (c *Client) writeParts(h, data []byte) error {
+	var err error
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	select {
@@ -301,7 +374,9 @@ func (c *Client) sendData(id uint32, t protocol.Type, data []byte) error {
 		b := framePool.Get().(*[]byte)
 		*b = append(append((*b)[:0], h...), data...)
 		_, err = c.conn.Write(*b)
-		framePool.Put(b)
+		if cap(*b) <= 1<<20 {
+			framePool.Put(b)
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("write frame: %w", err)
@@ -316,106 +391,132 @@ func (c *Client) Shutdown() error {
 	return c.Send(0, protocol.TypeShutdown, []byte{0xf6})
 }
 
-// delivery is a message for a stream; data payloads sit in a pooled buffer (buf) that the
+// Ping checks that the agent is alive and serving (core.ping, generation 6). It is not
+// activity: the sandbox's idle time goes on.
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := c.Request(ctx, protocol.TypePing, protocol.Empty{})
+	return err
+}
+
+// Touch refreshes the sandbox's idle time without a session (core.touch, generation 6) and
+// returns the agent's activity sequence number after it.
+func (c *Client) Touch(ctx context.Context) (uint64, error) {
+	m, err := c.Request(ctx, protocol.TypeTouch, protocol.Empty{})
+	if err != nil {
+		return 0, err
+	}
+	if m.Type != protocol.TypeTouched {
+		return 0, fmt.Errorf("touch: unexpected reply %s", m.Name())
+	}
+	var p protocol.Touched
+	if err := protocol.Unmarshal(m.Payload, &p); err != nil {
+		return 0, fmt.Errorf("decode core.touched: %w", err)
+	}
+	return p.ActivitySeq, nil
+}
+
+// delivery is a message for a session; data payloads sit in a pooled buffer (buf) that the
 // internal consumers return once used.
 type delivery struct {
 	m   protocol.Message
 	buf *[]byte
+	rec *protocol.BulkRecord // a raw bulk record (its payload in buf), instead of m
+	err error                // the session's flow broke (a bad record or credit), instead of m
 }
 
-// Stream is every frame of one id.
-type Stream struct {
-	c    *Client
-	ID   uint32
-	ch   chan delivery // bounded; the reader waits when full (flow-controlled senders never fill it)
-	tcp  *TCPConn      // set for flow-controlled TCP streams
-	done chan struct{}
-	once sync.Once
+// Session is every frame of one id.
+type Session struct {
+	c   *Client
+	ID  uint32
+	ch  chan delivery // bounded; the reader waits when full (flow-controlled senders never fill it)
+	tcp *TCPConn      // set for flow-controlled TCP sessions
+	// ctx ends when the session is closed (or the client is); done is its Done channel.
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   <-chan struct{}
 
 	// Send credit (agentd.flow.credit), taken in by the reader so that a sender waiting for
 	// credit never depends on anyone draining ch.
-	cmu    sync.Mutex
-	credit int64
-	cwake  chan struct{}
+	credit *sessionio.Credit
+	// An fs bulk stream's flows (guarded by Client.mu until the request is sent): records it
+	// receives are checked against bulkIn and delivered in order with its messages; the
+	// agent's credit for what it sends is applied to bulkOut by the reader.
+	bulkIn  *sessionio.BulkIn
+	bulkOut *sessionio.BulkOut
 }
 
-func (s *Stream) addCredit(n int64) {
-	s.cmu.Lock()
-	s.credit += n
-	s.cmu.Unlock()
+// bulkError ends a session whose flow broke: a TCP stream fails, an fs stream's consumer gets
+// the error in order.
+func (s *Session) bulkError(err error) {
+	if s.tcp != nil {
+		s.tcp.fail(err)
+		return
+	}
 	select {
-	case s.cwake <- struct{}{}:
-	default:
+	case s.ch <- delivery{err: err}:
+	case <-s.done:
+	default: // the queue is full of what came before: the consumer ends on the flow's state
 	}
 }
 
-// takeCredit waits for credit and takes up to want bytes of it.
-func (s *Stream) takeCredit(ctx context.Context, want int64) (int64, error) {
-	for {
-		s.cmu.Lock()
-		if s.credit > 0 {
-			n := min(want, s.credit)
-			s.credit -= n
-			s.cmu.Unlock()
-			return n, nil
-		}
-		s.cmu.Unlock()
-		select {
-		case <-s.cwake:
-		case <-s.done:
-			return 0, ErrClosed
-		case <-s.c.done:
-			return 0, ErrClosed
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		}
+// takeCredit waits for credit and takes up to want bytes of it; it gives up when ctx ends or
+// the session or the client is closed.
+func (s *Session) takeCredit(ctx context.Context, want int) (int, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)()
+	if n, ok := s.credit.Take(ctx, want); ok {
+		return n, nil
 	}
+	if s.ctx.Err() != nil {
+		return 0, ErrClosed
+	}
+	return 0, ctx.Err()
 }
 
-// Open allocates an id and registers a stream for it, without sending anything.
-func (c *Client) Open() (*Stream, error) {
+// Open allocates an id and registers a session for it, without sending anything. Ids are never
+// reused (current relays reject a reused one): once the range is spent, Open fails.
+func (c *Client) Open() (*Session, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return nil, ErrClosed
 	}
-	span := c.idEnd - c.idMin
-	for i := uint32(0); i < span; i++ {
+	for c.next < c.idEnd {
 		id := c.next
 		c.next++
-		if c.next >= c.idEnd {
-			c.next = c.idMin
-		}
-		if _, busy := c.streams[id]; !busy {
-			s := c.newStream(id)
-			c.streams[id] = s
+		if _, busy := c.sessions[id]; !busy { // taken by OpenID
+			s := c.newSession(id)
+			c.sessions[id] = s
 			return s, nil
 		}
 	}
-	return nil, errors.New("id range exhausted")
+	return nil, errors.New("id range exhausted: ids are not reused; connect again")
 }
 
-// OpenID registers a stream for a chosen id (raw tier: tests and tools that need exact ids).
-func (c *Client) OpenID(id uint32) (*Stream, error) {
+// OpenID registers a session for a chosen id (raw tier: tests and tools that need exact ids).
+func (c *Client) OpenID(id uint32) (*Session, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return nil, ErrClosed
 	}
-	if _, busy := c.streams[id]; busy {
+	if _, busy := c.sessions[id]; busy {
 		return nil, fmt.Errorf("id %d is in use", id)
 	}
-	s := c.newStream(id)
-	c.streams[id] = s
+	s := c.newSession(id)
+	c.sessions[id] = s
 	return s, nil
 }
 
-func (c *Client) newStream(id uint32) *Stream {
-	return &Stream{c: c, ID: id, ch: make(chan delivery, c.opts.StreamQueue), done: make(chan struct{}), cwake: make(chan struct{}, 1)}
+func (c *Client) newSession(id uint32) *Session {
+	ctx, cancel := context.WithCancel(c.ctx)
+	return &Session{c: c, ID: id, ch: make(chan delivery, c.opts.SessionQueue), ctx: ctx, cancel: cancel, done: ctx.Done(),
+		credit: sessionio.NewCredit(0)}
 }
 
-// Start opens a stream and sends its first (session-start) message.
-func (c *Client) Start(t protocol.Type, v any) (*Stream, error) {
+// Start opens a session and sends its first (session-start) message.
+func (c *Client) Start(t protocol.Type, v any) (*Session, error) {
 	s, err := c.Open()
 	if err != nil {
 		return nil, err
@@ -427,14 +528,14 @@ func (c *Client) Start(t protocol.Type, v any) (*Stream, error) {
 	return s, nil
 }
 
-// Recv returns the stream's next message. After the terminal message it returns io.EOF.
-func (s *Stream) Recv(ctx context.Context) (protocol.Message, error) {
+// Recv returns the session's next message. After the terminal message it returns io.EOF.
+func (s *Session) Recv(ctx context.Context) (protocol.Message, error) {
 	d, err := s.recv(ctx)
 	return d.m, err // a pooled buffer is simply left to the garbage collector
 }
 
 // recv is Recv with the pooled buffer, for consumers that hand it back with release.
-func (s *Stream) recv(ctx context.Context) (delivery, error) {
+func (s *Session) recv(ctx context.Context) (delivery, error) {
 	select {
 	case d, ok := <-s.ch:
 		if !ok {
@@ -459,29 +560,23 @@ func (s *Stream) recv(ctx context.Context) (delivery, error) {
 // release returns a delivery's pooled buffer.
 func (d *delivery) release() {
 	if d.buf != nil {
-		rpool.Put(d.buf)
+		if cap(*d.buf) >= sessionio.BigChunkSize {
+			sessionio.PutBuf(d.buf)
+		} else {
+			rpool.Put(d.buf)
+		}
 		d.buf = nil
 	}
 }
 
-// Close unregisters the stream (no frame is sent).
-func (s *Stream) Close() {
-	s.once.Do(func() {
-		s.c.mu.Lock()
-		if s.c.streams[s.ID] == s {
-			delete(s.c.streams, s.ID)
-		}
-		s.c.mu.Unlock()
-		close(s.done)
-	})
-}
-
-func isData(t protocol.Type) bool {
-	switch t {
-	case protocol.TypeExecStdout, protocol.TypeExecStderr, protocol.TypeFsData:
-		return true
+// Close unregisters the session (no frame is sent).
+func (s *Session) Close() {
+	s.c.mu.Lock()
+	if s.c.sessions[s.ID] == s {
+		delete(s.c.sessions, s.ID)
 	}
-	return false
+	s.c.mu.Unlock()
+	s.cancel()
 }
 
 // Request sends a session-start message and waits for its terminal reply. A core.error reply
@@ -520,11 +615,12 @@ func (c *Client) readLoop() {
 	defer func() {
 		c.mu.Lock()
 		c.closed, c.err = true, err
-		streams := c.streams
-		c.streams = map[uint32]*Stream{}
+		sessions := c.sessions
+		c.sessions = map[uint32]*Session{}
 		c.mu.Unlock()
 		close(c.done)
-		for _, s := range streams {
+		c.cancel()
+		for _, s := range sessions {
 			if s.tcp != nil {
 				s.tcp.fail(ErrClosed)
 			}
@@ -539,13 +635,17 @@ func (c *Client) readLoop() {
 			}
 			return
 		}
+		if f.Flags == protocol.FlagBulk {
+			c.record(f)
+			continue
+		}
 		m, derr := protocol.DecodeMessage(f)
 		if derr != nil {
 			c.opts.Log.Warn("dropped undecodable frame from agent", "id", f.ID, "error", derr)
 			continue
 		}
 		c.mu.Lock()
-		s := c.streams[m.ID]
+		s := c.sessions[m.ID]
 		var tc *TCPConn
 		if s != nil {
 			tc = s.tcp
@@ -560,12 +660,23 @@ func (c *Client) readLoop() {
 		if m.Type == protocol.TypeFlowCredit {
 			var p protocol.FlowCredit
 			if protocol.Unmarshal(m.Payload, &p) == nil {
-				s.addCredit(int64(p.Bytes))
+				s.credit.Add(int64(p.Bytes))
+			}
+			continue
+		}
+		if m.Type == protocol.TypeBulkCredit && s.bulkOut != nil { // taken in here, as flow credit is
+			var p protocol.BulkCredit
+			if err := protocol.Unmarshal(m.Payload, &p); err != nil {
+				s.bulkError(fmt.Errorf("decode core.bulk.credit: %w", err))
+			} else if p.Flow != protocol.BulkHostToGuest {
+				s.bulkError(fmt.Errorf("core.bulk.credit for flow %d of a host -> guest stream", p.Flow))
+			} else if err := s.bulkOut.Credit(p.ConsumedOffset, p.CreditLimit); err != nil {
+				s.bulkError(fmt.Errorf("agent: core.bulk.credit: %w", err))
 			}
 			continue
 		}
 		d := delivery{m: m}
-		if n := len(m.Payload); n <= 64<<10+64 && isData(m.Type) {
+		if n := len(m.Payload); n <= 64<<10+64 && m.Type.IsData() {
 			d.buf = rpool.Get().(*[]byte)
 			if cap(*d.buf) < n {
 				*d.buf = make([]byte, n)
@@ -581,11 +692,48 @@ func (c *Client) readLoop() {
 		}
 		if m.Flags&protocol.FlagTerminal != 0 {
 			c.mu.Lock()
-			if c.streams[m.ID] == s {
-				delete(c.streams, m.ID)
+			if c.sessions[m.ID] == s {
+				delete(c.sessions, m.ID)
 			}
 			c.mu.Unlock()
 			close(s.ch)
+			s.cancel() // the session is over: a sender waiting for credit gives up
 		}
+	}
+}
+
+// record routes a raw bulk record to the session of its id (a record for none is dropped, as
+// any frame for no pending id is).
+func (c *Client) record(f protocol.Frame) {
+	r, err := protocol.ParseBulkRecord(f)
+	c.mu.Lock()
+	s := c.sessions[f.ID]
+	c.mu.Unlock()
+	switch {
+	case s == nil:
+	case err != nil:
+		s.bulkError(fmt.Errorf("invalid raw bulk record: %w", err))
+	case s.tcp != nil:
+		s.tcp.record(r)
+	case s.bulkIn != nil:
+		// Checked here, against the credit this side granted: so the records queued for the
+		// consumer never exceed it, and a misbehaving agent cannot make the reader wait.
+		if err := s.bulkIn.Accept(r); err != nil {
+			s.bulkError(fmt.Errorf("agent: %w", err))
+			return
+		}
+		d := delivery{buf: sessionio.GetBigBuf()}
+		if len(r.Payload) > cap(*d.buf) {
+			*d.buf = make([]byte, len(r.Payload))
+		}
+		r.Payload = (*d.buf)[:copy((*d.buf)[:cap(*d.buf)], r.Payload)]
+		d.rec = &r
+		select {
+		case s.ch <- d:
+		case <-s.done:
+			sessionio.PutBuf(d.buf)
+		}
+	default:
+		s.bulkError(errors.New("raw bulk record on a session that accepted none"))
 	}
 }

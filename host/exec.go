@@ -10,7 +10,7 @@ import (
 // ExecSession is a running core.exec session.
 type ExecSession struct {
 	c        *Client
-	s        *Stream
+	s        *Session
 	PID      uint32
 	flow     bool
 	win      int
@@ -24,6 +24,9 @@ type ExecEvent struct {
 	StdinError     *protocol.ExecStdinError
 	Exited         bool
 	Code           int32
+	// Signal killed the program (Code -1), when the agent says which (agentd does for a session
+	// under flow control); 0 when unknown.
+	Signal int32
 }
 
 // Exec starts a program. It returns after core.exec.started; an exec.failed reply is returned
@@ -57,7 +60,7 @@ func (c *Client) Exec(ctx context.Context, req protocol.ExecRequest) (*ExecSessi
 		if e.flow && p.Window == 0 {
 			e.flow = false // an agent that does not do flow control for exec
 		}
-		s.addCredit(int64(p.Window))
+		s.credit.Add(int64(p.Window))
 		return e, nil
 	case protocol.TypeExecFailed:
 		var f protocol.ExecFailed
@@ -109,7 +112,7 @@ func (e *ExecSession) Next(ctx context.Context) (ExecEvent, error) {
 			if err := protocol.Unmarshal(m.Payload, &p); err != nil {
 				return ev, fmt.Errorf("decode exec.exited: %w", err)
 			}
-			ev.Exited, ev.Code = true, p.Code
+			ev.Exited, ev.Code, ev.Signal = true, p.Code, p.Signal
 		default:
 			if err := AsError(m); err != nil {
 				return ev, err
@@ -137,11 +140,11 @@ func (e *ExecSession) Stdin(ctx context.Context, data []byte) error {
 	for len(data) > 0 {
 		n := min(len(data), 64<<10)
 		if e.flow {
-			c, err := e.s.takeCredit(ctx, int64(n))
+			c, err := e.s.takeCredit(ctx, n)
 			if err != nil {
 				return err
 			}
-			n = int(c)
+			n = c
 		}
 		if err := e.c.sendData(e.s.ID, protocol.TypeExecStdin, data[:n]); err != nil {
 			return err

@@ -10,9 +10,11 @@ import (
 	"github.com/agentd/agentd/protocol"
 )
 
-// Config is the boot configuration a microsandbox host passes in MSB_* variables (the kernel
-// command line's unknown KEY=VALUE words become PID 1's environment). Names and formats are the
-// reference's (spec 4.2), so a microsandbox host can boot agentd unchanged.
+// Config is the boot configuration a microsandbox host passes, from one of two sources: the
+// MSB_* variables of hosts before 0.6.10 (the kernel command line's unknown KEY=VALUE words
+// become PID 1's environment; names and formats are the reference's, spec 4.2), read by
+// LoadConfig, or the core.bootstrap frame of current hosts, mapped by FromBootstrap. Either
+// way the boot sequence applies the same Config; ChooseSource decides which source a boot uses.
 type Config struct {
 	BlockRoot  *BlockRoot
 	DirMounts  []DirMount
@@ -27,6 +29,13 @@ type Config struct {
 	Rlimits    []Rlimit
 	User       string
 	Handoff    *Handoff
+	// DefaultCwd (bootstrap only) is the cwd of exec requests that name none ("" = agentd's).
+	DefaultCwd string
+	// DefaultEnv (bootstrap only) is the baseline environment: agentd's own, and every child's
+	// under its exec and handoff entries. nil from the MSB_* source, whose children start from
+	// agentd's clean set as before. Entries named AGENTD_* are agentd's own settings (see
+	// AgentSetting), not passed to workloads.
+	DefaultEnv [][2]string
 }
 
 // MountOpts are the flags of a mount-option block.
@@ -55,9 +64,13 @@ type (
 		Opts MountOpts
 	}
 	BlockRoot struct {
-		Kind                      string // disk-image or oci-erofs
+		Kind                      string // BlockRootDiskImage, BlockRootOCIErofs or BlockRootReadOnlyVirtiofs
 		Device, FsType            string // disk-image
-		Lower, Upper, UpperFsType string // oci-erofs
+		Lower, Upper, UpperFsType string // oci-erofs with a device upper
+		// UpperTmpfs: an oci-erofs root whose writable upper is a tmpfs (Upper and UpperFsType
+		// empty) of UpperSizeMiB (nil: the guest's default).
+		UpperTmpfs   bool
+		UpperSizeMiB *uint32
 	}
 	NetConfig struct {
 		Iface string
@@ -77,7 +90,18 @@ type (
 		Path string // absolute, or "auto"
 		Args []string
 		Env  [][2]string
+		Cwd  string // absolute, or "" for agentd's
 	}
+)
+
+// Block root kinds (BlockRoot.Kind).
+const (
+	BlockRootDiskImage = "disk-image"
+	BlockRootOCIErofs  = "oci-erofs"
+	// BlockRootReadOnlyVirtiofs (bootstrap only): the lower layer is the virtiofs share tagged
+	// msb-readonly-root, mounted read-only under a tmpfs overlay, and the root is sealed
+	// read-only after init.
+	BlockRootReadOnlyVirtiofs = "read-only-virtiofs"
 )
 
 // mount kinds, for the keyed options each allows
@@ -285,6 +309,8 @@ func ParseTmpfs(v string) ([]TmpfsMount, error) {
 }
 
 // ParseBlockRoot parses MSB_BLOCK_ROOT: comma-separated key=value (kind=disk-image|oci-erofs).
+// An oci-erofs upper of "tmpfs" (with an optional upper_size_mib=N and no upper_fstype) is a
+// RAM-backed upper, as later 0.6 hosts wrote it.
 func ParseBlockRoot(v string) (*BlockRoot, error) {
 	kv := map[string]string{}
 	for _, part := range strings.Split(v, ",") {
@@ -308,6 +334,9 @@ func ParseBlockRoot(v string) (*BlockRoot, error) {
 		}
 		return &BlockRoot{Kind: kind, Device: kv["device"], FsType: kv["fstype"]}, nil
 	case "oci-erofs":
+		if kv["upper"] == "tmpfs" {
+			return tmpfsUpper(kv)
+		}
 		for _, k := range []string{"lower", "upper", "upper_fstype"} {
 			if kv[k] == "" {
 				return nil, fmt.Errorf("kind=oci-erofs: missing '%s'", k)
@@ -316,6 +345,25 @@ func ParseBlockRoot(v string) (*BlockRoot, error) {
 		return &BlockRoot{Kind: kind, Lower: kv["lower"], Upper: kv["upper"], UpperFsType: kv["upper_fstype"]}, nil
 	}
 	return nil, fmt.Errorf("unknown kind %q (want disk-image or oci-erofs)", kind)
+}
+
+func tmpfsUpper(kv map[string]string) (*BlockRoot, error) {
+	if kv["lower"] == "" {
+		return nil, fmt.Errorf("kind=oci-erofs: missing 'lower'")
+	}
+	if _, ok := kv["upper_fstype"]; ok {
+		return nil, fmt.Errorf("kind=oci-erofs: upper=tmpfs takes no 'upper_fstype'")
+	}
+	b := &BlockRoot{Kind: BlockRootOCIErofs, Lower: kv["lower"], UpperTmpfs: true}
+	if v, ok := kv["upper_size_mib"]; ok {
+		n, err := strconv.ParseUint(v, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("kind=oci-erofs: invalid upper_size_mib %q", v)
+		}
+		size := uint32(n)
+		b.UpperSizeMiB = &size
+	}
+	return b, nil
 }
 
 // ParseMAC parses six ':'-separated hex octets of one or two digits.
@@ -459,16 +507,19 @@ func ParseRlimits(v string) ([]Rlimit, error) {
 // handoffSep separates MSB_HANDOFF_INIT_ARGS and _ENV entries (ASCII unit separator).
 const handoffSep = "\x1f"
 
-// ParseHandoff parses MSB_HANDOFF_INIT (+ _ARGS, _ENV), read untrimmed; unset or
-// whitespace-only means no handoff.
-func ParseHandoff(initPath, args, env string) (*Handoff, error) {
+// ParseHandoff parses MSB_HANDOFF_INIT (+ _ARGS, _ENV, and _CWD of later 0.6 hosts), read
+// untrimmed; unset or whitespace-only means no handoff.
+func ParseHandoff(initPath, args, env, cwd string) (*Handoff, error) {
 	if strings.TrimSpace(initPath) == "" {
 		return nil, nil
 	}
 	if initPath != "auto" && !path.IsAbs(initPath) {
 		return nil, fmt.Errorf("MSB_HANDOFF_INIT %q: must be an absolute path or auto", initPath)
 	}
-	h := &Handoff{Path: initPath}
+	h := &Handoff{Path: initPath, Cwd: cwd}
+	if cwd != "" && !path.IsAbs(cwd) {
+		return nil, fmt.Errorf("MSB_HANDOFF_INIT_CWD %q: must be an absolute path", cwd)
+	}
 	if args != "" {
 		h.Args = strings.Split(args, handoffSep)
 	}
@@ -537,8 +588,12 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	if c.Rlimits, err = ParseRlimits(get("MSB_RLIMITS")); err != nil {
 		return c, wrap("MSB_RLIMITS", err)
 	}
-	if c.Handoff, err = ParseHandoff(getenv("MSB_HANDOFF_INIT"), getenv("MSB_HANDOFF_INIT_ARGS"), getenv("MSB_HANDOFF_INIT_ENV")); err != nil {
+	if c.Handoff, err = ParseHandoff(getenv("MSB_HANDOFF_INIT"), getenv("MSB_HANDOFF_INIT_ARGS"), getenv("MSB_HANDOFF_INIT_ENV"), getenv("MSB_HANDOFF_INIT_CWD")); err != nil {
 		return c, err
+	}
+	// The boot mounts every volume in one plan (contract 4.6), checked before any side effect.
+	if _, err := c.MountPlan(); err != nil {
+		return c, fmt.Errorf("volumes (MSB_DIR_MOUNTS, MSB_FILE_MOUNTS, MSB_DISK_MOUNTS, MSB_TMPFS): %w", err)
 	}
 	return c, nil
 }

@@ -23,6 +23,11 @@ func TestParseBlockRoot(t *testing.T) {
 		{"kind=disk-image", nil, "missing 'device'"},
 		{"kind=oci-erofs,lower=/dev/vda,upper_fstype=ext4", nil, "missing 'upper'"},
 		{"kind=disk-image,device=/a,device=/b", nil, "duplicate key 'device'"},
+		{"kind=oci-erofs,lower=/dev/vda,upper=tmpfs", &BlockRoot{Kind: "oci-erofs", Lower: "/dev/vda", UpperTmpfs: true}, ""},
+		{"kind=oci-erofs,lower=/dev/vda,upper=tmpfs,upper_size_mib=512", &BlockRoot{Kind: "oci-erofs", Lower: "/dev/vda", UpperTmpfs: true, UpperSizeMiB: u32p(512)}, ""},
+		{"kind=oci-erofs,lower=/dev/vda,upper=tmpfs,upper_fstype=ext4", nil, "takes no 'upper_fstype'"},
+		{"kind=oci-erofs,lower=/dev/vda,upper=tmpfs,upper_size_mib=x", nil, "invalid upper_size_mib"},
+		{"kind=oci-erofs,upper=tmpfs", nil, "missing 'lower'"},
 	}
 	for _, c := range cases {
 		got, err := ParseBlockRoot(c.in)
@@ -168,20 +173,22 @@ func TestParseRlimits(t *testing.T) {
 
 func TestParseHandoff(t *testing.T) {
 	for _, unset := range []string{"", "   "} {
-		if h, err := ParseHandoff(unset, "x", "y"); h != nil || err != nil {
+		if h, err := ParseHandoff(unset, "x", "y", "/z"); h != nil || err != nil {
 			t.Errorf("%q: %+v %v", unset, h, err)
 		}
 	}
-	h, err := ParseHandoff("/sbin/init", "", "")
+	h, err := ParseHandoff("/sbin/init", "", "", "")
 	check(t, "cmd only", h, &Handoff{Path: "/sbin/init"}, err, "")
-	h, err = ParseHandoff("auto", "--log-level=debug\x1fa b;c\x1f", "A=1\x1fB=x=y")
-	check(t, "args and env", h, &Handoff{Path: "auto", Args: []string{"--log-level=debug", "a b;c", ""}, Env: [][2]string{{"A", "1"}, {"B", "x=y"}}}, err, "")
-	_, err = ParseHandoff("sbin/init", "", "")
+	h, err = ParseHandoff("auto", "--log-level=debug\x1fa b;c\x1f", "A=1\x1fB=x=y", "/srv")
+	check(t, "args and env", h, &Handoff{Path: "auto", Args: []string{"--log-level=debug", "a b;c", ""}, Env: [][2]string{{"A", "1"}, {"B", "x=y"}}, Cwd: "/srv"}, err, "")
+	_, err = ParseHandoff("sbin/init", "", "", "")
 	check(t, "relative", nil, nil, err, "absolute path")
-	_, err = ParseHandoff("/sbin/init", "", "NOEQUALS")
+	_, err = ParseHandoff("/sbin/init", "", "NOEQUALS", "")
 	check(t, "no =", nil, nil, err, "missing '='")
-	_, err = ParseHandoff("/sbin/init", "", "=v")
+	_, err = ParseHandoff("/sbin/init", "", "=v", "")
 	check(t, "empty key", nil, nil, err, "empty key")
+	_, err = ParseHandoff("/sbin/init", "", "", "srv")
+	check(t, "relative cwd", nil, nil, err, "MSB_HANDOFF_INIT_CWD")
 }
 
 // TestLoadConfigNamesTheVariable: every bad value is reported with its variable's name.
@@ -218,7 +225,7 @@ func FuzzLoadConfig(f *testing.F) {
 	}
 	vars := []string{"MSB_BLOCK_ROOT", "MSB_DIR_MOUNTS", "MSB_FILE_MOUNTS", "MSB_DISK_MOUNTS", "MSB_TMPFS",
 		"MSB_SECURITY_PROFILE", "MSB_NET", "MSB_NET_IPV4", "MSB_NET_IPV6", "MSB_RLIMITS", "MSB_HANDOFF_INIT",
-		"MSB_HANDOFF_INIT_ARGS", "MSB_HANDOFF_INIT_ENV"}
+		"MSB_HANDOFF_INIT_ARGS", "MSB_HANDOFF_INIT_ENV", "MSB_HANDOFF_INIT_CWD"}
 	f.Fuzz(func(t *testing.T, v string) {
 		for _, k := range vars {
 			LoadConfig(func(name string) string {

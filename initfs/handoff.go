@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // HandoffCandidates are tried in order for MSB_HANDOFF_INIT=auto.
@@ -70,8 +71,53 @@ func HandoffEnv(environ []string, h *Handoff) []string {
 	return out
 }
 
-// ExecInit replaces this process (PID 1) with the new init. It returns only on failure.
-func ExecInit(path string, argv, env []string) error {
+// ExecInit replaces this process (PID 1) with the new init, started in cwd ("": agentd's). It
+// returns only on failure.
+func ExecInit(path string, argv, env []string, cwd string) error {
+	if cwd != "" {
+		if err := os.Chdir(cwd); err != nil {
+			return fmt.Errorf("handoff: chdir %s: %w", cwd, err)
+		}
+	}
 	err := syscall.Exec(path, argv, env)
 	return fmt.Errorf("handoff: execve(%s) failed: %w", path, err)
+}
+
+// StartHandoffAgent starts the agent half of a handoff: this program again (argv[0] names the
+// role), with the channel as fd 3, stdin from /dev/null and stderr to HandoffLog. The caller
+// then execs the new init with ExecInit; the channel is close-on-exec here, so that init does
+// not inherit it.
+func StartHandoffAgent(argv, env []string, channel *os.File) (pid int, err error) {
+	if err := os.MkdirAll("/run/microsandbox", 0o755); err != nil {
+		return 0, fmt.Errorf("handoff: %w", err)
+	}
+	logf, err := os.OpenFile(HandoffLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return 0, fmt.Errorf("handoff: %w", err)
+	}
+	defer logf.Close()
+	null, err := os.Open(os.DevNull)
+	if err != nil {
+		return 0, fmt.Errorf("handoff: %w", err)
+	}
+	defer null.Close()
+	child, err := os.StartProcess("/proc/self/exe", argv, &os.ProcAttr{Env: env, Files: []*os.File{null, logf, logf, channel}})
+	if err != nil {
+		return 0, fmt.Errorf("handoff: start the agent: %w", err)
+	}
+	return child.Pid, nil
+}
+
+// HandoffPoweroffTimeout is how long the init that took PID 1 gets to power off (SIGRTMIN+4,
+// systemd's poweroff) before it gets SIGTERM, as in the reference.
+const HandoffPoweroffTimeout = 5 * time.Second
+
+const sigRTMinPlus4 = syscall.Signal(38) // glibc's SIGRTMIN (34) + 4
+
+// PowerOffViaInit asks the init that took PID 1 to power off (systemd's SIGRTMIN+4), and
+// after HandoffPoweroffTimeout sends it SIGTERM.
+func PowerOffViaInit() {
+	syscall.Kill(1, sigRTMinPlus4)
+	time.Sleep(HandoffPoweroffTimeout) // the power-off ends this process; nothing to await
+	syscall.Kill(1, syscall.SIGTERM)
 }

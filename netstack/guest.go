@@ -8,47 +8,15 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/agentd/agentd/egress"
 )
-
-// GuestNet is the addressing on the guest's side of the tun: the guest's own addresses, and
-// the gateways the stack owns (the resolver the guest's resolv.conf names).
-type GuestNet struct {
-	Addr4, Addr6       netip.Prefix
-	Gateway4, Gateway6 netip.Addr
-}
-
-// DefaultGuestNet is used when agentd is not told otherwise. Both ranges are private, so the
-// policy's "private" group covers the gateway only through the "host" group that names it.
-var DefaultGuestNet = GuestNet{
-	Addr4: netip.MustParsePrefix("10.87.0.2/24"), Gateway4: netip.MustParseAddr("10.87.0.1"),
-	Addr6: netip.MustParsePrefix("fd87::2/64"), Gateway6: netip.MustParseAddr("fd87::1"),
-}
-
-// Gateways lists the stack-owned addresses.
-func (g GuestNet) Gateways() []netip.Addr {
-	var out []netip.Addr
-	for _, a := range []netip.Addr{g.Gateway4, g.Gateway6} {
-		if a.IsValid() {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
-// ResolvConf is the guest's resolv.conf: the stack's resolver.
-func (g GuestNet) ResolvConf() string {
-	s := ""
-	for _, a := range g.Gateways() {
-		s += "nameserver " + a.String() + "\n"
-	}
-	return s
-}
 
 // AttachGuest makes the tun the guest's only way out: it moves the device into the namespace
 // nsFD (-1: leave it where it is), brings it up with the MTU and the guest addresses, and
 // routes everything (v4 and v6 default routes) through it. h is a netlink handle in the
 // guest's namespace.
-func AttachGuest(h *netlink.Handle, tunName string, nsFD int, mtu uint32, g GuestNet) error {
+func AttachGuest(h *netlink.Handle, tunName string, nsFD int, mtu uint32, g egress.GuestNet) error {
 	if nsFD >= 0 {
 		l, err := netlink.LinkByName(tunName)
 		if err != nil {

@@ -31,8 +31,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/agentd/agentd/egress"
+	"github.com/agentd/agentd/egress/policy"
 	"github.com/agentd/agentd/netstack/tunlink"
-	"github.com/agentd/agentd/policy"
 )
 
 // DNS answers one DNS message from the guest (the resolver package).
@@ -101,15 +101,14 @@ var DefaultOptions = Options{
 	ReceiveBufferMax: 4 << 20, SendBufferMax: 4 << 20, ReleaseAfter: time.Second,
 }
 
-// Counters are the stack's flow statistics, one per outcome and drop reason.
+// Counters are the stack's data-path statistics, one per outcome and drop reason. What the
+// policy decided (allowed, denied, SNI refusals, revocations) is counted once, by the egress
+// service.
 type Counters struct {
-	Allowed, Denied, DialFailed, Active atomic.Int64
+	DialFailed, Active, UDPActive atomic.Int64
 	// Refused for capacity: all flows, per destination, handshake failures.
 	FlowCapDrop, DestCapDrop, HandshakeFailed atomic.Int64
-	// Cut: TLS flows whose SNI the policy refused, and flows a reload revoked.
-	SNIDenied, Revoked               atomic.Int64
-	UDPAllowed, UDPDenied, UDPActive atomic.Int64
-	DNSQueries, GatewayRefused       atomic.Int64
+	DNSQueries, GatewayRefused                atomic.Int64
 }
 
 // Stack is a running netstack.

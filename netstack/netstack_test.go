@@ -35,11 +35,11 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/internal/nettest"
-	"github.com/agentd/agentd/internal/testutil"
+	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/egress/resolver"
+	"github.com/agentd/agentd/internal/testkit/nettest"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/netstack/tunlink"
-	"github.com/agentd/agentd/policy"
-	"github.com/agentd/agentd/resolver"
 )
 
 // testPolicy: default deny (so only names a rule allows resolve); Good by CIDR (v4 and v6); Bad only on TCP
@@ -102,7 +102,7 @@ func mustPolicy(t testing.TB, src string) *policy.Policy {
 	return p
 }
 
-// testLink is a tun link endpoint and MTU the suite runs on.
+// testLink is a tun link endpoint, MTU and queue count the suite runs on.
 type testLink struct {
 	mode   tunlink.Mode
 	mtu    uint32
@@ -125,12 +125,12 @@ func setup(t testing.TB, lk testLink, pol string, tune func(*Options)) *env {
 	tp := nettest.New(t)
 	nettest.Hosts(t)
 	e := &env{tp: tp, audit: &testutil.Buffer{}}
-	gw := DefaultGuestNet
+	gw := egress.DefaultGuestNet
 	e.aud = egress.NewAudit(e.audit, testLog(t))
 	t.Cleanup(e.aud.Close)
 	e.eg = egress.New(mustPolicy(t, pol), egress.Options{HostAddrs: gw.Gateways(), Audit: e.aud})
 	up := nettest.DNSServer(t, nettest.Good, dnsTable)
-	res := resolver.New(e.eg, resolver.Options{Upstreams: []netip.AddrPort{up}})
+	res := resolver.New(e.eg, resolver.Options{Upstream: resolver.Servers{Addrs: []netip.AddrPort{up}}})
 	o := Options{TunName: "agtun" + tp.ID, Link: lk.mode, MTU: lk.mtu, Queues: lk.queues, Egress: e.eg, DNS: res, Gateways: gw.Gateways(), Log: testLog(t)}
 	if tune != nil {
 		tune(&o)
@@ -318,7 +318,7 @@ func dig(t *testing.T, e *env, args ...string) string {
 		}
 		t.Skip("dig not installed")
 	}
-	out, err := e.tp.Cmd(append([]string{"dig", "+time=5", "+tries=1", "@" + DefaultGuestNet.Gateway4.String()}, args...)...).CombinedOutput()
+	out, err := e.tp.Cmd(append([]string{"dig", "+time=5", "+tries=1", "@" + egress.DefaultGuestNet.Gateway4.String()}, args...)...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("dig %v: %v\n%s", args, err, out)
 	}
@@ -405,8 +405,8 @@ func TestDomainRule(t *testing.T) {
 				t.Fatalf("sni %q: handshake succeeded, want the flow cut", c.sni)
 			}
 		}
-		if e.st.Counters.SNIDenied.Load() != 1 {
-			t.Fatalf("sni denials %d, want 1", e.st.Counters.SNIDenied.Load())
+		if e.eg.Counters.SNIDenied.Load() != 1 {
+			t.Fatalf("sni denials %d, want 1", e.eg.Counters.SNIDenied.Load())
 		}
 		// curl resolves through the guest's resolver and connects by name.
 		if _, err := exec.LookPath("curl"); err == nil {
@@ -449,8 +449,8 @@ func TestUDP(t *testing.T) {
 		if _, err := d.Read(make([]byte, 10)); !errors.Is(err, syscall.ECONNREFUSED) {
 			t.Fatalf("denied udp: %v", err)
 		}
-		if e.st.Counters.UDPDenied.Load() != 1 || e.st.Counters.UDPAllowed.Load() != 1 {
-			t.Fatalf("udp counters: allowed %d denied %d", e.st.Counters.UDPAllowed.Load(), e.st.Counters.UDPDenied.Load())
+		if e.eg.Counters.UDPDenied.Load() != 1 || e.eg.Counters.UDPAllowed.Load() != 1 {
+			t.Fatalf("udp counters: allowed %d denied %d", e.eg.Counters.UDPAllowed.Load(), e.eg.Counters.UDPDenied.Load())
 		}
 		testutil.WaitFor(t, func() bool { return e.st.Counters.UDPActive.Load() == 0 && e.st.Endpoints() == 0 }, "the idle udp flow to end")
 	})
@@ -597,7 +597,7 @@ func TestManyConnections(t *testing.T) {
 			}
 			c := &e.st.Counters
 			t.Fatalf("%v (dial failed %d, handshake failed %d, denied %d, caps %d/%d; gVisor: %s)", err, c.DialFailed.Load(),
-				c.HandshakeFailed.Load(), c.Denied.Load(), c.FlowCapDrop.Load(), c.DestCapDrop.Load(), tcpStats(e.st))
+				c.HandshakeFailed.Load(), e.eg.Counters.Denied(), c.FlowCapDrop.Load(), c.DestCapDrop.Load(), tcpStats(e.st))
 		}
 		for i, c := range conns {
 			msg := []byte(fmt.Sprintf("conn %d", i))
@@ -655,12 +655,12 @@ func TestDialIntoGuest(t *testing.T) {
 		e := setup(t, lk, testPolicy, nil)
 		// A TCP server inside the guest namespace: socat via ip netns exec.
 		port := testutil.ClosedPort(t)
-		srv := e.tp.Cmd("socat", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", port, DefaultGuestNet.Addr4.Addr()), "EXEC:cat")
+		srv := e.tp.Cmd("socat", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", port, egress.DefaultGuestNet.Addr4.Addr()), "EXEC:cat")
 		if err := srv.Start(); err != nil {
 			t.Fatal(err)
 		}
 		defer func() { srv.Process.Kill(); srv.Wait() }()
-		dst := netip.AddrPortFrom(DefaultGuestNet.Addr4.Addr(), uint16(port)).String()
+		dst := netip.AddrPortFrom(egress.DefaultGuestNet.Addr4.Addr(), uint16(port)).String()
 		var c net.Conn
 		var err error
 		testutil.WaitFor(t, func() bool {
@@ -676,7 +676,7 @@ func TestDialIntoGuest(t *testing.T) {
 		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "into the guest" {
 			t.Fatalf("echo: %q %v", buf, err)
 		}
-		if got := c.LocalAddr().String(); !strings.HasPrefix(got, DefaultGuestNet.Gateway4.String()+":") {
+		if got := c.LocalAddr().String(); !strings.HasPrefix(got, egress.DefaultGuestNet.Gateway4.String()+":") {
 			t.Fatalf("local address %s, want the gateway", got)
 		}
 	})
@@ -690,7 +690,7 @@ func TestICMPEcho(t *testing.T) {
 		for _, c := range []struct {
 			dst   string
 			reply bool
-		}{{DefaultGuestNet.Gateway4.String(), true}, {nettest.Good.String(), false}, {nettest.Bad.String(), false}} {
+		}{{egress.DefaultGuestNet.Gateway4.String(), true}, {nettest.Good.String(), false}, {nettest.Bad.String(), false}} {
 			fd, err := e.tp.Guest.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP)
 			if err != nil {
 				t.Fatal(err)

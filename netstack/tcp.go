@@ -19,7 +19,8 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/egress/resolver"
 )
 
 // handleTCP runs for each SYN (in its own goroutine, at most MaxInFlight at once).
@@ -41,7 +42,6 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	flow, d := st.eg.Admit(policy.TCP, src, dst)
 	if flow == nil {
 		st.release(dst)
-		st.Counters.Denied.Add(1)
 		st.log.Debug("tcp denied", "src", src, "dst", dst, "rule", d.RuleID)
 		r.Complete(true) // RST: the guest sees ECONNREFUSED at once
 		return
@@ -69,7 +69,6 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	ep.SocketOptions().SetKeepAlive(true) // notice a guest that vanished
-	st.Counters.Allowed.Add(1)
 	t := &tcpFlow{st: st, ep: ep, wq: &wq, up: up, flow: flow, dst: dst, dead: make(chan struct{})}
 	if sc, ok := up.(syscall.Conn); ok {
 		t.upRC, _ = sc.SyscallConn()
@@ -192,12 +191,8 @@ func (st *Stack) acceptDNS(r *tcp.ForwarderRequest, src netip.AddrPort) {
 		defer stop()
 		for {
 			c.SetReadDeadline(time.Now().Add(10 * time.Second)) // idle DNS connections end
-			var l [2]byte
-			if _, err := io.ReadFull(c, l[:]); err != nil {
-				return
-			}
-			q := make([]byte, int(l[0])<<8|int(l[1]))
-			if _, err := io.ReadFull(c, q); err != nil {
+			q, err := resolver.ReadTCP(c)
+			if err != nil {
 				return
 			}
 			st.Counters.DNSQueries.Add(1)
@@ -205,8 +200,7 @@ func (st *Stack) acceptDNS(r *tcp.ForwarderRequest, src netip.AddrPort) {
 			if err != nil {
 				return
 			}
-			out := append([]byte{byte(len(resp) >> 8), byte(len(resp))}, resp...)
-			if _, err := c.Write(out); err != nil {
+			if err := resolver.WriteTCP(c, resp); err != nil {
 				return
 			}
 		}

@@ -162,10 +162,7 @@ func (t *tcpFlow) start() {
 	// A closing stack ends every flow, half-closed ones included (their upstream may never
 	// send again).
 	t.stopCtx = context.AfterFunc(st.ctx, func() { t.abort("stack closing", nil) })
-	t.flow.OnRevoke(func() {
-		st.Counters.Revoked.Add(1)
-		t.abort("revoked by a policy reload", nil)
-	})
+	t.flow.OnRevoke(func() { t.abort("revoked by a policy reload", nil) })
 	t.dnw.kick() // waits for upstream data (on the poller, then parked in the reactor)
 	t.upRun()
 }
@@ -729,7 +726,6 @@ func (t *tcpFlow) helloStep() int {
 	}
 	t.hello.done = true
 	if sni != "" && !t.flow.CheckSNI(sni) {
-		t.st.Counters.SNIDenied.Add(1)
 		t.abort("sni denied", sni)
 		return helloCut
 	}
@@ -741,10 +737,7 @@ func (t *tcpFlow) helloStep() int {
 func (t *tcpFlow) run() {
 	stop := context.AfterFunc(t.st.ctx, func() { t.abort("stack closing", nil) })
 	defer stop()
-	t.flow.OnRevoke(func() {
-		t.st.Counters.Revoked.Add(1)
-		t.abort("revoked by a policy reload", nil)
-	})
+	t.flow.OnRevoke(func() { t.abort("revoked by a policy reload", nil) })
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { defer wg.Done(); t.toUpstreamCopy() }()

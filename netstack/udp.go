@@ -16,7 +16,7 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/policy"
+	"github.com/agentd/agentd/egress/policy"
 )
 
 // maxDatagram is the largest UDP payload relayed.
@@ -50,7 +50,6 @@ func (st *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	flow, _ := st.eg.Admit(policy.UDP, src, dst)
 	if flow == nil {
 		st.release(dst)
-		st.Counters.UDPDenied.Add(1)
 		return false
 	}
 	var wq waiter.Queue
@@ -60,7 +59,6 @@ func (st *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 		flow.Close()
 		return true
 	}
-	st.Counters.UDPAllowed.Add(1)
 	guest := gonet.NewUDPConn(&wq, ep)
 	st.runFlow(&st.Counters.UDPActive, dst, flow, func() { st.relayUDP(guest, dst, flow) })
 	return true
@@ -80,7 +78,7 @@ func (st *Stack) relayUDP(guest *gonet.UDPConn, dst netip.AddrPort, flow *egress
 	var last atomic.Int64 // unix nanos of the latest datagram either way
 	last.Store(time.Now().UnixNano())
 	closeBoth := sync.OnceFunc(func() { guest.Close(); up.Close() })
-	flow.OnRevoke(func() { st.Counters.Revoked.Add(1); closeBoth() })
+	flow.OnRevoke(closeBoth)
 	stop := context.AfterFunc(st.ctx, closeBoth)
 	defer stop()
 	pipe := func(dst, src net.Conn, up bool) {

@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"bytes"
 	"fmt"
 	"reflect"
 	"strings"
@@ -25,53 +26,136 @@ var (
 		return em
 	}()
 
-	// decMode accepts what the reference's decoder accepts: definite or indefinite lengths,
-	// tags (skipped), unknown keys (ignored); it rejects duplicate keys as serde does.
-	decMode = func() cbor.DecMode {
-		dm, err := cbor.DecOptions{
-			DupMapKey:         cbor.DupMapKeyEnforcedAPF,
-			MaxNestedLevels:   256,
-			IndefLength:       cbor.IndefLengthAllowed,
-			TagsMd:            cbor.TagsAllowed,
-			DefaultMapType:    reflect.TypeOf(map[string]any(nil)),
-			UTF8:              cbor.UTF8RejectInvalid,
-			FieldNameMatching: cbor.FieldNameMatchingCaseSensitive,
-		}.DecMode()
-		if err != nil {
-			panic(err)
-		}
-		return dm
+	// decOptions accept what the reference's decoder accepts: definite or indefinite lengths,
+	// tags (skipped), unknown keys (ignored), field names as text or byte strings; they reject
+	// duplicate keys as serde does.
+	decOptions = cbor.DecOptions{
+		DupMapKey:           cbor.DupMapKeyEnforcedAPF,
+		MaxNestedLevels:     256,
+		IndefLength:         cbor.IndefLengthAllowed,
+		TagsMd:              cbor.TagsAllowed,
+		DefaultMapType:      reflect.TypeOf(map[string]any(nil)),
+		UTF8:                cbor.UTF8RejectInvalid,
+		FieldNameMatching:   cbor.FieldNameMatchingCaseSensitive,
+		FieldNameByteString: cbor.FieldNameByteStringAllowed,
+	}
+	decMode = mustDecMode(decOptions)
+	// keyMode reads a map's keys as field names, text or bytes (checkFields); a byte string is
+	// not a string anywhere else.
+	keyMode = func() cbor.DecMode {
+		o := decOptions
+		o.ByteStringToString = cbor.ByteStringToStringAllowed
+		return mustDecMode(o)
 	}()
 )
+
+func mustDecMode(o cbor.DecOptions) cbor.DecMode {
+	dm, err := o.DecMode()
+	if err != nil {
+		panic(err)
+	}
+	return dm
+}
 
 // Marshal encodes a payload value the way the reference does.
 func Marshal(v any) ([]byte, error) { return encMode.Marshal(v) }
 
 // Unmarshal decodes one CBOR item from b into v, ignoring trailing bytes (as the reference
-// does), then checks that every field tagged `req:"1"` was present.
+// does), then checks what serde checks and the CBOR library does not: every field tagged
+// `req:"1"` is present, and null (or undefined) appears only where the reference has an
+// Option (a pointer here, or a type that decodes null itself, such as Null). A null bool,
+// integer, string, byte string or array is an error, not its zero value: a null data chunk is
+// not EOF, a null OpenFile option is not false. An error names the key path of the offending
+// field ("network.mac: ...", "dir_mounts[0]: missing field ...").
 func Unmarshal(b []byte, v any) error {
 	if len(b) == 0 {
 		return fmt.Errorf("empty payload")
 	}
-	if (b[0] == 0xf6 || b[0] == 0xf7) && reflect.TypeOf(v).Elem().Kind() == reflect.Struct {
+	if isNull(b) && reflect.TypeOf(v).Elem().Kind() == reflect.Struct {
 		return fmt.Errorf("invalid type: null, expected a map")
 	}
 	if _, err := decMode.UnmarshalFirst(b, v); err != nil {
+		if path := errorPath(b, reflect.TypeOf(v).Elem()); path != "" {
+			return fmt.Errorf("%s: %w", path, err)
+		}
 		return err
 	}
-	return checkRequired(b, reflect.TypeOf(v).Elem())
+	// Without a null byte anywhere there is no null to refuse: only required fields to check.
+	nulls := bytes.IndexByte(b, 0xf6) >= 0 || bytes.IndexByte(b, 0xf7) >= 0
+	return checkFields(b, reflect.TypeOf(v).Elem(), nulls, "")
 }
 
-// checkRequired reports the first field tagged `req:"1"` that is missing from the encoded map
-// b, recursing into struct, pointer-to-struct and slice-of-struct fields. Serde rejects a
-// missing non-Option field that has no default; so do we, with serde's wording.
-func checkRequired(b []byte, t reflect.Type) error {
-	if t.Kind() != reflect.Struct || !hasRequired(t) {
+// isNull reports whether the encoded item b is null or undefined.
+func isNull(b []byte) bool { return len(b) > 0 && (b[0] == 0xf6 || b[0] == 0xf7) }
+
+var unmarshalerType = reflect.TypeOf((*cbor.Unmarshaler)(nil)).Elem()
+
+// errorPath finds the key path of the first value in b that does not decode into its Go
+// field, descending through maps and arrays of plain structs (a type with its own decoder
+// names what is wrong inside it itself). It runs only once a decode has failed.
+func errorPath(b []byte, t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if reflect.PointerTo(t).Implements(unmarshalerType) {
+		return ""
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		var m map[string]cbor.RawMessage
+		if _, err := decMode.UnmarshalFirst(b, &m); err != nil {
+			return ""
+		}
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name := fieldName(f)
+			raw, ok := m[name]
+			if name == "" || !ok {
+				continue
+			}
+			if err := decMode.Unmarshal(raw, reflect.New(f.Type).Interface()); err != nil {
+				return joinPath(name, errorPath(raw, f.Type))
+			}
+		}
+	case reflect.Slice:
+		if t.Elem().Kind() == reflect.Uint8 {
+			return ""
+		}
+		var items []cbor.RawMessage
+		if _, err := decMode.UnmarshalFirst(b, &items); err != nil {
+			return ""
+		}
+		for i, it := range items {
+			if err := decMode.Unmarshal(it, reflect.New(t.Elem()).Interface()); err != nil {
+				return joinPath(fmt.Sprintf("[%d]", i), errorPath(it, t.Elem()))
+			}
+		}
+	}
+	return ""
+}
+
+func joinPath(parent, child string) string {
+	switch {
+	case child == "":
+		return parent
+	case parent == "":
+		return child
+	case child[0] == '[':
+		return parent + child
+	}
+	return parent + "." + child
+}
+
+// checkFields checks the encoded map b against struct type t: missing required fields (with
+// serde's wording, after the key path of the map they are missing from) and, if nulls, null
+// values in non-Option fields, recursing into struct, pointer-to-struct and slice fields.
+func checkFields(b []byte, t reflect.Type, nulls bool, path string) error {
+	if t.Kind() != reflect.Struct || (!nulls && !hasRequired(t)) {
 		return nil
 	}
 	var m map[string]cbor.RawMessage
-	if _, err := decMode.UnmarshalFirst(b, &m); err != nil {
-		return nil // not a map of text keys (e.g. byte-string keys): the value decode already ran
+	if _, err := keyMode.UnmarshalFirst(b, &m); err != nil {
+		return nil // not a map with field-name keys: the value decode already ran
 	}
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
@@ -82,27 +166,36 @@ func checkRequired(b []byte, t reflect.Type) error {
 		raw, ok := m[name]
 		if !ok {
 			if f.Tag.Get("req") == "1" {
+				if path != "" {
+					return fmt.Errorf("%s: missing field `%s`", path, name)
+				}
 				return fmt.Errorf("missing field `%s`", name)
 			}
 			continue
 		}
-		if err := checkRequiredValue(raw, f.Type); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
+		if err := checkValue(raw, f.Type, nulls, joinPath(path, name)); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-func checkRequiredValue(raw []byte, t reflect.Type) error {
+func checkValue(raw []byte, t reflect.Type, nulls bool, path string) error {
+	if isNull(raw) {
+		if nulls && t.Kind() != reflect.Pointer && t.Kind() != reflect.Interface && !reflect.PointerTo(t).Implements(unmarshalerType) {
+			return fmt.Errorf("%s: invalid type: null, expected %s", path, t)
+		}
+		return nil
+	}
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	switch t.Kind() {
 	case reflect.Struct:
-		return checkRequired(raw, t)
+		return checkFields(raw, t, nulls, path)
 	case reflect.Slice:
 		et := t.Elem()
-		if et.Kind() != reflect.Struct || !hasRequired(et) {
+		if et.Kind() == reflect.Uint8 || !(nulls || et.Kind() == reflect.Struct && hasRequired(et)) {
 			return nil
 		}
 		var items []cbor.RawMessage
@@ -110,8 +203,8 @@ func checkRequiredValue(raw []byte, t reflect.Type) error {
 			return nil
 		}
 		for i, it := range items {
-			if err := checkRequired(it, et); err != nil {
-				return fmt.Errorf("[%d]: %w", i, err)
+			if err := checkValue(it, et, nulls, fmt.Sprintf("%s[%d]", path, i)); err != nil {
+				return err
 			}
 		}
 	}
@@ -151,6 +244,7 @@ const (
 	majorUint  = 0
 	majorBytes = 2
 	majorText  = 3
+	majorArray = 4
 	majorMap   = 5
 )
 

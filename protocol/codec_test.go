@@ -94,6 +94,74 @@ func TestFrameReaderStream(t *testing.T) {
 	}
 }
 
+// TestFrameReaderPeekAndHandOver: Peek leaves the frame for Next; a read error in the middle of
+// a frame loses nothing; Buffered and NewFrameReaderWith carry what one reader had read past its
+// last frame over to another reader of the same stream.
+func TestFrameReaderPeekAndHandOver(t *testing.T) {
+	var stream []byte
+	for i := uint32(1); i <= 3; i++ {
+		stream, _ = AppendData(stream, i, TypeTCPData, bytes.Repeat([]byte{byte(i)}, 1000))
+	}
+	r := &stepReader{data: stream, steps: []int{4, 3, 900, len(stream)}}
+	fr := NewFrameReader(r)
+	if _, err := fr.Peek(); err != errStep {
+		t.Fatalf("peek with a read error after 4 bytes: %v", err)
+	}
+	if _, err := fr.Peek(); err != errStep { // 7 bytes now
+		t.Fatalf("second peek: %v", err)
+	}
+	f, err := fr.Peek()
+	for err == errStep {
+		f, err = fr.Peek()
+	}
+	if err != nil || f.ID != 1 {
+		t.Fatalf("peek: %d %v", f.ID, err)
+	}
+	if f, err = fr.Next(); err != nil || f.ID != 1 {
+		t.Fatalf("next after peek: %d %v", f.ID, err)
+	}
+	rest := fr.Buffered() // frames 2 and 3, already read from r
+	if len(rest) != len(stream)*2/3 {
+		t.Fatalf("buffered %d bytes, want %d", len(rest), len(stream)*2/3)
+	}
+	next := NewFrameReaderWith(bytes.NewReader(nil), rest)
+	for _, want := range []uint32{2, 3} {
+		if f, err := next.Next(); err != nil || f.ID != want {
+			t.Fatalf("handed-over reader: %d %v, want %d", f.ID, err, want)
+		}
+	}
+	if _, err := next.Next(); err != io.EOF {
+		t.Fatalf("want EOF, got %v", err)
+	}
+}
+
+var errStep = errors.New("step")
+
+// stepReader returns data in the given steps, with errStep between them.
+type stepReader struct {
+	data  []byte
+	steps []int
+	gap   bool
+}
+
+func (r *stepReader) Read(p []byte) (int, error) {
+	if len(r.data) == 0 {
+		return 0, io.EOF
+	}
+	if r.gap {
+		r.gap = false
+		return 0, errStep
+	}
+	n := min(len(p), len(r.data), r.steps[0])
+	if len(r.steps) > 1 {
+		r.steps = r.steps[1:]
+	}
+	copy(p, r.data[:n])
+	r.data = r.data[n:]
+	r.gap = true
+	return n, nil
+}
+
 func TestEncoderRefusesOversize(t *testing.T) {
 	if _, err := AppendData(nil, 1, TypeFsData, make([]byte, MaxFrameSize)); !errors.Is(err, ErrFrameTooLarge) {
 		t.Fatalf("got %v", err)
@@ -172,6 +240,24 @@ func TestPayloadDecoding(t *testing.T) {
 		{"payload not cbor", TypeExecSignal, "ff", "cbor"},
 		{"empty payload", TypeExecSignal, "", "empty payload"},
 		{"credit", TypeFlowCredit, "a1 656279746573 1a00010000", ""},
+		// null is None for an Option, an error anywhere else (issue 16, item 3)
+		{"tcp data null", TypeTCPData, "a1 6464617461 f6", "null"},
+		{"tcp data undefined", TypeTCPData, "a1 6464617461 f7", "null"},
+		{"exec stdin null", TypeExecStdin, "a1 6464617461 f6", "null"},
+		{"fs data null", TypeFsData, "a1 6464617461 f6", "null"},
+		{"exec args null", TypeExecRequest, "a2 63636d64 6474727565 6461726773 f6", "args: invalid type: null"},
+		{"exec arg null", TypeExecRequest, "a2 63636d64 6474727565 6461726773 82 6161 f6", "args[1]: invalid type: null"},
+		{"exec tty null", TypeExecRequest, "a2 63636d64 6474727565 63747479 f6", "tty: invalid type: null"},
+		{"exec rows null", TypeExecRequest, "a2 63636d64 6474727565 64726f7773 f6", "rows: invalid type: null"},
+		{"exec cmd null", TypeExecRequest, "a1 63636d64 f6", "cmd: invalid type: null"},
+		{"exec cwd and user null", TypeExecRequest, "a3 63636d64 6474727565 63637764 f6 6475736572 f6", ""},
+		{"exec rlimit soft null", TypeExecRequest, "a2 63636d64 6474727565 67726c696d697473 81 a3 687265736f75726365 636e6f66 64736f6674 f6 6468617264 01", "soft: invalid type: null"},
+		{"fs open option null", TypeFsRequest, "a1 626f70 a1 684f70656e46696c65 a2 6470617468 612f 676f7074696f6e73 a6 6472656164 f6 657772697465 f5 66617070656e64 f4 66637265617465 f4 687472756e63617465 f4 6a6372656174655f6e6577 f4", "read: invalid type: null"},
+		{"fs open mode null", TypeFsRequest, "a1 626f70 a1 684f70656e46696c65 a2 6470617468 612f 676f7074696f6e73 a7 646d6f6465 f6 6472656164 f6 657772697465 f5 66617070656e64 f4 66637265617465 f4 687472756e63617465 f4 6a6372656174655f6e6577 f4", "read: invalid type: null"},
+		{"fs mkdir mode null", TypeFsRequest, "a1 626f70 a1 654d6b646972 a2 6470617468 612f 646d6f6465 f6", ""},
+		{"fs read len null", TypeFsRequest, "a1 626f70 a1 6452656164 a3 6668616e646c65 01 666f6666736574 00 636c656e f6", ""},
+		{"tcp connect host null", TypeTCPConnect, "a2 64686f7374 f6 64706f7274 1850", "host: invalid type: null"},
+		{"signal null", TypeExecSignal, "a1 667369676e616c f6", "null"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -208,5 +294,17 @@ func TestDataHotPathAllocs(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Fatalf("%v allocs per encode+decode of a data frame, want 0", allocs)
+	}
+}
+
+// TestDecodeDataNull: the agent's data decoder refuses a null chunk (it is not EOF).
+func TestDecodeDataNull(t *testing.T) {
+	for _, p := range []string{"a1 6464617461 f6", "a1 6464617461 f7"} {
+		if d, err := DecodeData(mustHex(p)); err == nil {
+			t.Errorf("%s: decoded %q", p, d)
+		}
+	}
+	if d, err := DecodeData(mustHex("a1 6464617461 40")); err != nil || d == nil || len(d) != 0 {
+		t.Errorf("empty data: %v %v", d, err)
 	}
 }

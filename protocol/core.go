@@ -12,6 +12,13 @@ type Ready struct {
 	InitTimeNs   uint64 `cbor:"init_time_ns" req:"1"`
 	ReadyTimeNs  uint64 `cbor:"ready_time_ns" req:"1"`
 	AgentVersion string `cbor:"agent_version,omitempty"`
+	// The generation-8/9 capabilities. Each switches the host into a transport mode that the
+	// agent must then honour (contract section 0.6), so agentd sends one only with the machinery
+	// behind it. LocalTransport is what a host relay adds for its own clients; no agent sends it.
+	BulkTransport                   *BulkTransport  `cbor:"bulk_transport,omitempty"`
+	RelayLease                      *RelayLease     `cbor:"relay_lease,omitempty"`
+	LocalTransport                  *LocalTransport `cbor:"local_transport,omitempty"`
+	WorkloadTransportBarrierVersion uint8           `cbor:"workload_transport_barrier_version,omitempty"`
 	// Features lists the agentd extensions enabled for this host (see ext.go). It is sent only
 	// when the host asked for extensions in core.init.ack, so stock hosts see the reference's
 	// exact bytes.
@@ -36,10 +43,13 @@ type InitAck struct {
 	Features []string `cbor:"features,omitempty"`
 }
 
-// RelayClientDisconnected is core.relay.client.disconnected (host -> guest, id 0).
+// RelayClientDisconnected is core.relay.client.disconnected (host -> guest, id 0). A host with
+// an active range lease (Ready.RelayLease) adds the client's incarnation and waits for the
+// agent's MSBL DisconnectedAck (transport.go) before it reuses the range.
 type RelayClientDisconnected struct {
 	IDStart        uint32 `cbor:"id_start" req:"1"`
 	IDEndExclusive uint32 `cbor:"id_end_exclusive" req:"1"`
+	Incarnation    *ID16  `cbor:"incarnation,omitempty"`
 }
 
 // ClockSync is core.clock.sync (host -> guest, id 0): the host's wall clock.
@@ -52,6 +62,8 @@ type CoreError struct {
 	Kind          string `cbor:"kind" req:"1"`
 	Message       string `cbor:"message" req:"1"`
 	OffendingType string `cbor:"offending_type,omitempty"`
+	// WorkloadFailure qualifies an error answering a workload freeze or thaw (generation 9).
+	WorkloadFailure *WorkloadFailure `cbor:"workload_failure,omitempty"`
 }
 
 func (e *CoreError) Error() string {
@@ -61,13 +73,21 @@ func (e *CoreError) Error() string {
 	return "core.error " + e.Kind + ": " + e.Message
 }
 
+// Touched is core.touched (terminal, generation 6): the activity sequence number after the
+// touch was counted, the number the next heartbeat shows. core.ping, core.pong and core.touch
+// carry Empty.
+type Touched struct {
+	ActivitySeq uint64 `cbor:"activity_seq" req:"1"`
+}
+
 // Data is the payload of every pure data message: core.tcp.data, core.exec.stdin/stdout/
 // stderr and core.fs.data. Hot paths use AppendData/DecodeData instead of this struct.
 type Data struct {
 	Data []byte `cbor:"data" req:"1"`
 }
 
-// Empty is the payload of the empty-map messages (core.tcp.eof, close, closed).
+// Empty is the payload of the empty-map messages (core.tcp.eof, close, closed, core.ping,
+// core.pong, core.touch).
 type Empty struct{}
 
 // Relay client id ranges (the host relay gives each of its 128 client slots one range).

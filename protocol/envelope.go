@@ -32,6 +32,9 @@ const (
 	KindInvalidFlags           = "invalid_flags"
 	KindInvalidPayload         = "invalid_payload"
 	KindInvalidSession         = "invalid_session"
+	// KindCapabilityUnavailable (generation 9): the request is understood but this guest
+	// cannot do it (a root-disk grow on a root that is not a growable ext4).
+	KindCapabilityUnavailable = "capability_unavailable"
 )
 
 // EnvelopeError is a body that is not a valid envelope. Kind is the core.error kind that
@@ -155,8 +158,11 @@ func slowEnvelope(b []byte, m *Message) error {
 // nil means "absent".
 type Bytes []byte
 
-// UnmarshalCBOR implements cbor.Unmarshaler.
+// UnmarshalCBOR implements cbor.Unmarshaler. Null is not a byte string (as for serde_bytes).
 func (p *Bytes) UnmarshalCBOR(b []byte) error {
+	if isNull(b) {
+		return fmt.Errorf("invalid type: null, expected bytes")
+	}
 	if s, _, ok := readDefinite(b, majorBytes); ok {
 		*p = s
 		return nil
@@ -225,12 +231,17 @@ func dataPayloadLen(n int) int { return 1 + 5 + headLen(uint64(n)) + n }
 // core.exec.stdin/stdout/stderr, core.fs.data) except the n data bytes themselves, so a
 // writer can send the data from its own buffer without copying it into the frame.
 func AppendDataHeader(dst []byte, id uint32, t Type, n int) ([]byte, error) {
+	return AppendDataHeaderV(dst, Version, id, t, n)
+}
+
+// AppendDataHeaderV is AppendDataHeader with an explicit generation.
+func AppendDataHeaderV(dst []byte, v uint8, id uint32, t Type, n int) ([]byte, error) {
 	pl := dataPayloadLen(n)
-	dst, err := AppendFrameHeader(dst, id, t.Flags(), envelopeLen(Version, t, pl))
+	dst, err := AppendFrameHeader(dst, id, t.Flags(), envelopeLen(v, t, pl))
 	if err != nil {
 		return dst, fmt.Errorf("append %s: %w", t, err)
 	}
-	dst = appendEnvelopePrefix(dst, Version, t)
+	dst = appendEnvelopePrefix(dst, v, t)
 	dst = appendHead(dst, majorBytes, uint64(pl))
 	dst = append(dst, 0xa1, 0x64, 'd', 'a', 't', 'a')
 	return appendHead(dst, majorBytes, uint64(n)), nil
@@ -238,7 +249,12 @@ func AppendDataHeader(dst []byte, id uint32, t Type, n int) ([]byte, error) {
 
 // AppendData appends a complete {"data": bytes} frame.
 func AppendData(dst []byte, id uint32, t Type, data []byte) ([]byte, error) {
-	dst, err := AppendDataHeader(dst, id, t, len(data))
+	return AppendDataV(dst, Version, id, t, data)
+}
+
+// AppendDataV is AppendData with an explicit generation.
+func AppendDataV(dst []byte, v uint8, id uint32, t Type, data []byte) ([]byte, error) {
+	dst, err := AppendDataHeaderV(dst, v, id, t, len(data))
 	if err != nil {
 		return dst, err
 	}
@@ -278,6 +294,24 @@ func EncodeFrame(id uint32, t Type, payload any) ([]byte, error) {
 		return nil, fmt.Errorf("encode %s payload: %w", t, err)
 	}
 	return AppendMessage(nil, id, t, p)
+}
+
+// FrameType returns a frame's message type without decoding its payload, or zero for a frame
+// that is not a CBOR message of a known type: a raw bulk record, an MSBL record, an unknown
+// type, a broken envelope. On the canonical envelope every encoder writes it reads only the
+// bytes before "p" and allocates nothing.
+func FrameType(f Frame) Type {
+	if f.Flags == FlagBulk || len(f.Body) == 0 || f.Body[0]>>5 != majorMap {
+		return 0
+	}
+	var m Message
+	if fastEnvelope(f.Body, &m) {
+		return m.Type
+	}
+	if slowEnvelope(f.Body, &m) != nil {
+		return 0
+	}
+	return m.Type
 }
 
 // PeekHeader reads id and flags of a wire frame without decoding it (relays route on these).

@@ -55,6 +55,9 @@ type ExecStdinError struct {
 // ExecExited is core.exec.exited (terminal): exit status, or -1 for a signal death.
 type ExecExited struct {
 	Code int32 `cbor:"code" req:"1"`
+	// Signal is the signal that killed the program (with code -1), set only for a session that
+	// opted in to flow control (an agentd host; see ext.go).
+	Signal int32 `cbor:"signal,omitempty"`
 }
 
 // ExecFailed is core.exec.failed (terminal): the program never ran.

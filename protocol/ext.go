@@ -16,6 +16,8 @@ package protocol
 //   - core.tcp.connected {"window": W'} is agentd's grant for host -> guest data.
 //   - core.exec.request {.., "window": W} opts an exec session in for stdout/stderr, and
 //     core.exec.started {pid, "window": W'} is agentd's stdin grant.
+//   - core.exec.exited {code: -1, "signal": N} names the signal that killed the program of
+//     such a session (the reference reports only -1).
 //   - agentd.flow.credit {"bytes": n} (flags 0, on the session id, either direction) grants n
 //     more bytes. A sender never has more data bytes in flight than its grants.
 //   Memory is then bounded on both ends and a slow stream stalls only itself, never the

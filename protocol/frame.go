@@ -122,17 +122,44 @@ func NewFrameReader(r io.Reader) *FrameReader {
 	return &FrameReader{r: r, buf: make([]byte, DefaultReadBuffer)}
 }
 
+// NewFrameReaderWith returns a reader that yields the bytes of pending before reading r: what
+// another reader of the same stream had buffered (Buffered), when a stream changes hands.
+func NewFrameReaderWith(r io.Reader, pending []byte) *FrameReader {
+	fr := &FrameReader{r: r, buf: make([]byte, max(DefaultReadBuffer, len(pending)))}
+	fr.end = copy(fr.buf, pending)
+	return fr
+}
+
+// Buffered returns the bytes read from the stream but not yet returned as frames (a copy).
+func (fr *FrameReader) Buffered() []byte {
+	return append([]byte(nil), fr.buf[fr.start:fr.end]...)
+}
+
 // Next returns the next frame. A *FrameError means the stream is desynchronized; io.EOF means
-// the stream ended cleanly between frames; io.ErrUnexpectedEOF means it ended inside one.
+// the stream ended cleanly between frames; io.ErrUnexpectedEOF means it ended inside one. A read
+// error (a deadline) leaves what arrived of a frame buffered: the next call goes on with it.
 func (fr *FrameReader) Next() (Frame, error) {
+	f, n, err := fr.peek()
+	if err == nil {
+		fr.start += n
+	}
+	return f, err
+}
+
+// Peek returns the next frame like Next but leaves it to be returned again by Next.
+func (fr *FrameReader) Peek() (Frame, error) {
+	f, _, err := fr.peek()
+	return f, err
+}
+
+func (fr *FrameReader) peek() (Frame, int, error) {
 	for {
 		f, n, err := ParseFrame(fr.buf[fr.start:fr.end])
 		if err == nil {
-			fr.start += n
-			return f, nil
+			return f, n, nil
 		}
 		if err != io.ErrUnexpectedEOF {
-			return Frame{}, err
+			return Frame{}, 0, err
 		}
 		need := PrefixSize
 		if fr.end-fr.start >= PrefixSize {
@@ -146,9 +173,9 @@ func (fr *FrameReader) Next() (Frame, error) {
 				continue // parse what arrived; the error comes back on the next read
 			}
 			if rerr == io.EOF && fr.end > fr.start {
-				return Frame{}, io.ErrUnexpectedEOF
+				return Frame{}, 0, io.ErrUnexpectedEOF
 			}
-			return Frame{}, rerr
+			return Frame{}, 0, rerr
 		}
 	}
 }

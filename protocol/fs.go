@@ -6,9 +6,11 @@ import (
 	"github.com/fxamacker/cbor/v2"
 )
 
-// FsRequest is core.fs.request (host -> guest, session start): {"op": {"<Variant>": {...}}}.
+// FsRequest is core.fs.request (host -> guest, session start): {"op": {"<Variant>": {...}}},
+// plus from generation 8 an optional "bulk" offer for a Read or a Write.
 type FsRequest struct {
-	Op FsOp
+	Op   FsOp
+	Bulk *BulkOffer
 }
 
 // FsOp is one filesystem operation. Its name is the reference's Rust variant name, verbatim.
@@ -37,10 +39,14 @@ type (
 	FsSymlink struct {
 		Target   string `cbor:"target" req:"1"`
 		LinkPath string `cbor:"link_path" req:"1"`
+		// User (user[:group]) owns what the op creates; absent or null means root. The newest
+		// hosts always send the key.
+		User Null[string] `cbor:"user,omitzero"`
 	}
 	FsMkdir struct {
-		Path string  `cbor:"path" req:"1"`
-		Mode *uint32 `cbor:"mode"`
+		Path string       `cbor:"path" req:"1"`
+		Mode *uint32      `cbor:"mode"`
+		User Null[string] `cbor:"user,omitzero"`
 	}
 	FsRemove struct {
 		Path string `cbor:"path" req:"1"`
@@ -139,22 +145,24 @@ func FsOpNames() []string {
 	return names
 }
 
-// MarshalCBOR encodes {"op": {"<Variant>": {fields}}}.
+// MarshalCBOR encodes {"op": {"<Variant>": {fields}}[, "bulk": offer]}.
 func (r FsRequest) MarshalCBOR() ([]byte, error) {
 	if r.Op == nil {
 		return nil, fmt.Errorf("fs request without op")
 	}
 	return encMode.Marshal(struct {
-		Op map[string]FsOp `cbor:"op"`
-	}{map[string]FsOp{r.Op.FsOpName(): r.Op}})
+		Op   map[string]FsOp `cbor:"op"`
+		Bulk *BulkOffer      `cbor:"bulk,omitempty"`
+	}{map[string]FsOp{r.Op.FsOpName(): r.Op}, r.Bulk})
 }
 
-// UnmarshalCBOR decodes an externally tagged FsOp.
+// UnmarshalCBOR decodes an externally tagged FsOp and the optional bulk offer.
 func (r *FsRequest) UnmarshalCBOR(b []byte) error {
 	var w struct {
-		Op map[string]cbor.RawMessage `cbor:"op"`
+		Op   map[string]cbor.RawMessage `cbor:"op"`
+		Bulk cbor.RawMessage            `cbor:"bulk"`
 	}
-	if err := decMode.Unmarshal(b, &w); err != nil {
+	if err := keyMode.Unmarshal(b, &w); err != nil { // the variant's name may be a byte string too
 		return err
 	}
 	if w.Op == nil {
@@ -164,7 +172,13 @@ func (r *FsRequest) UnmarshalCBOR(b []byte) error {
 	if err != nil {
 		return err
 	}
-	r.Op = op
+	r.Op, r.Bulk = op, nil
+	if len(w.Bulk) > 0 && w.Bulk[0] != 0xf6 { // null is None
+		r.Bulk = new(BulkOffer)
+		if err := Unmarshal(w.Bulk, r.Bulk); err != nil {
+			return fmt.Errorf("bulk: %w", err)
+		}
+	}
 	return nil
 }
 
@@ -199,13 +213,14 @@ type FsSetAttrs struct {
 
 // FsOpenOptions are OpenFile's flags (all required on decode, as in the reference).
 type FsOpenOptions struct {
-	Read      bool    `cbor:"read" req:"1"`
-	Write     bool    `cbor:"write" req:"1"`
-	Append    bool    `cbor:"append" req:"1"`
-	Create    bool    `cbor:"create" req:"1"`
-	Truncate  bool    `cbor:"truncate" req:"1"`
-	CreateNew bool    `cbor:"create_new" req:"1"`
-	Mode      *uint32 `cbor:"mode"`
+	Read      bool         `cbor:"read" req:"1"`
+	Write     bool         `cbor:"write" req:"1"`
+	Append    bool         `cbor:"append" req:"1"`
+	Create    bool         `cbor:"create" req:"1"`
+	Truncate  bool         `cbor:"truncate" req:"1"`
+	CreateNew bool         `cbor:"create_new" req:"1"`
+	Mode      *uint32      `cbor:"mode"`
+	User      Null[string] `cbor:"user,omitzero"`
 }
 
 // FsEntryInfo describes one filesystem entry.

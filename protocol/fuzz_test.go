@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
 )
 
@@ -79,13 +81,26 @@ func fuzzPayloads(t *testing.T, types []Type, sel uint8, data []byte) {
 	}
 }
 
+// The payload fuzzers' type lists, from the table (a selector byte picks one).
 var (
-	coreFamily = []Type{TypeReady, TypeInitResolved, TypeInitAck, TypeRelayClientDisconnected, TypeClockSync, TypeError, TypeFlowCredit}
-	execFamily = []Type{TypeExecRequest, TypeExecStarted, TypeExecStdin, TypeExecStdinError, TypeExecStdout, TypeExecStderr, TypeExecExited, TypeExecFailed, TypeExecResize, TypeExecSignal}
-	fsFamily   = []Type{TypeFsRequest, TypeFsResponse, TypeFsData}
-	tcpFamily  = []Type{TypeTCPConnect, TypeTCPConnected, TypeTCPData, TypeTCPEOF, TypeTCPClose, TypeTCPClosed, TypeTCPFailed,
-		TypeStreamOpen, TypeStreamOpened, TypeStreamData, TypeStreamEOF, TypeStreamClose, TypeStreamCredit}
+	coreFamily = typesOf(FamilyCore, FamilyLiveness, FamilyBulk, FamilyWorkload, FamilyRootDisk, FamilyFlow)
+	execFamily = typesOf(FamilyExec)
+	fsFamily   = typesOf(FamilyFs)
+	tcpFamily  = typesOf(FamilyTCP, FamilyStreams)
 )
+
+// typesOf lists the types of some families that have a payload, in AllTypes order.
+func typesOf(families ...Family) []Type {
+	var out []Type
+	for _, t := range AllTypes() {
+		for _, f := range families {
+			if t.Info().Family == f && NewPayload(t) != nil {
+				out = append(out, t)
+			}
+		}
+	}
+	return out
+}
 
 func FuzzCorePayload(f *testing.F) {
 	f.Fuzz(func(t *testing.T, sel uint8, data []byte) { fuzzPayloads(t, coreFamily, sel, data) })
@@ -101,6 +116,57 @@ func FuzzFsPayload(f *testing.F) {
 
 func FuzzTCPPayload(f *testing.F) {
 	f.Fuzz(func(t *testing.T, sel uint8, data []byte) { fuzzPayloads(t, tcpFamily, sel, data) })
+}
+
+// FuzzBootstrap decodes arbitrary bytes as a core.bootstrap payload and as a frame: nothing
+// panics, and whatever decodes re-encodes stably.
+func FuzzBootstrap(f *testing.F) {
+	f.Fuzz(func(t *testing.T, data []byte) {
+		fuzzPayloads(t, []Type{TypeBootstrap}, 0, data)
+		if frame, _, err := ParseFrame(data); err == nil {
+			_, _ = DecodeBootstrapFrame(frame)
+		}
+	})
+}
+
+// FuzzBulkRecord feeds arbitrary bytes to the binary record decoders of generations 8 and 9:
+// raw bulk records and MSBL records in a frame stream, agent-bulk lane packets and the binding
+// handshake. Whatever one accepts re-encodes to exactly the bytes it consumed.
+func FuzzBulkRecord(f *testing.F) {
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if b, err := ParseBulkBinding(data); err == nil && !bytes.Equal(AppendBulkBinding(nil, b), data[:BulkBindingSize]) {
+			t.Fatalf("binding %x re-encodes differently", data[:BulkBindingSize])
+		}
+		for rest := data; ; {
+			inc, r, n, err := ParseLanePacket(rest)
+			if err != nil {
+				break
+			}
+			if re, err := AppendLanePacket(nil, inc, r); err != nil || !bytes.Equal(re, rest[:n]) {
+				t.Fatalf("lane packet %x re-encodes as %x (%v)", rest[:n], re, err)
+			}
+			rest = rest[n:]
+		}
+		for rest := data; ; {
+			fr, n, err := ParseFrame(rest)
+			if err != nil {
+				return
+			}
+			raw := rest[:n]
+			rest = rest[n:]
+			if r, err := ParseBulkRecord(fr); err == nil {
+				if re, err := AppendBulkRecord(nil, r); err != nil || !bytes.Equal(re, raw) {
+					t.Fatalf("record %x re-encodes as %x (%v)", raw, re, err)
+				}
+				if len(r.Payload) == 0 || FrameType(fr) != 0 {
+					t.Fatal("a record has a payload and no message type")
+				}
+			}
+			if l, err := ParseRangeLease(fr); err == nil && !bytes.Equal(AppendRangeLease(nil, l), raw) {
+				t.Fatalf("lease %x re-encodes differently", raw)
+			}
+		}
+	})
 }
 
 // TestWriteFuzzCorpus regenerates the checked-in seed corpora from the golden frames and from
@@ -127,12 +193,22 @@ func TestWriteFuzzCorpus(t *testing.T) {
 		}
 	}
 	var stream []byte
-	for i, file := range []string{"testdata/golden-frames-v0.5.7.txt", "testdata/golden-appendix-a.txt"} {
+	var records []byte
+	for i, file := range []string{"testdata/golden-frames-v0.5.7.txt", "testdata/golden-appendix-a.txt", "testdata/golden-gen6-9.txt"} {
 		for j, g := range readGolden(t, file) {
+			if !strings.HasPrefix(g.name, "core.") { // a binary record
+				write("FuzzBulkRecord", fmt.Sprintf("golden-%d-%02d", i, j), g.wire)
+				records = append(records, g.wire...)
+				continue
+			}
 			write("FuzzFrameEnvelope", fmt.Sprintf("golden-%d-%02d", i, j), g.wire)
 			stream = append(stream, g.wire...)
 			f, _, _ := ParseFrame(g.wire)
 			m, _ := DecodeMessage(f)
+			if m.Type == TypeBootstrap {
+				write("FuzzBootstrap", fmt.Sprintf("golden-%d-%02d", i, j), []byte(m.Payload))
+				write("FuzzBootstrap", fmt.Sprintf("frame-%d-%02d", i, j), g.wire)
+			}
 			for fam, types := range map[string][]Type{"FuzzCorePayload": coreFamily, "FuzzExecPayload": execFamily, "FuzzFsPayload": fsFamily, "FuzzTCPPayload": tcpFamily} {
 				for k, ty := range types {
 					if ty == m.Type {
@@ -143,32 +219,45 @@ func TestWriteFuzzCorpus(t *testing.T) {
 		}
 	}
 	write("FuzzFrameEnvelope", "stream", stream)
+	write("FuzzBulkRecord", "stream", records)
+	write("FuzzBulkRecord", "max-record", must(AppendBulkRecord(nil, BulkRecord{1, BulkFS, BulkGuestToHost, 1 << 40, make([]byte, 64)})))
+	write("FuzzBulkRecord", "truncated", mustHex("00000012 00000009 08 0101000000000000"))
+	write("FuzzBootstrap", "bad-root-kind", mustHex("a1 6a626c6f636b5f726f6f74 a1 646b696e64 636e6673"))
+	write("FuzzBootstrap", "v4-as-string", mustHex("a1 676e6574776f726b a4 69696e74657266616365 6465746830 636d6163 86 00 00 00 00 00 00 636d7475 1905dc 6469707634 a3 6761646472657373 68 31302e302e302e32 6a7072656669785f6c656e 18 18 6767617465776179 84 0a 00 00 01"))
 	write("FuzzFrameEnvelope", "too-large", mustHex("00400001000000000000"))
 	write("FuzzFrameEnvelope", "too-short", mustHex("00000003000000"))
 	write("FuzzFrameEnvelope", "unknown-type", append(mustHex("0000001c 00000001 00"), mustHex("a3 6176 05 6174 6c636f72652e756e6b6e6f776e 6170 41a0")...))
+	families := map[string][]Type{"FuzzCorePayload": coreFamily, "FuzzExecPayload": execFamily, "FuzzFsPayload": fsFamily, "FuzzTCPPayload": tcpFamily}
 	samples := map[string]struct {
 		fam  string
-		sel  uint8
+		typ  Type
 		data any
 	}{
-		"fs-open":      {"FuzzFsPayload", 0, FsRequest{FsOpenFile{"/tmp/x", FsOpenOptions{Read: true, Write: true}}}},
-		"fs-setstat":   {"FuzzFsPayload", 0, FsRequest{FsSetStat{Path: "/a", Attrs: FsSetAttrs{}}}},
-		"fs-list":      {"FuzzFsPayload", 1, FsResponse{OK: true, Data: &FsResponseData{Kind: "List", List: []FsEntryInfo{{Path: "/a", Kind: "file"}}}}},
-		"fs-read":      {"FuzzFsPayload", 0, FsRequest{FsRead{Handle: 1}}},
-		"exec-rlimit":  {"FuzzExecPayload", 0, ExecRequest{Cmd: "sh", Rlimits: []ExecRlimit{{"nofile", 1, 2}}}},
-		"exec-resize":  {"FuzzExecPayload", 8, ExecResize{10, 20}},
-		"exec-signal":  {"FuzzExecPayload", 9, ExecSignal{15}},
-		"tcp-window":   {"FuzzTCPPayload", 0, TCPConnect{"h", 1, 65536}},
-		"core-rcd":     {"FuzzCorePayload", 3, RelayClientDisconnected{1, 2}},
-		"core-clock":   {"FuzzCorePayload", 4, ClockSync{1}},
-		"core-credit":  {"FuzzCorePayload", 6, FlowCredit{100}},
-		"core-initack": {"FuzzCorePayload", 2, InitAck{Features: []string{FeatureFlow}}},
+		"fs-open":        {"FuzzFsPayload", TypeFsRequest, FsRequest{Op: FsOpenFile{"/tmp/x", FsOpenOptions{Read: true, Write: true, User: NullOf("1000:1000")}}}},
+		"fs-setstat":     {"FuzzFsPayload", TypeFsRequest, FsRequest{Op: FsSetStat{Path: "/a", Attrs: FsSetAttrs{}}}},
+		"fs-list":        {"FuzzFsPayload", TypeFsResponse, FsResponse{OK: true, Data: &FsResponseData{Kind: "List", List: []FsEntryInfo{{Path: "/a", Kind: "file"}}}}},
+		"fs-read":        {"FuzzFsPayload", TypeFsRequest, FsRequest{Op: FsRead{Handle: 1}}},
+		"fs-write-bulk":  {"FuzzFsPayload", TypeFsRequest, FsRequest{Op: FsWrite{Handle: 1}, Bulk: &BulkOfferFSWrite}},
+		"exec-rlimit":    {"FuzzExecPayload", TypeExecRequest, ExecRequest{Cmd: "sh", Rlimits: []ExecRlimit{{"nofile", 1, 2}}}},
+		"exec-resize":    {"FuzzExecPayload", TypeExecResize, ExecResize{10, 20}},
+		"exec-signal":    {"FuzzExecPayload", TypeExecSignal, ExecSignal{15}},
+		"tcp-window":     {"FuzzTCPPayload", TypeTCPConnect, TCPConnect{Host: "h", Port: 1, Window: 65536}},
+		"core-rcd":       {"FuzzCorePayload", TypeRelayClientDisconnected, RelayClientDisconnected{IDStart: 1, IDEndExclusive: 2}},
+		"core-clock":     {"FuzzCorePayload", TypeClockSync, ClockSync{1}},
+		"core-credit":    {"FuzzCorePayload", TypeFlowCredit, FlowCredit{100}},
+		"core-initack":   {"FuzzCorePayload", TypeInitAck, InitAck{Features: []string{FeatureFlow}}},
+		"core-touched":   {"FuzzCorePayload", TypeTouched, Touched{1 << 40}},
+		"core-bulk-cred": {"FuzzCorePayload", TypeBulkCredit, BulkCredit{BulkFS, BulkHostToGuest, 1, 2}},
 	}
 	for name, s := range samples {
 		b, err := Marshal(s.data)
 		if err != nil {
 			t.Fatal(err)
 		}
-		write(s.fam, name, s.sel, b)
+		sel := slices.Index(families[s.fam], s.typ)
+		if sel < 0 {
+			t.Fatalf("%s is not in %s", s.typ, s.fam)
+		}
+		write(s.fam, name, uint8(sel), b)
 	}
 }

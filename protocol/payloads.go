@@ -23,7 +23,7 @@ func NewPayload(t Type) any {
 	case TypeExecStarted:
 		return &ExecStarted{}
 	case TypeExecStdin, TypeExecStdout, TypeExecStderr, TypeFsData, TypeTCPData, TypeStreamData:
-		return &Data{}
+		return &Data{} // every ClassData type (TestTypeTable checks)
 	case TypeExecStdinError:
 		return &ExecStdinError{}
 	case TypeExecExited:
@@ -42,8 +42,34 @@ func NewPayload(t Type) any {
 		return &TCPConnect{}
 	case TypeTCPConnected:
 		return &TCPConnected{}
-	case TypeTCPEOF, TypeTCPClose, TypeTCPClosed:
+	case TypeTCPEOF, TypeTCPClose, TypeTCPClosed, TypePing, TypePong, TypeTouch:
 		return &Empty{}
+	case TypeTouched:
+		return &Touched{}
+	case TypeBootstrap:
+		return &Bootstrap{}
+	case TypeBulkAccepted:
+		return &BulkAccepted{}
+	case TypeBulkCredit:
+		return &BulkCredit{}
+	case TypeBulkFinish:
+		return &BulkFinish{}
+	case TypeBulkCancel:
+		return &BulkCancel{}
+	case TypeWorkloadFreeze:
+		return &WorkloadFreeze{}
+	case TypeWorkloadFrozen:
+		return &WorkloadFrozen{}
+	case TypeWorkloadThaw:
+		return &WorkloadThaw{}
+	case TypeWorkloadThawed:
+		return &WorkloadThawed{}
+	case TypeWorkloadTransportCredit:
+		return &WorkloadTransport{}
+	case TypeRootDiskPrepare, TypeRootDiskGrow:
+		return &RootDiskSize{}
+	case TypeRootDiskState:
+		return &RootDiskState{}
 	case TypeTCPFailed:
 		return &TCPFailed{}
 	case TypeFlowCredit:
@@ -58,6 +84,18 @@ func NewPayload(t Type) any {
 		return &StreamClose{}
 	case TypeStreamCredit:
 		return &StreamCredit{}
+	case TypePolicySet:
+		return &PolicySet{}
+	case TypePolicyGet:
+		return &PolicyGet{}
+	case TypePolicyState:
+		return &PolicyState{}
+	case TypeAuditRecords:
+		return &AuditRecords{}
+	case TypeAuditFollow:
+		return &AuditFollow{}
+	case TypeAuditEnd:
+		return &AuditEnd{}
 	}
 	return nil
 }

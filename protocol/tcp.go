@@ -7,6 +7,8 @@ type TCPConnect struct {
 	// Window opts this session into agentd's flow control (see ext.go): the bytes of
 	// core.tcp.data the host is ready to receive. Absent (0) for stock hosts.
 	Window uint32 `cbor:"window,omitempty"`
+	// Bulk (generation 8) offers raw bulk transfer for the session's bytes.
+	Bulk *BulkOffer `cbor:"bulk,omitempty"`
 }
 
 // TCPConnected is core.tcp.connected. Window is agentd's grant to the host, set only when the

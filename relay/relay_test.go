@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -8,30 +9,32 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agentd/internal/testutil"
-	"github.com/agentd/agentd/mux"
+	"github.com/agentd/agentd/internal/testkit/testutil"
 	"github.com/agentd/agentd/protocol"
+	"github.com/agentd/agentd/sessionio"
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-// harness runs sessions on a mux writer whose channel end the test reads frame by frame.
+// harness runs sessions on a sessionio writer whose channel end the test reads frame by frame.
 type harness struct {
 	t    *testing.T
-	out  *mux.Writer
+	out  *sessionio.Writer
 	fr   *protocol.FrameReader
 	ends chan *Session
 }
 
 func newHarness(t *testing.T) *harness {
 	a, b := testutil.SocketPair(t)
-	w := mux.NewWriter(a, mux.Options{})
+	w := sessionio.NewWriter(a, sessionio.WriterOptions{})
 	t.Cleanup(func() { w.Close(); a.Close(); b.Close() })
 	return &harness{t: t, out: w, fr: protocol.NewFrameReader(b), ends: make(chan *Session, 16)}
 }
 
 func (h *harness) start(id uint32, req protocol.TCPConnect, opts Options) *Session {
-	return Start(id, req, h.out, opts, quiet, func(s *Session) { h.ends <- s })
+	s := New(id, req, protocol.Version, h.out, opts, quiet, func(s *Session) { h.ends <- s })
+	s.Go()
+	return s
 }
 
 func (h *harness) next() protocol.Message {
@@ -161,4 +164,92 @@ func TestInboundGrantsCredit(t *testing.T) {
 	}
 	s.Abort()
 	<-s.Finished()
+}
+
+// TestDataAfterHostEOF: host data after the host's own EOF ends the session with one terminal
+// tcp.failed, the reference's EPIPE text, after the data before the EOF was delivered (issue
+// 16, item 9).
+func TestDataAfterHostEOF(t *testing.T) {
+	testutil.Leaks(t)
+	got := make(chan string, 1)
+	release := make(chan struct{})
+	srv := testutil.Serve(t, func(c *net.TCPConn) {
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+		<-release // no FIN from this side: the failure is the session's only frame
+		c.Close()
+	})
+	defer close(release)
+	h := newHarness(t)
+	s := h.start(4, protocol.TCPConnect{Host: "127.0.0.1", Port: uint16(srv.Addr.Port)}, Options{})
+	h.next() // connected
+	s.Write([]byte("before"))
+	s.CloseWrite()
+	s.Write(nil) // nothing to write: no failure
+	s.Write([]byte("after"))
+	m := h.next()
+	var f protocol.TCPFailed
+	protocol.Unmarshal(m.Payload, &f)
+	if m.Type != protocol.TypeTCPFailed || m.Flags != protocol.FlagTerminal || f.Error != "write TCP stream: Broken pipe (os error 32)" {
+		t.Fatalf("got %s %q", m.Name(), f.Error)
+	}
+	if g := <-got; g != "before" {
+		t.Fatalf("destination got %q", g)
+	}
+	<-h.ends
+	<-s.Finished()
+}
+
+// TestConnectErrorTexts: connect failures read as the reference's (getaddrinfo's text for a
+// name that does not resolve, which "" and "[::1]" are to it).
+func TestConnectErrorTexts(t *testing.T) {
+	h := newHarness(t)
+	port := testutil.ClosedPort(t)
+	cases := []struct {
+		host string
+		want string
+	}{
+		{"", "connect :%d: failed to lookup address information: Name or service not known"},
+		{"[::1]", "connect [::1]:%d: failed to lookup address information: Name or service not known"},
+		{"bad name", "connect bad name:%d: failed to lookup address information: Name or service not known"},
+		{"127.0.0.1", "connect 127.0.0.1:%d: Connection refused (os error 111)"},
+		{"::1", "connect ::1:%d: Connection refused (os error 111)"},
+	}
+	for i, c := range cases {
+		s := h.start(uint32(10+i), protocol.TCPConnect{Host: c.host, Port: uint16(port)}, Options{})
+		m := h.next()
+		var f protocol.TCPFailed
+		protocol.Unmarshal(m.Payload, &f)
+		if want := fmt.Sprintf(c.want, port); m.Type != protocol.TypeTCPFailed || f.Error != want {
+			t.Errorf("host %q: %s %q, want %q", c.host, m.Name(), f.Error, want)
+		}
+		<-h.ends
+		<-s.Finished()
+	}
+	for _, c := range []struct {
+		err  *net.DNSError
+		want string
+	}{
+		{&net.DNSError{Err: "no such host", IsNotFound: true}, "failed to lookup address information: Name or service not known"},
+		{&net.DNSError{Err: "i/o timeout", IsTimeout: true}, "failed to lookup address information: Temporary failure in name resolution"},
+		{&net.DNSError{Err: "server misbehaving", IsTemporary: true}, "failed to lookup address information: Temporary failure in name resolution"},
+	} {
+		if got := dialText(&net.OpError{Op: "dial", Err: c.err}); got != c.want {
+			t.Errorf("%v: %q, want %q", c.err, got, c.want)
+		}
+	}
+}
+
+func TestInetAton(t *testing.T) {
+	for in, want := range map[string]string{"127.1": "127.0.0.1", "0x7f000001": "127.0.0.1", "2130706433": "127.0.0.1",
+		"017700000001": "127.0.0.1", "10.1.2": "10.1.0.2", "1.2.3.4": "1.2.3.4", "0": "0.0.0.0"} {
+		if a, ok := inetAton(in); !ok || a.String() != want {
+			t.Errorf("%q: %v %v, want %s", in, a, ok, want)
+		}
+	}
+	for _, in := range []string{"", "1.2.3.4.5", "256.1", "1.256.1.1", "0x", "a", "1..2", "+1", "1_0", "0o17", "0b1", "localhost", "::1", "4294967296"} {
+		if a, ok := inetAton(in); ok {
+			t.Errorf("%q parsed as %v", in, a)
+		}
+	}
 }

@@ -9,22 +9,36 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-build}
 VM=$OUT/vm
-[ -x "$OUT/agentd" ] || { echo "build $OUT/agentd first (make build)" >&2; exit 1; }
+[ -x "$OUT/agentd" ] || { echo "mkinitramfs: build $OUT/agentd first (make build)" >&2; exit 1; }
+agentctl=("$OUT/agentctl")
+[ -x "$OUT/agentctl" ] || agentctl=(go run ./cmd/agentctl) # only agentd was built (make bench-vm)
 mkdir -p "$VM/debs"
+
+# download PACKAGE: apt-get download into $VM/debs, its progress shown; a failure says what to do.
+download() {
+	local sandbox=()
+	[ "$(id -u)" = 0 ] && sandbox=(-o APT::Sandbox::User=root) # root may write anywhere: no _apt sandbox warning
+	echo "mkinitramfs: fetching $1 (apt-get download)" >&2
+	if ! (cd "$VM/debs" && apt-get "${sandbox[@]}" download "$1"); then
+		echo "mkinitramfs: apt-get download $1 failed (its message is above). Check the apt sources" \
+			"(/etc/apt/sources.list*) and the network; 'apt-get update' refreshes stale lists." >&2
+		exit 1
+	fi
+}
 
 # The kernel image the cloud meta-package points at, and a static busybox.
 kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
 if [ -z "$kpkg" ]; then
-	echo "no linux-image-cloud-amd64 in the apt lists: run apt-get update" >&2
+	echo "mkinitramfs: the apt lists name no linux-image-cloud-amd64 (Debian's cloud kernel): run apt-get update (as root), with a Debian main source" >&2
 	exit 1
 fi
 kver=${kpkg#linux-image-}
 if [ ! -f "$VM/kernel/boot/vmlinuz-$kver" ]; then
-	(cd "$VM/debs" && apt-get download "$kpkg" >/dev/null 2>&1)
+	download "$kpkg"
 	rm -rf "$VM/kernel" && dpkg-deb -x "$VM/debs/${kpkg}"_*.deb "$VM/kernel"
 fi
 if [ ! -x "$VM/busybox/bin/busybox" ]; then
-	(cd "$VM/debs" && apt-get download busybox-static >/dev/null 2>&1)
+	download busybox-static
 	rm -rf "$VM/busybox" && dpkg-deb -x "$VM/debs/"busybox-static_*.deb "$VM/busybox"
 fi
 cp "$VM/kernel/boot/vmlinuz-$kver" "$OUT/vmlinuz"
@@ -43,10 +57,10 @@ done
 rm "$root/sbin/modprobe"
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
-# The egress policy agentd starts with when booted with AGENTD_EGRESS_POLICY pointing here:
-# everything but the floor (the metadata address). Replace it (agentctl policy reload) to restrict.
+# The egress policy agentd starts with (AGENTD_EGRESS_POLICY points here in make vm): the
+# example examples/make-vm.yaml explains, checked and normalized to JSON by agentctl.
 mkdir -p "$root/etc/agentd"
-printf '{"default_egress": "allow", "default_ingress": "allow", "rules": []}\n' >"$root/etc/agentd/egress.json"
+"${agentctl[@]}" policy check examples/make-vm.yaml >"$root/etc/agentd/egress.json"
 
 # Modules in dependency order (modules.dep of this kernel); agentd loads them as listed: first
 # what the agent channel needs (only the virtio transport the machine has: PCI on a standard
@@ -79,5 +93,6 @@ list agentd.load.block "${block[@]}"
 list agentd.load.background "${network[@]}"
 list agentd.load.virtiofs "${virtiofs[@]}"
 
+echo "mkinitramfs: packing $OUT/initramfs.cpio.gz" >&2
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet | gzip -6) >"$OUT/initramfs.cpio.gz"
 echo "$OUT/initramfs.cpio.gz ($(du -k "$OUT/initramfs.cpio.gz" | cut -f1) KiB) and $OUT/vmlinuz ($kver)"

@@ -6,31 +6,24 @@
 #   LOCAL=127.0.0.1:18080 TARGET=127.0.0.1:18081 scripts/run-local.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v socat >/dev/null || { echo "run-local: needs socat (apt-get install socat)" >&2; exit 1; }
 BUILD=${BUILD:-build}
 LOCAL=${LOCAL:-127.0.0.1:18080}
 TARGET=${TARGET:-127.0.0.1:18081}
 RUN=$(mktemp -d /tmp/agentd-run.XXXXXX)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$RUN"; }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM # Ctrl-C: the EXIT trap stops everything
 
-wait_for() { # wait_for FILE-OR-PATTERN LOG
-	for _ in $(seq 100); do
-		if [ -n "${2:-}" ]; then grep -q "$1" "$2" && return 0; else [ -e "$1" ] && return 0; fi
-		sleep 0.05
-	done
-	echo "timed out waiting for $1" >&2; exit 1
-}
-
-"$BUILD/agentctl" serve --port "unix-listen:$RUN/channel.sock" --listen "$RUN/agent.sock" 2>"$RUN/serve.log" &
+"$BUILD/agentd" --standalone --port "unix-listen:$RUN/channel.sock" 2>"$RUN/agentd.log" &
 pids+=($!)
-wait_for "$RUN/channel.sock"
-"$BUILD/agentd" --standalone --port "unix:$RUN/channel.sock" 2>"$RUN/agentd.log" &
+"$BUILD/agentctl" serve --port "unix:$RUN/channel.sock" --listen "$RUN/agent.sock" 2>"$RUN/serve.log" &
 pids+=($!)
-wait_for "serving clients" "$RUN/serve.log"
+"$BUILD/agentctl" wait --connect "$RUN/agent.sock" --timeout 20s
 "$BUILD/agentctl" forward --connect "$RUN/agent.sock" "$LOCAL" "$TARGET" 2>"$RUN/forward.log" &
 pids+=($!)
-wait_for "forwarding" "$RUN/forward.log"
+for _ in $(seq 100); do grep -q forwarding "$RUN/forward.log" && break; sleep 0.05; done
 
 # A destination "inside the guest" (this machine, since agentd runs standalone) if none is
 # listening, so the default run shows bytes crossing the agent.
@@ -45,4 +38,4 @@ echo "forward $LOCAL -> guest $TARGET: sent 'hello through agentd', got '$reply'
 echo "logs in $RUN; Ctrl-C to stop"
 tail -f "$RUN/agentd.log" "$RUN/serve.log" &
 pids+=($!)
-wait "${pids[0]}"
+wait "${pids[0]}" || true

@@ -6,88 +6,180 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strconv"
+	"strings"
 	"sync"
 
-	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/host"
 )
 
-// connectFlags adds the two ways of reaching an agent: a relay socket or the raw channel.
-func connectFlags(fs interface {
-	String(string, string, string) *string
-}) (relay, port *string) {
-	relay = fs.String("connect", "", "relay socket `PATH` (from agentctl serve)")
-	port = fs.String("port", "", "talk to the agent channel directly: channel `SPEC` (see serve)")
-	return
+const forwardAbout = `Listens on this host and forwards each connection to HOST:PORT as seen from the guest, like
+ssh -L. Each SPEC is one of
+
+  PORT                     127.0.0.1:PORT here to 127.0.0.1:PORT in the guest
+  LOCAL_PORT:HOST:PORT     127.0.0.1:LOCAL_PORT here to HOST:PORT from the guest
+  BIND:LOCAL_PORT:HOST:PORT  BIND:LOCAL_PORT here (* for every address; [::1] for IPv6)
+
+LOCAL_PORT 0 takes any free port; the "forwarding" line on stderr says which.
+Local ports bind to loopback unless BIND says otherwise, as with ssh. The older form
+LOCAL_ADDR GUEST_HOST:PORT (two arguments) still works. A connection into the guest itself
+(its loopback, its own address) is decided by the guest's egress policy as ingress: a
+deny-by-default policy keeps forwards working with "default_ingress: allow" (see
+docs/egress.md). Runs until interrupted.`
+
+// forwardSpec is one local listener and where its connections go in the guest.
+type forwardSpec struct {
+	local string // host:port to listen on
+	host  string // the guest-side destination
+	port  uint16
 }
 
-// connect makes the logger for level and reaches the agent (the preamble of every command
-// that talks to one).
-func connect(level, relay, port string) (*host.Client, *slog.Logger, error) {
-	log, err := logger(level)
-	if err != nil {
-		return nil, nil, err
+func (f forwardSpec) String() string {
+	return fmt.Sprintf("%s -> guest %s", f.local, net.JoinHostPort(f.host, strconv.Itoa(int(f.port))))
+}
+
+// splitSpec splits an ssh -L spec on ':' outside brackets, dropping the brackets.
+func splitSpec(s string) []string {
+	var parts []string
+	var cur strings.Builder
+	depth := 0
+	for _, r := range s {
+		switch {
+		case r == '[':
+			depth++
+		case r == ']':
+			depth--
+		case r == ':' && depth == 0:
+			parts = append(parts, cur.String())
+			cur.Reset()
+		default:
+			cur.WriteRune(r)
+		}
 	}
-	c, err := dialAgent(relay, port, log)
-	return c, log, err
+	return append(parts, cur.String())
 }
 
-func dialAgent(relay, port string, log *slog.Logger) (*host.Client, error) {
-	switch {
-	case relay != "" && port != "":
-		return nil, usageError{fmt.Errorf("use either --connect or --port, not both")}
-	case relay != "":
-		return host.Connect(relay, host.Options{Log: log})
-	case port != "":
-		conn, err := channel.Open(port)
+// parsePort reads a port; a local one may be 0 (any free port, printed when listening).
+func parsePort(what, s string, zero bool) (uint16, error) {
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || (n == 0 && !zero) {
+		return 0, usageError{fmt.Errorf("%s %q: want a port number 1-65535", what, s)}
+	}
+	return uint16(n), nil
+}
+
+// parseForwards reads the operands: ssh -L specs, or the older LOCAL_ADDR GUEST_HOST:PORT.
+func parseForwards(args []string) ([]forwardSpec, error) {
+	if len(args) == 2 && len(splitSpec(args[0])) == 2 { // LOCAL_ADDR GUEST_HOST:PORT
+		if _, _, err := net.SplitHostPort(args[0]); err != nil {
+			return nil, usageError{fmt.Errorf("local address %q: %v", args[0], err)}
+		}
+		h, p, err := net.SplitHostPort(args[1])
+		if err != nil {
+			return nil, usageError{fmt.Errorf("guest address %q: %v", args[1], err)}
+		}
+		port, err := parsePort("guest port", p, false)
 		if err != nil {
 			return nil, err
 		}
-		return host.Direct(conn, host.Options{Log: log})
+		return []forwardSpec{{local: args[0], host: h, port: port}}, nil
 	}
-	return nil, usageError{fmt.Errorf("need --connect SOCK or --port SPEC")}
+	var out []forwardSpec
+	for _, a := range args {
+		parts := splitSpec(a)
+		bind, lport, ghost, gport := "127.0.0.1", "", "127.0.0.1", ""
+		switch len(parts) {
+		case 1:
+			lport, gport = parts[0], parts[0]
+		case 3:
+			lport, ghost, gport = parts[0], parts[1], parts[2]
+		case 4:
+			bind, lport, ghost, gport = parts[0], parts[1], parts[2], parts[3]
+			if bind == "*" {
+				bind = ""
+			}
+		default:
+			return nil, usageError{fmt.Errorf("forward %q: want PORT, LOCAL_PORT:HOST:PORT or BIND:LOCAL_PORT:HOST:PORT", a)}
+		}
+		if _, err := parsePort("local port", lport, len(parts) > 1); err != nil {
+			return nil, err
+		}
+		port, err := parsePort("guest port", gport, false)
+		if err != nil {
+			return nil, err
+		}
+		if ghost == "" {
+			return nil, usageError{fmt.Errorf("forward %q: empty guest host", a)}
+		}
+		out = append(out, forwardSpec{local: net.JoinHostPort(bind, lport), host: ghost, port: port})
+	}
+	return out, nil
 }
 
 func forward(args []string) error {
-	fs, level := newFlags("forward", "[--connect SOCK | --port SPEC] LOCAL_ADDR GUEST_HOST:PORT")
-	relay, port := connectFlags(fs)
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() != 2 {
-		return usageError{fmt.Errorf("forward needs LOCAL_ADDR and GUEST_HOST:PORT")}
-	}
-	ghost, gport, err := net.SplitHostPort(fs.Arg(1))
-	if err != nil {
-		return usageError{fmt.Errorf("guest address %q: %w", fs.Arg(1), err)}
-	}
-	pn, err := strconv.ParseUint(gport, 10, 16)
-	if err != nil {
-		return usageError{fmt.Errorf("guest port %q: must be 0-65535", gport)}
-	}
-	c, log, err := connect(*level, *relay, *port)
+	c := newCommand("forward", "[options] SPEC... | LOCAL_ADDR GUEST_HOST:PORT", forwardAbout)
+	var to target
+	to.register(c)
+	pos, err := c.parse(args, false)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
-	l, err := net.Listen("tcp", fs.Arg(0))
-	if err != nil {
-		return fmt.Errorf("listen %s: %w", fs.Arg(0), err)
+	if err := c.nargs(pos, 1, -1); err != nil {
+		return err
 	}
-	go func() { <-c.Done(); l.Close() }()
-	log.Info("forwarding", "local", l.Addr().String(), "guest", fs.Arg(1))
+	specs, err := parseForwards(pos)
+	if err != nil {
+		return err
+	}
+	log, err := c.logger()
+	if err != nil {
+		return err
+	}
+	// Listen first: a port in use is reported before the agent is touched.
+	ls := make([]net.Listener, len(specs))
+	for i, s := range specs {
+		if ls[i], err = net.Listen("tcp", s.local); err != nil {
+			for _, l := range ls[:i] {
+				l.Close()
+			}
+			return fmt.Errorf("host: listen %s: %w", s.local, err)
+		}
+		defer ls[i].Close()
+	}
+	cl, err := to.dial(log)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	go func() {
+		<-cl.Done()
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	errs := make(chan error, len(specs))
+	for i, s := range specs {
+		s.local = ls[i].Addr().String()
+		fmt.Fprintf(os.Stderr, "forwarding %s\n", s)
+		go func() { errs <- serveForward(cl, ls[i], s, log) }()
+	}
+	err = <-errs
+	if cl.Err() != nil {
+		return fmt.Errorf("agent connection: %w", cl.Err())
+	}
+	return err
+}
+
+func serveForward(cl *host.Client, l net.Listener, s forwardSpec, log *slog.Logger) error {
 	for {
 		local, err := l.Accept()
 		if err != nil {
-			if c.Err() != nil {
-				return fmt.Errorf("agent connection: %w", c.Err())
-			}
 			return err
 		}
 		go func() {
-			if err := pipe(c, local.(*net.TCPConn), ghost, uint16(pn)); err != nil {
-				log.Warn("forward failed", "from", local.RemoteAddr().String(), "error", err)
+			if err := pipe(cl, local.(*net.TCPConn), s.host, s.port); err != nil {
+				fmt.Fprintf(os.Stderr, "agentctl: forward %s: connection from %s: guest: %v\n", s, local.RemoteAddr(), err)
 			}
 		}()
 	}

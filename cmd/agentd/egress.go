@@ -1,34 +1,28 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
-	"os/signal"
-	"slices"
+	"strconv"
 	"strings"
-	"syscall"
+	"time"
 
-	"github.com/vishvananda/netlink"
-	vnetns "github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/agentd/agentd/channel"
 	"github.com/agentd/agentd/egress"
-	"github.com/agentd/agentd/netns"
+	"github.com/agentd/agentd/egress/policy"
+	"github.com/agentd/agentd/gateway"
 	"github.com/agentd/agentd/netstack"
 	"github.com/agentd/agentd/netstack/tunlink"
-	"github.com/agentd/agentd/policy"
-	"github.com/agentd/agentd/resolver"
-	"github.com/agentd/agentd/streams"
 )
 
 // egressOptions are the --egress-* flags.
 type egressOptions struct {
-	mode       string // off or netstack
+	mode       string // off, netstack or channel
 	policyFile string
 	floorFile  string
 	auditPath  string
@@ -39,41 +33,56 @@ type egressOptions struct {
 	link       string // tun link endpoint: auto, offload or plain
 	mtu        uint
 	queues     int
+	advisory   bool // workloads keep full privileges: the policy is only advisory
 	// initial is the policy main read to check it before any side effect (nil: not read yet).
 	initial *policy.Policy
+	// ref names a flag and its value as given (flagRef); nil: as a flag.
+	ref func(name string, value any) string
 }
 
 func (e *egressOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&e.mode, "egress", "off", "guest egress: off; netstack (the tun becomes the guest's default route, every flow passes the policy, agentd dials out); or channel (the same, but each allowed flow is a stream over the agent channel that the host dials: for a guest with no network device)")
-	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML); reloaded on SIGHUP. Without one, netstack egress allows everything but the floor")
+	fs.StringVar(&e.policyFile, "egress-policy", "", "egress policy `FILE` (microsandbox's format, JSON or YAML), read once at start; after that only the host changes the policy (agentctl policy reload). Without one, netstack egress allows everything but the floor")
+	fs.BoolVar(&e.advisory, "egress-advisory", false, "let workloads keep full privileges while egress is on (they are confined otherwise: docs/security.md); the policy is then only advisory, since a root workload with every capability can get around it. agentd warns at start and reports egress-advisory in core.ready")
 	fs.StringVar(&e.floorFile, "egress-floor", "", "policy `FILE` whose rules come before the policy's and cannot be widened by it (default: deny the metadata address)")
-	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr)")
+	fs.StringVar(&e.auditPath, "egress-audit", "", "append one JSON line per egress decision and per closed flow to `FILE` (- for stderr; virtio:NAME for the virtio-serial port NAME, which agentd then holds so that no workload can open it)")
 	fs.StringVar(&e.guestNetns, "egress-guest-netns", "", "move the tun into the network namespace at `PATH` (/var/run/netns/NAME) and route that namespace through it")
 	fs.StringVar(&e.uplink, "egress-uplink", "", "comma-separated `INTERFACES` moved into a namespace only agentd uses, so workloads have no path around the tun")
 	fs.StringVar(&e.dns, "egress-dns", "", "comma-separated upstream resolvers `ADDR[:PORT]` (default: the nameservers of /etc/resolv.conf at start)")
 	fs.StringVar(&e.tunName, "egress-tun", netstack.DefaultOptions.TunName, "tun device `NAME`")
-	fs.StringVar(&e.link, "egress-link", string(tunlink.Auto), "tun link endpoint: auto (virtio-net header offloads when the kernel has them, else plain; logged at start), offload, or plain")
 	fs.UintVar(&e.mtu, "egress-mtu", uint(netstack.DefaultOptions.MTU), "tun MTU")
+	fs.StringVar(&e.link, "egress-link", string(tunlink.Auto), "tun link endpoint: auto (virtio-net header offloads when the kernel has them, else plain; logged at start), offload, or plain")
 	fs.IntVar(&e.queues, "egress-queues", netstack.DefaultOptions.Queues, "tun queues (IFF_MULTI_QUEUE when more than 1)")
 }
 
+// name is ref, or the flag's own name when there is none.
+func (e *egressOptions) name(flag string, value any) string {
+	if e.ref == nil {
+		return flagRef(flag, value, nil)
+	}
+	return e.ref(flag, value)
+}
+
 func (e *egressOptions) check() error {
+	ref := e.name
 	switch e.mode {
 	case "off", "netstack", "channel":
 	default:
-		return fmt.Errorf("--egress %q: want off, netstack or channel", e.mode)
+		return fmt.Errorf("%s: want off, netstack or channel", ref("egress", strconv.Quote(e.mode)))
 	}
 	if e.mtu < 1280 || e.mtu > 65520 {
-		return fmt.Errorf("--egress-mtu %d: must be between 1280 and 65520", e.mtu)
+		return fmt.Errorf("%s: must be between 1280 and 65520", ref("egress-mtu", e.mtu))
 	}
 	if _, err := tunlink.ParseMode(e.link); err != nil {
-		return fmt.Errorf("--egress-link: %w", err)
+		return fmt.Errorf("%s: %w", ref("egress-link", e.link), err)
 	}
 	if e.queues < 1 || e.queues > 16 {
-		return fmt.Errorf("--egress-queues %d: must be between 1 and 16", e.queues)
+		return fmt.Errorf("%s: must be between 1 and 16", ref("egress-queues", e.queues))
 	}
-	_, err := e.upstreams()
-	return err
+	if _, err := e.upstreams(); err != nil {
+		return fmt.Errorf("%s: %w", ref("egress-dns", strconv.Quote(e.dns)), err)
+	}
+	return nil
 }
 
 // upstreams parses --egress-dns ("" means: read /etc/resolv.conf when egress starts).
@@ -88,7 +97,7 @@ func (e *egressOptions) upstreams() ([]netip.AddrPort, error) {
 		if err != nil {
 			a, aerr := netip.ParseAddr(s)
 			if aerr != nil {
-				return nil, fmt.Errorf("--egress-dns %q: not an address or address:port", s)
+				return nil, fmt.Errorf("%q is not an address or address:port", s)
 			}
 			ap = netip.AddrPortFrom(a, 53)
 		}
@@ -97,258 +106,117 @@ func (e *egressOptions) upstreams() ([]netip.AddrPort, error) {
 	return out, nil
 }
 
-// loadPolicyFile reads a policy file (JSON or YAML); errors name the file and the field.
-func loadPolicyFile(flagName, path string) (*policy.Policy, error) {
-	data, err := os.ReadFile(path)
+// loadPolicy is the policy in force: the floor, then the file's rules (policy.Load).
+func (e *egressOptions) loadPolicy() (*policy.Policy, error) {
+	p, err := policy.Load(e.policyFile, e.floorFile)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", flagName, err)
-	}
-	p, err := policy.Parse(data)
-	if err != nil {
-		return nil, fmt.Errorf("%s %s: %w", flagName, path, err)
+		return nil, fmt.Errorf("egress policy (%s): %w", e.name("egress-policy", e.policyFile), err)
 	}
 	return p, nil
 }
 
-// loadEgressPolicy is the policy in force: the floor, then the file's rules (or, with no
-// file, allow everything the floor does not deny).
-func (e *egressOptions) loadPolicy() (*policy.Policy, error) {
-	floor := policy.DefaultFloor
-	if e.floorFile != "" {
-		f, err := loadPolicyFile("--egress-floor", e.floorFile)
-		if err != nil {
-			return nil, err
-		}
-		floor = f.Rules
-	}
-	p := &policy.Policy{DefaultEgress: policy.Allow, DefaultIngress: policy.Allow}
-	if e.policyFile != "" {
-		var err error
-		if p, err = loadPolicyFile("--egress-policy", e.policyFile); err != nil {
-			return nil, err
-		}
-	}
-	return policy.WithFloor(floor, p)
+// confined says whether workloads run confined (confine.Confined): with egress on unless the
+// operator made the policy advisory, and always under MSB_SECURITY_PROFILE=restricted.
+func (e *egressOptions) confined(restricted bool) bool {
+	return restricted || e.mode != "off" && !e.advisory
 }
 
-// egressRuntime is the running egress path.
-type egressRuntime struct {
-	svc   *egress.Service
-	stack *netstack.Stack
-	audit *egress.Audit
-	res   *resolver.Resolver
-	// streams carries flows to the host in channel mode (handed to the agent loop).
-	streams *streams.Endpoint
-	up      *netns.NS
-	stop    func()
+// privatePaths are agentd's own files, masked in the workloads' view.
+func (e *egressOptions) privatePaths() []string {
+	var out []string
+	for _, p := range []string{e.policyFile, e.floorFile, e.auditPath} {
+		if p != "" && p != "-" && !strings.HasPrefix(p, "virtio:") {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
-// startEgress builds the egress service and, for --egress netstack, the uplink namespace,
-// the resolver and the netstack on the guest's tun. It returns nil when there is nothing to
-// run (no netstack and no policy file).
-func startEgress(e egressOptions, log *slog.Logger) (*egressRuntime, error) {
+// floor is the rules every policy is put behind: --egress-floor's, or the default.
+func (e *egressOptions) floor() ([]policy.Rule, error) {
+	if e.floorFile == "" {
+		return policy.DefaultFloor, nil
+	}
+	f, _, err := policy.ReadFile(e.floorFile)
+	if err != nil {
+		return nil, fmt.Errorf("egress floor: %w", err)
+	}
+	return f.Rules, nil
+}
+
+// privateDir holds agentd's runtime files as the guest's init (the pinned uplink namespace);
+// it is masked in the workloads' view.
+const privateDir = "/run/agentd"
+
+// startEgress starts the egress path the flags describe (nil when there is nothing to run: no
+// netstack and no policy file). uplink, when set, is an interface to isolate besides
+// --egress-uplink's (as PID 1: the MSB_NET interface, configured already); pin, when set, is
+// where the uplink namespace is pinned so it outlives agentd.
+func startEgress(e egressOptions, uplink, pin string, log *slog.Logger) (*gateway.Gateway, error) {
 	if e.mode == "off" && e.policyFile == "" {
 		return nil, nil
 	}
-	pol, err := e.initial, error(nil)
+	if e.advisory && e.mode != "off" {
+		log.Warn("egress is advisory (--egress-advisory): workloads keep full privileges and can get around the policy")
+	}
+	pol := e.initial
 	if pol == nil {
+		var err error
 		if pol, err = e.loadPolicy(); err != nil {
 			return nil, err
 		}
 	}
-	rt := &egressRuntime{}
-	switch e.auditPath {
-	case "":
-	case "-":
-		rt.audit = egress.NewAudit(os.Stderr, log)
-	default:
-		f, err := os.OpenFile(e.auditPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	floor, err := e.floor()
+	if err != nil {
+		return nil, err
+	}
+	c := gateway.Config{Mode: gateway.Mode(e.mode), Policy: pol, Floor: floor, GuestNetns: e.guestNetns, TunName: e.tunName,
+		MTU: uint32(e.mtu), Queues: e.queues, Guest: egress.DefaultGuestNet, Log: log}
+	c.Link, _ = tunlink.ParseMode(e.link)
+	c.Upstreams, _ = e.upstreams()
+	for _, name := range strings.Split(e.uplink, ",") {
+		if name = strings.TrimSpace(name); name != "" {
+			c.Uplink = append(c.Uplink, name)
+		}
+	}
+	if e.mode == "netstack" && len(c.Uplink) == 0 && uplink != "" {
+		c.Uplink = []string{uplink}
+	}
+	c.PinUplink = pin
+	switch audit := e.auditPath; {
+	case audit == "":
+	case audit == "-":
+		c.Audit = os.Stderr
+	case strings.HasPrefix(audit, "virtio:"):
+		f, err := openAuditPort(strings.TrimPrefix(audit, "virtio:"), 10*time.Second)
 		if err != nil {
-			return nil, fmt.Errorf("--egress-audit: %w", err)
+			return nil, fmt.Errorf("%s: %w", e.name("egress-audit", audit), err)
 		}
-		rt.audit = egress.NewAudit(f, log)
-	}
-	gw := netstack.DefaultGuestNet
-	rt.svc = egress.New(pol, egress.Options{HostAddrs: gw.Gateways(), Audit: rt.audit})
-	rt.stop = func() { rt.audit.Close() }
-	if e.mode == "off" {
-		return rt, nil
-	}
-	if e.mode == "netstack" && e.guestNetns == "" && e.uplink == "" {
-		rt.audit.Close()
-		return nil, fmt.Errorf("--egress netstack needs --egress-uplink (as PID 1: MSB_NET) or --egress-guest-netns: " +
-			"otherwise agentd's own upstream sockets would route back into the tun")
-	}
-	ups, _ := e.upstreams()
-	if len(ups) == 0 {
-		ups = resolver.SystemServers("/etc/resolv.conf") // read before the guest's is rewritten
-	}
-	dial := (&net.Dialer{}).DialContext
-	resDial := dial
-	if e.mode == "channel" {
-		// Every flow is a stream the host dials; DNS goes to the host's resolver as datagrams.
-		rt.streams = streams.New(streams.Options{})
-		dial = rt.streams.DialContext
-		ups = []netip.AddrPort{netip.MustParseAddrPort("0.0.0.0:53")} // stands for the host's resolver
-		resDial = func(ctx context.Context, network, address string) (net.Conn, error) {
-			if network != "udp" {
-				return nil, fmt.Errorf("dns over %s is not carried over the channel", network)
-			}
-			return rt.streams.DialContext(ctx, "dns", address)
+		c.Audit = f
+	default:
+		f, err := os.OpenFile(audit, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", e.name("egress-audit", audit), err)
 		}
-	} else if e.uplink != "" {
-		if rt.up, err = isolateUplink(strings.Split(e.uplink, ",")); err != nil {
+		c.Audit = f
+	}
+	return gateway.Start(c)
+}
+
+// openAuditPort opens the virtio-serial port named name for the audit records, waiting for it
+// to appear (its node comes shortly after virtio_console binds). The host keeps what it gets;
+// a virtio port has one opener at a time, so while agentd holds it no workload (root in the
+// guest or not) can write forged records into it or read it.
+func openAuditPort(name string, wait time.Duration) (*os.File, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		dev, err := channel.DiscoverNamed(channel.VirtioPortsDir, name)
+		if err == nil {
+			return os.OpenFile(dev, os.O_WRONLY|unix.O_NOCTTY, 0)
+		}
+		if time.Now().After(deadline) {
 			return nil, err
 		}
-		dial = rt.up.DialContext
-		resDial = dial
+		time.Sleep(10 * time.Millisecond) // the kernel gives no event for a port appearing
 	}
-	rt.res = resolver.New(rt.svc, resolver.Options{Upstreams: ups, Dial: resDial})
-	link, _ := tunlink.ParseMode(e.link)
-	st, err := netstack.New(netstack.Options{TunName: e.tunName, Link: link, MTU: uint32(e.mtu), Queues: e.queues, Egress: rt.svc,
-		DNS: rt.res, Gateways: gw.Gateways(), Dial: dial, Log: log.With("component", "netstack")})
-	if err != nil {
-		return nil, err
-	}
-	rt.stack = st
-	nsFD, h := -1, &netlink.Handle{}
-	if e.guestNetns != "" {
-		fd, err := syscall.Open(e.guestNetns, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
-		if err != nil {
-			st.Close()
-			return nil, fmt.Errorf("--egress-guest-netns: %w", err)
-		}
-		defer syscall.Close(fd)
-		nsFD = fd
-		if h, err = netlink.NewHandleAt(vnetns.NsHandle(fd), unix.NETLINK_ROUTE); err != nil {
-			st.Close()
-			return nil, fmt.Errorf("--egress-guest-netns: netlink: %w", err)
-		}
-		defer h.Close()
-	}
-	if err := netstack.AttachGuest(h, e.tunName, nsFD, uint32(e.mtu), gw); err != nil {
-		st.Close()
-		return nil, err
-	}
-	rt.stop = func() {
-		st.Close()
-		rt.logCounters(log)
-		rt.audit.Close()
-		if rt.up != nil {
-			rt.up.Close()
-		}
-	}
-	log.Info("egress netstack up", "tun", e.tunName, "mtu", e.mtu, "resolver", gw.Gateway4, "upstream_dns", fmt.Sprint(ups),
-		"uplink_isolated", e.uplink != "", "rules", len(pol.Rules))
-	return rt, nil
-}
-
-// logCounters logs the egress totals and the per-destination counters (at most 20, the most
-// denied first) when agentd stops.
-func (rt *egressRuntime) logCounters(log *slog.Logger) {
-	c, n := &rt.svc.Counters, &rt.stack.Counters
-	log.Info("egress totals", "allowed", c.Allowed.Load(), "denied", c.Denied.Load(), "revoked", c.Revoked.Load(),
-		"sni_denied", c.SNIDenied.Load(), "dns_queries", c.Queries.Load(), "dns_denied", c.QueriesDenied.Load(),
-		"dial_failed", n.DialFailed.Load(), "handshake_failed", n.HandshakeFailed.Load(), "flow_cap_drops", n.FlowCapDrop.Load(),
-		"dest_cap_drops", n.DestCapDrop.Load(), "inflight_drops", rt.stack.Stats().TCP.ForwardMaxInFlightDrop.Value(),
-		"udp_allowed", n.UDPAllowed.Load(), "udp_denied", n.UDPDenied.Load())
-	type dest struct {
-		a netip.Addr
-		s egress.DestStats
-	}
-	var ds []dest
-	for a, s := range rt.svc.Destinations() {
-		ds = append(ds, dest{a, s})
-	}
-	slices.SortFunc(ds, func(x, y dest) int { return int(y.s.Denied - x.s.Denied) })
-	for _, d := range ds[:min(len(ds), 20)] {
-		log.Info("egress destination", "addr", d.a, "allowed", d.s.Allowed, "denied", d.s.Denied, "bytes_up", d.s.BytesUp, "bytes_down", d.s.BytesDown)
-	}
-}
-
-// isolateUplink moves the named interfaces into a new network namespace that only agentd's
-// upstream sockets use: workloads, left with the tun, cannot bind to them, route to them or
-// send raw packets out of them. The interfaces keep their addresses and routes are added
-// again there (a move drops them).
-func isolateUplink(names []string) (*netns.NS, error) {
-	ns, err := netns.New()
-	if err != nil {
-		return nil, fmt.Errorf("--egress-uplink: %w", err)
-	}
-	h, err := netlink.NewHandleAt(vnetns.NsHandle(ns.FD()), unix.NETLINK_ROUTE)
-	if err != nil {
-		ns.Close()
-		return nil, fmt.Errorf("--egress-uplink: netlink: %w", err)
-	}
-	defer h.Close()
-	if lo, err := h.LinkByName("lo"); err == nil {
-		h.LinkSetUp(lo)
-	}
-	for _, name := range names {
-		name = strings.TrimSpace(name)
-		l, err := netlink.LinkByName(name)
-		if err != nil {
-			ns.Close()
-			return nil, fmt.Errorf("--egress-uplink %s: %w", name, err)
-		}
-		addrs, _ := netlink.AddrList(l, netlink.FAMILY_ALL)
-		routes, _ := netlink.RouteList(l, netlink.FAMILY_ALL)
-		if err := netlink.LinkSetNsFd(l, ns.FD()); err != nil {
-			ns.Close()
-			return nil, fmt.Errorf("--egress-uplink %s: move into the uplink namespace: %w", name, err)
-		}
-		nl, err := h.LinkByName(name)
-		if err != nil {
-			ns.Close()
-			return nil, fmt.Errorf("--egress-uplink %s: %w", name, err)
-		}
-		for _, a := range addrs {
-			if a.IP.IsLinkLocalUnicast() {
-				continue
-			}
-			a := a
-			a.Label = ""
-			if err := h.AddrAdd(nl, &a); err != nil {
-				ns.Close()
-				return nil, fmt.Errorf("--egress-uplink %s: address %s: %w", name, a.IPNet, err)
-			}
-		}
-		if err := h.LinkSetUp(nl); err != nil {
-			ns.Close()
-			return nil, fmt.Errorf("--egress-uplink %s: up: %w", name, err)
-		}
-		for _, r := range routes {
-			if r.Protocol == netlink.RouteProtocol(2) { // kernel routes come back with the address
-				continue
-			}
-			r := r
-			r.LinkIndex = nl.Attrs().Index
-			h.RouteReplace(&r)
-		}
-	}
-	return ns, nil
-}
-
-// watchReload reloads the policy file on SIGHUP until ctx ends. A bad file keeps the policy in
-// force and says why.
-func (rt *egressRuntime) watchReload(ctx context.Context, e egressOptions, log *slog.Logger) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	go func() {
-		defer signal.Stop(hup)
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-hup:
-				p, err := e.loadPolicy()
-				if err != nil {
-					log.Error("egress policy not reloaded; the previous one stays in force", "error", err)
-					continue
-				}
-				n := rt.svc.Reload(p)
-				log.Info("egress policy reloaded", "rules", len(p.Rules), "flows_revoked", n)
-			}
-		}
-	}()
 }

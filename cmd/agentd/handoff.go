@@ -6,13 +6,15 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"syscall"
-	"time"
+	"runtime"
 
 	"github.com/agentd/agentd/agent"
 	"github.com/agentd/agentd/channel"
+	"github.com/agentd/agentd/confine"
+	"github.com/agentd/agentd/gateway"
 	"github.com/agentd/agentd/heartbeat"
 	"github.com/agentd/agentd/initfs"
+	"github.com/agentd/agentd/protocol"
 )
 
 // With MSB_HANDOFF_INIT, PID 1 must become another init while the agent keeps the channel. A
@@ -24,23 +26,26 @@ import (
 const (
 	handoffAgentName = "agentd-handoff-agent"
 	handoffStateEnv  = "AGENTD_HANDOFF_STATE"
-	// handoffPoweroffTimeout is how long the init gets to power off (SIGRTMIN+4, systemd's
-	// poweroff) before it gets SIGTERM, as in the reference.
-	handoffPoweroffTimeout = 5 * time.Second
-	sigRTMinPlus4          = syscall.Signal(38) // glibc's SIGRTMIN (34) + 4
 )
 
-// handoffState is what the agent child needs from PID 1's handshake.
+// handoffState is what the agent child needs from PID 1's boot and handshake: the boot
+// configuration when it came as core.bootstrap (the child has no MSB_* to read it from), and
+// the bytes PID 1 had read from the channel past the handshake.
 type handoffState struct {
-	HostGen  uint8    `json:"host_gen"`
-	Features []string `json:"features"`
-	InitNs   uint64   `json:"init_ns"`
+	HostGen   uint8    `json:"host_gen"`
+	Features  []string `json:"features"`
+	InitNs    uint64   `json:"init_ns"`
+	Bootstrap []byte   `json:"bootstrap,omitempty"`
+	Buffered  []byte   `json:"buffered,omitempty"`
 }
 
 func isHandoffAgent() bool { return len(os.Args) > 0 && os.Args[0] == handoffAgentName }
 
-// handOff starts the agent child on port and execs the new init. It returns only on failure.
-func handOff(log *slog.Logger, h *initfs.Handoff, a *agent.Agent, port io.ReadWriteCloser, initNs uint64) error {
+// handOff starts the agent child on port and execs the new init, confined by profile (when
+// set) like every other workload: the init and everything it starts. It returns only on
+// failure.
+func handOff(log *slog.Logger, bc initfs.BootConfig, a *agent.Agent, port io.ReadWriteCloser, initNs uint64, profile *confine.Profile) error {
+	h := bc.Handoff
 	path, err := initfs.ResolveHandoff(h)
 	if err != nil {
 		return err
@@ -50,27 +55,31 @@ func handOff(log *slog.Logger, h *initfs.Handoff, a *agent.Agent, port io.ReadWr
 		return fmt.Errorf("handoff: the channel is not a file (%T)", port)
 	}
 	gen, features := a.Negotiated()
-	state, _ := json.Marshal(handoffState{HostGen: gen, Features: features, InitNs: initNs})
-	if err := os.MkdirAll("/run/microsandbox", 0o755); err != nil {
-		return fmt.Errorf("handoff: %w", err)
-	}
-	logf, err := os.OpenFile(initfs.HandoffLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-	if err != nil {
-		return fmt.Errorf("handoff: %w", err)
-	}
-	null, err := os.Open(os.DevNull)
-	if err != nil {
-		return fmt.Errorf("handoff: %w", err)
-	}
+	state, _ := json.Marshal(handoffState{HostGen: gen, Features: features, InitNs: initNs, Bootstrap: bc.Payload, Buffered: a.Buffered()})
 	argv := append([]string{handoffAgentName}, os.Args[1:]...)
 	env := append(os.Environ(), handoffStateEnv+"="+string(state))
-	child, err := os.StartProcess("/proc/self/exe", argv, &os.ProcAttr{Env: env, Files: []*os.File{null, logf, logf, f}})
+	pid, err := initfs.StartHandoffAgent(argv, env, f)
 	if err != nil {
-		return fmt.Errorf("handoff: start the agent: %w", err)
+		return err
 	}
-	log.Info("handing PID 1 to another init", "init", path, "agent_pid", child.Pid, "agent_log", initfs.HandoffLog)
-	// The channel's fd is close-on-exec here: the new init does not inherit it.
-	return initfs.ExecInit(path, initfs.HandoffArgv(path, h), initfs.HandoffEnv(os.Environ(), h))
+	log.Info("handing PID 1 to another init", "init", path, "agent_pid", pid, "agent_log", initfs.HandoffLog, "confined", profile != nil)
+	confine.CloseOnExec(3) // the init gets nothing of agentd's (gVisor's tun lacks O_CLOEXEC)
+	if profile != nil {
+		runtime.LockOSThread() // the confinement is the exec'ing thread's
+		if err := confine.Apply(*profile); err != nil {
+			return fmt.Errorf("handoff: confine the init: %w", err)
+		}
+	}
+	// The channel's fd is close-on-exec here: the new init does not inherit it. Its environment
+	// is agentd's (the kernel's) or, from core.bootstrap, the workloads' default_env.
+	environ := os.Environ()
+	if bc.Source == initfs.SourceBootstrap {
+		environ = nil
+		for _, kv := range bc.WorkloadEnv() {
+			environ = append(environ, kv[0]+"="+kv[1])
+		}
+	}
+	return initfs.ExecInit(path, initfs.HandoffArgv(path, h), initfs.HandoffEnv(environ, h), h.Cwd)
 }
 
 // handoffAgentMain is the agent child: the same flags as PID 1, the channel on fd 3.
@@ -81,7 +90,7 @@ func handoffAgentMain(boot uint64) int {
 		return 2
 	}
 	log, _ := newLogger(o.logLevel)
-	if o.heartbeat == "" {
+	if o.heartbeat == "" { // not standalone by its flags, yet not PID 1
 		o.heartbeat = heartbeat.DefaultPath
 	}
 	var st handoffState
@@ -91,35 +100,41 @@ func handoffAgentMain(boot uint64) int {
 	}
 	os.Unsetenv(handoffStateEnv)
 	err = func() error {
-		conf, execOpts, defaultUser, err := configFromEnv()
+		bc := initfs.BootConfig{Decision: initfs.Decision{Source: initfs.SourceEnv}}
+		if st.Bootstrap != nil {
+			bc, err = initfs.BootstrapConfig(st.Bootstrap)
+			if err == nil {
+				o, err = withBootSettings(o, bc)
+			}
+		} else {
+			bc.Config, err = initfs.LoadConfig(os.Getenv)
+		}
 		if err != nil {
 			return err
 		}
-		var eg *egressRuntime
+		conf := bc.Config
+		execOpts, defaultUser, err := execOptions(bc, o.egress)
+		if err != nil {
+			return err
+		}
+		var gw *gateway.Gateway
 		if o.egress.mode != "off" {
-			if eg, err = startGuestEgress(o.egress, conf, log); err != nil {
+			if gw, err = startGuestEgress(o.egress, conf, log); err != nil {
 				return err
 			}
-			defer eg.stop()
+			defer gw.Stop()
 		}
 		port, err := channel.Pollable(os.NewFile(3, "agent-channel"))
 		if err != nil {
 			return err
 		}
 		defer port.Close()
-		return serve(o, log, boot, 0, port, execOpts, defaultUser, eg, serveHooks{adopted: &st})
+		fr := protocol.NewFrameReaderWith(port, st.Buffered)
+		return serve(o, log, boot, 0, port, execOpts, defaultUser, gw, serveHooks{adopted: &st, frames: fr})
 	}()
 	if err != nil {
 		log.Error("agent stopped", "error", err)
 		return 1
 	}
 	return 0
-}
-
-// powerOffViaInit asks the init that took PID 1 to power off (systemd's SIGRTMIN+4), and
-// after handoffPoweroffTimeout sends it SIGTERM.
-func powerOffViaInit() {
-	syscall.Kill(1, sigRTMinPlus4)
-	time.Sleep(handoffPoweroffTimeout) // the power-off ends this process; nothing to await
-	syscall.Kill(1, syscall.SIGTERM)
 }
