@@ -25,7 +25,6 @@ import (
 var (
 	egressReport  = flag.Bool("egress", false, "run the egress (netstack) benchmark and print its report")
 	iperfSecs     = flag.Int("iperf-seconds", 4, "seconds per iperf3 run")
-	egressRounds  = flag.Int("rounds", 3, "alternating rounds over all systems")
 	idleConns     = flag.Int("idle-conns", 1000, "idle connections held open for the per-connection memory measurement")
 	rateConns     = flag.Int("rate-conns", 2000, "connections per connection-rate measurement")
 	ratePar       = flag.Int("rate-par", 8, "connections at a time in the connection-rate measurement")
@@ -180,7 +179,7 @@ func TestEgressReport(t *testing.T) {
 	}
 
 	fmt.Printf("agentd egress benchmark: %d alternating rounds, iperf3 %d s per run, %d connections per rate run (%d at a time)\n",
-		*egressRounds, *iperfSecs, *rateConns, *ratePar)
+		*rounds, *iperfSecs, *rateConns, *ratePar)
 	fmt.Printf("load average at start: %s", load0)
 	runs := []struct {
 		args []string
@@ -193,7 +192,7 @@ func TestEgressReport(t *testing.T) {
 		{[]string{"-P", "4", "-R"}, func(s *egressSystem) *[]float64 { return &s.down4 }, nil},
 	}
 	part := func(p string) bool { return slices.Contains(strings.Split(*egressParts, ","), p) }
-	for r := 0; r < *egressRounds && part("throughput"); r++ {
+	for r := 0; r < *rounds && part("throughput"); r++ {
 		for _, run := range runs {
 			for i := range systems {
 				s := systems[(i+r)%len(systems)] // each round starts with another system
@@ -222,7 +221,7 @@ func TestEgressReport(t *testing.T) {
 			s.rssAfter = testutil.RSS(t, s.proxy)
 		}
 	}
-	for r := 0; r < *egressRounds && part("rate"); r++ {
+	for r := 0; r < *rounds && part("rate"); r++ {
 		for i := range systems {
 			s := systems[(i+r)%len(systems)]
 			var cpu0 float64
@@ -267,7 +266,7 @@ func TestEgressReport(t *testing.T) {
 		}
 	}
 	fmt.Printf("load average at end:   %s\n", load1)
-	fmt.Printf("median of %d rounds [min-max]; (ratio to the copy relay's median)\n", *egressRounds)
+	fmt.Printf("median of %d rounds [min-max]; (ratio to the copy relay's median)\n", *rounds)
 	fmt.Printf("%-14s %-24s %-24s %-24s %-24s %-26s\n", "system", "1 stream up Gbit/s", "1 stream down", "4 streams up", "4 streams down", "connections/s")
 	for _, s := range systems {
 		fmt.Printf("%-14s %-24s %-24s %-24s %-24s %-26s\n", s.name, cell(s.up, relay, func(r *egressSystem) []float64 { return r.up }, "%.2f"),
